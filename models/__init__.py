@@ -1,0 +1,3 @@
+"""Pure Flax models. Imports nothing from training/ or decoding/."""
+from models import masks
+from models.transformer import ForwardOutput, KVCache, Transformer, TransformerConfig

@@ -1,0 +1,276 @@
+"""The Llama-style transformer trunk and the autoregressive LM.
+
+Axis letters used in shapes and einsums:
+  B batch, T query length, S key length (cache capacity when a cache is used),
+  L layers, N query heads, K kv heads, G query heads per kv head (N = K * G),
+  H head dim, D model dim, F mlp hidden dim, V padded vocabulary.
+
+The module is pure: tokens, positions, the attention mask and the KV cache are
+all arguments, and the new cache is a result. Parameters carry logical axis
+names (see models/sharding.py) so a mesh rule table decides their layout.
+"""
+import dataclasses
+from typing import Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import masks
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static shape of the trunk. Hashable, so it can be a static jit argument."""
+  vocab_size: int              # tokenizer vocabulary; logits are padded to vocab_multiple
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 2        # grouped-query attention: num_heads % num_kv_heads == 0
+  head_dim: int = 16
+  mlp_dim: int = 192           # SwiGLU hidden width
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  dtype: str = 'float32'       # activation dtype: float32 | bfloat16
+  param_dtype: str = 'float32'
+  norm_eps: float = 1e-6
+  vocab_multiple: int = 128    # pad the logits so the vocab axis shards evenly
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}.')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f'{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}.')
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = self.vocab_multiple
+    return (self.vocab_size + m - 1) // m * m
+
+  @property
+  def activation_dtype(self):
+    return _DTYPES[self.dtype]
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Fixed-capacity key/value cache, passed in and returned (never mutated in place).
+
+  Row b holds valid entries in slots [0, lengths[b]); a call with T new tokens
+  writes them to slots lengths[b] .. lengths[b] + T - 1. Keeping only some of
+  them (speculative decoding) is a change of `lengths`, not a reallocation.
+  """
+  k: jax.Array         # [L, B, S, K, H]
+  v: jax.Array         # [L, B, S, K, H]
+  lengths: jax.Array   # [B] int32, valid slots per row
+
+  @classmethod
+  def empty(cls, config: TransformerConfig, batch_size: int, capacity: int) -> 'KVCache':
+    shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+    dtype = config.activation_dtype
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+  logits: jax.Array               # [B, T, V] float32 (V = padded vocab)
+  hidden: jax.Array               # [B, T, D] final hidden states (after the final norm)
+  cache: Optional[KVCache]        # the updated cache, None when called without one
+  layer_hidden: Optional[tuple] = None  # L x [B, T, D] block outputs, when requested
+
+
+def _init(stddev: float, axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates pairs (first half, second half) of the head dim by position-dependent angles.
+
+  x: [B, T, N, H]; positions: [B, T] int.
+  """
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [H/2]
+  angles = positions.astype(jnp.float32)[..., None] * freqs               # [B, T, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_kv, write_slots):
+    """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
+
+    cache_kv: None (keys are this call's T tokens, S = T) or (k, v) each [B, S, K, H];
+    write_slots: [B, T] cache slots receiving this call's keys/values.
+    Returns ([B, T, D], new (k, v) or None).
+    """
+    c = self.config
+    dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
+    d_std = c.d_model ** -0.5
+    wq = self.param('q', _init(d_std, ('embed', 'heads', 'head_dim')),
+                    (c.d_model, c.num_heads, c.head_dim), pdtype)
+    wk = self.param('k', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
+                    (c.d_model, c.num_kv_heads, c.head_dim), pdtype)
+    wv = self.param('v', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
+                    (c.d_model, c.num_kv_heads, c.head_dim), pdtype)
+    wo = self.param('o', _init((c.num_heads * c.head_dim) ** -0.5 / (2 * c.num_layers) ** 0.5,
+                               ('heads', 'head_dim', 'embed')),
+                    (c.num_heads, c.head_dim, c.d_model), pdtype)
+    q = jnp.einsum('BTD,DNH->BTNH', x, wq.astype(dtype))
+    k = jnp.einsum('BTD,DKH->BTKH', x, wk.astype(dtype))
+    v = jnp.einsum('BTD,DKH->BTKH', x, wv.astype(dtype))
+    if c.qkv_bias:
+      zeros = nn.initializers.zeros
+      q += self.param('q_bias', nn.with_logical_partitioning(zeros, ('heads', 'head_dim')),
+                      (c.num_heads, c.head_dim), pdtype).astype(dtype)
+      k += self.param('k_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
+                      (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
+      v += self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
+                      (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
+    q = rotary_embedding(q, positions, c.rope_theta)
+    k = rotary_embedding(k, positions, c.rope_theta)
+
+    new_kv = None
+    if cache_kv is not None:
+      # Scatter this call's keys into each row's own slots; out-of-range slots are dropped.
+      rows = jnp.arange(x.shape[0])[:, None]                                 # [B, 1]
+      k = cache_kv[0].at[rows, write_slots].set(k.astype(cache_kv[0].dtype), mode='drop')
+      v = cache_kv[1].at[rows, write_slots].set(v.astype(cache_kv[1].dtype), mode='drop')
+      new_kv = (k, v)                                                        # [B, S, K, H]
+
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(q.shape[:2] + (c.num_kv_heads, groups, c.head_dim))       # [B, T, K, G, H]
+    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k.astype(dtype)).astype(jnp.float32)
+    scores = scores * c.head_dim ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v.astype(dtype))
+    out = out.reshape(out.shape[:2] + (c.num_heads, c.head_dim))
+    return jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype)), new_kv
+
+
+class MLP(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
+    gate = self.param('gate', _init(c.d_model ** -0.5, ('embed', 'mlp')), (c.d_model, c.mlp_dim), pdtype)
+    up = self.param('up', _init(c.d_model ** -0.5, ('embed', 'mlp')), (c.d_model, c.mlp_dim), pdtype)
+    down = self.param('down', _init(c.mlp_dim ** -0.5 / (2 * c.num_layers) ** 0.5, ('mlp', 'embed')),
+                      (c.mlp_dim, c.d_model), pdtype)
+    h = nn.silu(jnp.einsum('BTD,DF->BTF', x, gate.astype(dtype)))
+    h = h * jnp.einsum('BTD,DF->BTF', x, up.astype(dtype))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return jnp.einsum('BTF,FD->BTD', h, down.astype(dtype))
+
+
+class Block(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_kv, write_slots):
+    c = self.config
+    norm = lambda name: RMSNorm(c.norm_eps, c.activation_dtype, _DTYPES[c.param_dtype], name=name)
+    attn_out, new_kv = Attention(c, name='attention')(
+        norm('attention_norm')(x), positions, mask, cache_kv, write_slots)
+    x = x + attn_out
+    x = x + MLP(c, name='mlp')(norm('mlp_norm')(x))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
+
+
+class Transformer(nn.Module):
+  """Token embedding, L blocks, final norm and LM head: the autoregressive LM.
+
+  Other families reuse this trunk and add heads or a different mask rule.
+  """
+  config: TransformerConfig
+
+  def setup(self):
+    c = self.config
+    pdtype = _DTYPES[c.param_dtype]
+    self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
+                                (c.padded_vocab_size, c.d_model), pdtype)
+    self.blocks = [Block(c, name=f'block_{i}') for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.norm_eps, c.activation_dtype, pdtype, name='final_norm')
+    if not c.tie_embeddings:
+      self.lm_head = self.param('lm_head', _init(c.d_model ** -0.5, ('embed', 'vocab')),
+                                (c.d_model, c.padded_vocab_size), pdtype)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """[B, T] int -> [B, T, D]."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.activation_dtype)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] final hidden -> [B, T, V] float32 logits (padded ids included)."""
+    c = self.config
+    if c.tie_embeddings:
+      out = jnp.einsum('BTD,VD->BTV', hidden, self.embedding.astype(c.activation_dtype))
+    else:
+      out = jnp.einsum('BTD,DV->BTV', hidden, self.lm_head.astype(c.activation_dtype))
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens, positions, attention_mask=None, cache: Optional[KVCache] = None,
+               return_layer_hidden: bool = False) -> ForwardOutput:
+    """tokens, positions: [B, T] int32.
+
+    attention_mask: [B, T, S] bool, or None for causal. Without a cache, S = T and
+      keys are this call's tokens. With a cache, S is the cache capacity, keys are
+      cache slots, and this call's tokens are written at slots lengths[b] + t.
+    cache: a KVCache or None. The returned cache has lengths advanced by T; callers
+      that keep fewer tokens (padding, rejected drafts) set lengths themselves.
+    """
+    batch, length = tokens.shape
+    write_slots = None
+    if cache is None:
+      if attention_mask is None:
+        attention_mask = masks.causal_mask(batch, length)
+    else:
+      write_slots = cache.lengths[:, None] + jnp.arange(length)[None, :]    # [B, T]
+      if attention_mask is None:
+        attention_mask = masks.cache_causal_mask(cache.lengths, length, cache.capacity)
+
+    x = nn.with_logical_constraint(self.embed(tokens), ('batch', 'length', 'embed'))
+    new_k, new_v, layer_hidden = [], [], []
+    for i, block in enumerate(self.blocks):
+      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = block(x, positions, attention_mask, cache_kv, write_slots)
+      layer_hidden.append(x)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    hidden = self.final_norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), lengths=cache.lengths + length)
+    return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
+                         layer_hidden=tuple(layer_hidden) if return_layer_hidden else None)

@@ -1,0 +1,96 @@
+"""Orbax checkpoints of the train state and the data iterator, and the workdir's config.
+
+Workdir layout:
+  config.json        the config of the run (model and tokenizer must match on restart)
+  tokenizer.json     (+ tokenizer.model) the tokenizer, saved before the first step
+  checkpoints/<step>/{state,data}   orbax CheckpointManager items
+  tb/                TensorBoard event files
+
+Orbax writes a checkpoint into a temporary folder and renames it when complete,
+so a save killed half-way leaves only a temporary folder, which the manager
+ignores: restarting restores the last complete checkpoint.
+"""
+import json
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+# Config blocks that define the parameters; a workdir's checkpoint only fits these.
+_MODEL_DEFINING = ('family', 'model', 'tokenizer')
+
+
+class ConfigMismatchError(ValueError):
+  pass
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def check_and_save_config(workdir: str, config) -> None:
+  """Refuses a workdir whose saved model config differs from `config`; then saves it."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json())
+  if os.path.exists(path) and has_checkpoint(workdir):
+    with open(path) as f:
+      saved = json.load(f)
+    before = _flatten({k: saved.get(k) for k in _MODEL_DEFINING})
+    now = _flatten({k: current.get(k) for k in _MODEL_DEFINING})
+    diffs = [f'{k}: checkpoint has {before.get(k)!r}, config has {now.get(k)!r}'
+             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if diffs:
+      raise ConfigMismatchError(
+          f'Workdir {workdir} holds a checkpoint of a different model config:\n  '
+          + '\n  '.join(diffs) + '\nUse a new --workdir or the matching config.')
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(config.to_json(indent=2))
+
+
+def load_config(workdir: str):
+  """The config a workdir was trained with (for decoding and benchmarks)."""
+  import ml_collections
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def has_checkpoint(workdir: str) -> bool:
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def make_manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every, max_to_keep=keep, create=True,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('state', 'data'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, force=False) -> bool:
+  return manager.save(step, force=force, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
+  """Restores the state (onto the shardings in `abstract_state`) and, if given, the
+  data iterator's position in place."""
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items))['state']

@@ -1,0 +1,305 @@
+"""The one trainer: every model family trains through `train(config, workdir)`.
+
+Phases: set-up (mesh, data, tokenizer, objective, optimizer), state from shapes or
+from the last checkpoint, the step loop (train step, eval, checkpoint, logging).
+"""
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from models import sharding
+from training import checkpoints, data, objectives, tokenizers
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # [] int32, optimizer steps taken
+  params: Any            # the objective's parameters
+  opt_state: Any         # optax state
+  rng: jax.Array         # base key; the key of step n is fold_in(rng, n)
+
+
+class TrainingDivergedError(FloatingPointError):
+  pass
+
+
+def make_optimizer(config, trainable: Any) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay, global-norm clipping.
+
+  `trainable` is a tree of bools shaped like the params; frozen leaves get no update.
+  """
+  # A run shorter than its warmup still needs a valid schedule.
+  warmup = min(config.warmup_steps, max(config.num_train_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(config.num_train_steps, warmup + 1),
+      end_value=config.learning_rate * config.final_lr_fraction)
+  adamw = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                  weight_decay=config.weight_decay,
+                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+  labels = jax.tree.map(lambda t: 'train' if t else 'frozen', trainable)
+  return optax.multi_transform({'train': adamw, 'frozen': optax.set_to_zero()}, labels)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the step loop needs, built once from the config."""
+  objective: objectives.Objective
+  optimizer: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  state_shardings: Any
+  batch_shardings: Any
+  init_state: Callable[[], TrainState]
+  train_step: Callable
+  eval_step: Callable
+
+
+def build(config, objective: objectives.Objective, example_batch: dict,
+          devices=None, rules=sharding.DEFAULT_RULES) -> Setup:
+  """Mesh, shardings from the logical axis rules, jitted init / train / eval steps."""
+  mesh = sharding.make_mesh(config.model_parallelism, devices)
+  if config.batch_size % mesh.shape['data']:
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the mesh data axis '
+                     f'({mesh.shape["data"]} devices).')
+  rng = jax.random.PRNGKey(config.seed)
+  boxed = jax.eval_shape(objective.init, rng, example_batch)
+  param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+  abstract_params = nn.meta.unbox(boxed)
+  optimizer = make_optimizer(config, objective.trainable(abstract_params))
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = optax.tree_utils.tree_map_params(
+      optimizer, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  replicated = sharding.replicated(mesh)
+  state_shardings = TrainState(step=replicated, params=param_shardings,
+                               opt_state=opt_shardings, rng=replicated)
+  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)),
+                                 example_batch)
+
+  def init_state():
+    params = nn.meta.unbox(objective.init(rng, example_batch))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1))
+
+  def train_step(state: TrainState, batch: dict):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    loss_fn = lambda p: objective.loss(p, batch, step_rng, state.step)
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state, rng=state.rng)
+    # A non-finite step leaves the state untouched, so nothing bad can be checkpointed.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **sums}
+
+  def eval_step(params, batch):
+    return objective.loss(params, batch, rng, jnp.zeros((), jnp.int32))[1]
+
+  with mesh, nn.logical_axis_rules(rules):
+    jit_init = jax.jit(init_state, out_shardings=state_shardings)
+    jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                        out_shardings=(state_shardings, replicated), donate_argnums=0)
+    jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings),
+                       out_shardings=replicated)
+
+  def under_rules(fn):
+    def wrapped(*args):
+      with mesh, nn.logical_axis_rules(rules):
+        return fn(*args)
+    wrapped.lower = lambda *args: under_rules(fn.lower)(*args)
+    return wrapped
+
+  return Setup(objective, optimizer, mesh, state_shardings, batch_shardings,
+               under_rules(jit_init), under_rules(jit_train), under_rules(jit_eval))
+
+
+def to_device(batch: dict, shardings) -> dict:
+  """A host batch (this process's rows) -> global arrays sharded over the mesh."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, shardings)
+
+
+def evaluate(setup: Setup, params, source, tokenizer, config) -> dict:
+  """Validation loss (nats/token), perplexity and bits per byte."""
+  totals = None
+  for batch in data.eval_batches(source, tokenizer, batch_size=_local_batch(config),
+                                 seq_len=config.seq_len, num_batches=config.eval_batches,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    sums = setup.eval_step(params, to_device(batch, setup.batch_shardings))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('The validation split is too small for one eval batch '
+                     f'({config.batch_size} x {config.seq_len} tokens).')
+  return objectives.summarize(jax.device_get(totals))
+
+
+def _local_batch(config) -> int:
+  return config.batch_size // jax.process_count()
+
+
+def prepare_tokenizer(config, workdir: str, train_source) -> tokenizers.Tokenizer:
+  """The workdir's tokenizer; a new one (trained for BPE) when the run starts fresh."""
+  if checkpoints.has_checkpoint(workdir):
+    return tokenizers.load(workdir)  # A checkpoint only fits its own tokenizer.
+  spec = config.tokenizer
+  if tokenizers.exists(workdir):
+    tokenizer = tokenizers.load(workdir)
+    same_kind = isinstance(tokenizer, tokenizers.ByteTokenizer) == (spec.kind == 'byte')
+    if same_kind and (spec.kind == 'byte' or tokenizer.vocab_size == spec.vocab_size):
+      return tokenizer
+  log.info('Creating a %s tokenizer for %s', spec.kind, workdir)
+  tokenizer = tokenizers.create(spec.kind, spec.vocab_size, train_source.texts())
+  tokenizer.save(workdir)
+  return tokenizer
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  eval_metrics: dict             # last evaluation
+  compile_s: Optional[float]     # train step compile time (None if nothing ran)
+  tokens_per_s: Optional[float]  # training throughput after compilation
+
+
+def train(config, workdir: str, *, objective: Optional[objectives.Objective] = None,
+          step_callback: Optional[Callable[[int, dict, dict], None]] = None,
+          devices=None, progress: bool = True) -> TrainResult:
+  """Trains `config` in `workdir`, resuming from its last checkpoint if there is one.
+
+  step_callback(step, metrics, host_batch) runs on the host after every step.
+  """
+  checkpoints.check_and_save_config(workdir, config)
+  sources = data.load_sources(config.data)
+  tokenizer = prepare_tokenizer(config, workdir, sources['train'])
+  objective = objective or objectives.build(config, tokenizer.vocab_size)
+
+  train_data = data.train_dataset(
+      sources['train'], tokenizer, batch_size=_local_batch(config), seq_len=config.seq_len,
+      seed=config.seed, rows_shuffle_window=config.data.rows_shuffle_window,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(train_data)
+  example = next(iter(data.eval_batches(sources['validation'], tokenizer,
+                                        batch_size=_local_batch(config),
+                                        seq_len=config.seq_len, num_batches=1)), None)
+  if example is None:
+    example = next(iter(train_data))
+  setup = build(config, objective, example, devices)
+
+  manager = checkpoints.make_manager(workdir, save_every=config.checkpoint_every_steps,
+                                     keep=config.keep_checkpoints)
+  writer = _summary_writer(workdir)
+  try:
+    # Resume order: model state first (its step fixes the step rngs), then the data
+    # iterator's position, so the next batch is the one the killed run would have used.
+    latest = manager.latest_step()
+    if latest is None:
+      state = setup.init_state()
+      log.info('Initialised %s parameters', f'{_count(state.params):,}')
+    else:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              jax.eval_shape(setup.init_state), setup.state_shardings)
+      state = checkpoints.restore(manager, latest, abstract, data_iter)
+      log.info('Restored step %d from %s', latest, manager.directory)
+    return _loop(config, setup, state, data_iter, sources['validation'], tokenizer, manager,
+                 writer, step_callback, progress)
+  finally:
+    manager.close()
+    writer.close()
+    data_iter.close() if hasattr(data_iter, 'close') else None
+
+
+def _loop(config, setup, state, data_iter, validation, tokenizer, manager, writer,
+          step_callback, progress) -> TrainResult:
+  step = int(state.step)
+  eval_metrics, compile_s, tokens_per_s = {}, None, None
+  bar = tqdm.tqdm(total=config.num_train_steps, initial=step, disable=not progress,
+                  dynamic_ncols=True, desc='train')
+  tokens_per_step = config.batch_size * config.seq_len
+  train_step = None
+  last_log_time, last_log_step, pending = None, step, None
+  while step < config.num_train_steps:
+    host_batch = next(data_iter)
+    batch = to_device(host_batch, setup.batch_shardings)
+    if train_step is None:
+      t0 = time.perf_counter()
+      train_step = setup.train_step.lower(state, batch).compile()
+      compile_s = time.perf_counter() - t0
+      writer.add_scalar('perf/compile_s', compile_s, step)
+      log.info('Train step compiled in %.1fs', compile_s)
+      last_log_time = time.perf_counter()
+    with setup.mesh:
+      state, metrics = train_step(state, batch)
+    # Check the previous step while this one runs: no stall per step.
+    if pending is not None:
+      _check_finite(*pending, manager)
+    pending = (step + 1, metrics)
+    step += 1
+    if step_callback is not None:
+      step_callback(step, metrics, host_batch)
+    bar.update(1)
+
+    if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      _check_finite(*pending, manager)
+      now = time.perf_counter()
+      tokens_per_s = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
+      last_log_time, last_log_step = now, step
+      m = jax.device_get(metrics)
+      bar.set_postfix(loss=f'{float(m["loss"]):.3f}', tok_s=f'{tokens_per_s:,.0f}')
+      for key in ('loss', 'grad_norm'):
+        writer.add_scalar(f'train/{key}', float(m[key]), step)
+      writer.add_scalar('train/tokens_per_s', tokens_per_s, step)
+    if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+      eval_metrics = evaluate(setup, state.params, validation, tokenizer, config)
+      for key, value in eval_metrics.items():
+        writer.add_scalar(f'eval/{key}', value, step)
+      bar.write(f'step {step}: ' + ', '.join(f'eval {k} {v:.4f}' for k, v in eval_metrics.items()))
+      last_log_time = time.perf_counter()  # Eval time is not training time.
+    if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+      _check_finite(*pending, manager)
+      checkpoints.save(manager, step, state, data_iter, force=True)
+  bar.close()
+  writer.flush()
+  return TrainResult(state, eval_metrics, compile_s, tokens_per_s)
+
+
+def _check_finite(step: int, metrics: dict, manager) -> None:
+  if not bool(metrics['finite']):
+    last = manager.latest_step()
+    raise TrainingDivergedError(
+        f'Training loss became non-finite at step {step} (loss={float(metrics["loss"])}, '
+        f'grad_norm={float(metrics["grad_norm"])}). Stopped without saving; the last good '
+        f'checkpoint is step {last} in {manager.directory}. Lower the learning rate or '
+        'check the data, then rerun the same command to resume from it.')
+
+
+def _count(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+class _NullWriter:
+  def add_scalar(self, *args, **kwargs): pass
+  def flush(self): pass
+  def close(self): pass
+
+
+def _summary_writer(workdir: str):
+  if jax.process_index() != 0:
+    return _NullWriter()
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, 'tb'))
