@@ -13,7 +13,6 @@ ignores: restarting restores the last complete checkpoint.
 import json
 import os
 
-import grain
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
@@ -77,14 +76,27 @@ def make_manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointM
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep, create=True,
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'data'))
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options,
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': ocp.JsonCheckpointHandler()})
+
+
+def _tuples_restored(state):
+  """grain's iterator states hold tuples (the packer's remainder slices), which JSON
+  turns into lists; grain 0.2.18's own checkpoint handler hands the lists back and
+  its packer then misreads them, so restored batches differ. Lists -> tuples."""
+  if isinstance(state, dict):
+    return {key: _tuples_restored(value) for key, value in state.items()}
+  if isinstance(state, list):
+    return tuple(_tuples_restored(value) for value in state)
+  return state
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, force=False) -> bool:
   return manager.save(step, force=force, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator)))
+      data=ocp.args.JsonSave(data_iterator.get_state())))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
@@ -92,5 +104,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   data iterator's position in place."""
   items = {'state': ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items))['state']
+    items['data'] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if data_iterator is not None:
+    data_iterator.set_state(_tuples_restored(restored['data']))
+  return restored['state']

@@ -62,6 +62,7 @@ class Setup:
   optimizer: optax.GradientTransformation
   mesh: jax.sharding.Mesh
   state_shardings: Any
+  abstract_state: Any        # TrainState of ShapeDtypeStructs carrying their shardings
   batch_shardings: Any
   init_state: Callable[[], TrainState]
   train_step: Callable
@@ -100,7 +101,7 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     loss_fn = lambda p: objective.loss(p, batch, step_rng, state.step)
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                            opt_state=opt_state, rng=state.rng)
@@ -111,21 +112,24 @@ def build(config, objective: objectives.Objective, example_batch: dict,
   def eval_step(params, batch):
     return objective.loss(params, batch, rng, jnp.zeros((), jnp.int32))[1]
 
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jit_init = jax.jit(init_state, out_shardings=state_shardings)
     jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
     jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings),
                        out_shardings=replicated)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(init_state), state_shardings)
 
   def under_rules(fn):
     def wrapped(*args):
-      with mesh, nn.logical_axis_rules(rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return fn(*args)
     wrapped.lower = lambda *args: under_rules(fn.lower)(*args)
     return wrapped
 
-  return Setup(objective, optimizer, mesh, state_shardings, batch_shardings,
+  return Setup(objective, optimizer, mesh, state_shardings, abstract_state, batch_shardings,
                under_rules(jit_init), under_rules(jit_train), under_rules(jit_eval))
 
 
@@ -173,6 +177,7 @@ def prepare_tokenizer(config, workdir: str, train_source) -> tokenizers.Tokenize
 class TrainResult:
   state: TrainState
   eval_metrics: dict             # last evaluation
+  eval_history: list             # [(step, metrics)], including step 0 of a fresh run
   compile_s: Optional[float]     # train step compile time (None if nothing ran)
   tokens_per_s: Optional[float]  # training throughput after compilation
 
@@ -212,9 +217,7 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
       state = setup.init_state()
       log.info('Initialised %s parameters', f'{_count(state.params):,}')
     else:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              jax.eval_shape(setup.init_state), setup.state_shardings)
-      state = checkpoints.restore(manager, latest, abstract, data_iter)
+      state = checkpoints.restore(manager, latest, setup.abstract_state, data_iter)
       log.info('Restored step %d from %s', latest, manager.directory)
     return _loop(config, setup, state, data_iter, sources['validation'], tokenizer, manager,
                  writer, step_callback, progress)
@@ -227,7 +230,10 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
 def _loop(config, setup, state, data_iter, validation, tokenizer, manager, writer,
           step_callback, progress) -> TrainResult:
   step = int(state.step)
-  eval_metrics, compile_s, tokens_per_s = {}, None, None
+  eval_metrics, compile_s, tokens_per_s, history = {}, None, None, []
+  if step == 0:  # The loss at initialisation, as a reference point.
+    eval_metrics = evaluate(setup, state.params, validation, tokenizer, config)
+    history.append((0, eval_metrics))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=step, disable=not progress,
                   dynamic_ncols=True, desc='train')
   tokens_per_step = config.batch_size * config.seq_len
@@ -243,7 +249,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
       writer.add_scalar('perf/compile_s', compile_s, step)
       log.info('Train step compiled in %.1fs', compile_s)
       last_log_time = time.perf_counter()
-    with setup.mesh:
+    with jax.set_mesh(setup.mesh):
       state, metrics = train_step(state, batch)
     # Check the previous step while this one runs: no stall per step.
     if pending is not None:
@@ -266,6 +272,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
       writer.add_scalar('train/tokens_per_s', tokens_per_s, step)
     if step % config.eval_every_steps == 0 or step == config.num_train_steps:
       eval_metrics = evaluate(setup, state.params, validation, tokenizer, config)
+      history.append((step, eval_metrics))
       for key, value in eval_metrics.items():
         writer.add_scalar(f'eval/{key}', value, step)
       bar.write(f'step {step}: ' + ', '.join(f'eval {k} {v:.4f}' for k, v in eval_metrics.items()))
@@ -275,7 +282,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
       checkpoints.save(manager, step, state, data_iter, force=True)
   bar.close()
   writer.flush()
-  return TrainResult(state, eval_metrics, compile_s, tokens_per_s)
+  return TrainResult(state, eval_metrics, history, compile_s, tokens_per_s)
 
 
 def _check_finite(step: int, metrics: dict, manager) -> None:

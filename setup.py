@@ -1,0 +1,31 @@
+"""Install: pip install -e .          (tests: pip install -e '.[test]')"""
+from setuptools import find_packages, setup
+
+setup(
+    name='fastdecode',
+    version='0.1.0',
+    description='JAX/Flax research codebase for fast language-model decoding.',
+    python_requires='>=3.10',
+    packages=find_packages(include=['configs', 'models', 'decoding', 'training', 'launch']),
+    install_requires=[
+        'jax>=0.4.35',
+        'flax>=0.10',
+        'optax>=0.2.4',
+        'orbax-checkpoint>=0.11',
+        'tensorflow-datasets>=4.9.7',   # used without TensorFlow: builders + array_record
+        'importlib_resources',          # TFDS imports it for builders defined in packages
+        'array_record>=0.5',
+        'grain>=0.2.6',
+        'einops>=0.8',
+        'absl-py>=2.0',
+        'ml_collections>=0.1.1',
+        'sentencepiece>=0.2',
+        'numpy',
+        'tqdm',
+        'tensorboardX>=2.6',            # TensorBoard event files without TensorFlow
+        'matplotlib',
+    ],
+    extras_require={
+        'test': ['pytest>=7', 'chex>=0.1.87'],
+    },
+)
