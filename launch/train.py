@@ -4,12 +4,12 @@ Overrides: --config.num_train_steps=N (and any other config key). Rerunning the
 same command resumes from the workdir's last checkpoint; raising num_train_steps
 on a finished workdir continues training.
 """
-import logging
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file[:arg].',
                                           lock_config=True)
@@ -20,14 +20,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                      format='%(asctime)s %(levelname)s %(message)s')
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every save at INFO
+  common.setup_logging()
   from training import trainer
-  result = trainer.train(_CONFIG.value, _WORKDIR.value)
+  with common.user_errors_as_messages():
+    result = trainer.train(_CONFIG.value, _WORKDIR.value)
   metrics = ', '.join(f'{k} {v:.4f}' for k, v in result.eval_metrics.items())
   print(f'Finished at step {int(result.state.step)} in {_WORKDIR.value}: {metrics}')
 
 
 if __name__ == '__main__':
+  common.check_config_flags(sys.argv)
   app.run(main)

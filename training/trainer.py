@@ -234,6 +234,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
   if step == 0:  # The loss at initialisation, as a reference point.
     eval_metrics = evaluate(setup, state.params, validation, tokenizer, config)
     history.append((0, eval_metrics))
+    log.info('step 0: %s', _format(eval_metrics))
   bar = tqdm.tqdm(total=config.num_train_steps, initial=step, disable=not progress,
                   dynamic_ncols=True, desc='train')
   tokens_per_step = config.batch_size * config.seq_len
@@ -275,7 +276,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
       history.append((step, eval_metrics))
       for key, value in eval_metrics.items():
         writer.add_scalar(f'eval/{key}', value, step)
-      bar.write(f'step {step}: ' + ', '.join(f'eval {k} {v:.4f}' for k, v in eval_metrics.items()))
+      bar.write(f'step {step}: {_format(eval_metrics)}')
       last_log_time = time.perf_counter()  # Eval time is not training time.
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       _check_finite(*pending, manager)
@@ -283,6 +284,10 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
   bar.close()
   writer.flush()
   return TrainResult(state, eval_metrics, history, compile_s, tokens_per_s)
+
+
+def _format(metrics: dict) -> str:
+  return ', '.join(f'eval {k} {v:.4f}' for k, v in metrics.items())
 
 
 def _check_finite(step: int, metrics: dict, manager) -> None:
