@@ -69,3 +69,10 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for `model`'s parameters (the unboxed 'params' tree)."""
+  tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)['params']
+  return logical_to_shardings(boxed, mesh, rules)

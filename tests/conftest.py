@@ -33,3 +33,20 @@ def tiny_config(tfds_dir):
   config.checkpoint_every_steps = 4
   config.log_every_steps = 2
   return config
+
+
+@pytest.fixture(scope='session')
+def trained_tiny(tfds_dir, tmp_path_factory):
+  """A tiny byte-level LM trained for a few dozen steps, restored for decoding."""
+  from training import checkpoints, trainer
+  config = ar_lm.get_config('size=tiny')
+  config.data.data_dir = tfds_dir
+  config.num_train_steps = 40
+  config.seq_len = 64
+  config.warmup_steps = 5
+  config.learning_rate = 1e-2
+  config.eval_every_steps = config.checkpoint_every_steps = 40
+  config.eval_batches = 1
+  workdir = str(tmp_path_factory.mktemp('trained_tiny'))
+  trainer.train(config, workdir, progress=False)
+  return checkpoints.restore_model(workdir)

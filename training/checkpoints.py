@@ -10,9 +10,14 @@ Orbax writes a checkpoint into a temporary folder and renames it when complete,
 so a save killed half-way leaves only a temporary folder, which the manager
 ignores: restarting restores the last complete checkpoint.
 """
+import dataclasses
 import json
 import os
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
@@ -109,3 +114,50 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   if data_iterator is not None:
     data_iterator.set_state(_tuples_restored(restored['data']))
   return restored['state']
+
+
+@dataclasses.dataclass
+class RestoredModel:
+  """A trained model ready to decode: what launch.decode and launch.bench start from."""
+  config: Any                  # the workdir's training config
+  tokenizer: Any               # training.tokenizers.Tokenizer
+  model: Any                   # the Flax module (e.g. models.Transformer)
+  params: Any                  # its parameters (host arrays; place them with a mesh)
+  step: int                    # the checkpoint's step
+
+
+def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
+  """Restores the parameters of the latest (or `step`) checkpoint and the tokenizer."""
+  from training import objectives, tokenizers  # objectives -> models; no cycle at import
+  if not has_checkpoint(workdir):
+    raise FileNotFoundError(f'Workdir {workdir} has no checkpoint (expected '
+                            f'{checkpoint_dir(workdir)}/<step>/). Train first with '
+                            'python -m launch.train.')
+  config = load_config(workdir)
+  tokenizer = tokenizers.load(workdir)
+  model = objectives.build(config, tokenizer.vocab_size).model
+  manager = make_manager(workdir, save_every=1, keep=config.keep_checkpoints)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'Workdir {workdir} has no checkpoint at step {step}; it has '
+                              f'{manager.all_steps()}.')
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  params = state['state']['params']
+  expected = nn.meta.unbox(jax.eval_shape(
+      model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32),
+      jnp.zeros((1, 1), jnp.int32))['params'])
+  want, got = _shapes(expected), _shapes(params)
+  if want != got:
+    diffs = [f'{k}: checkpoint {got.get(k)}, config {want.get(k)}'
+             for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+    raise ConfigMismatchError(f'The checkpoint in {workdir} does not match its config.json:\n  '
+                              + '\n  '.join(diffs[:10]))
+  return RestoredModel(config, tokenizer, model, params, int(step))
+
+
+def _shapes(tree) -> dict:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -1,0 +1,101 @@
+"""The one sampling module: logits -> the processed distribution -> tokens.
+
+Plain sampling and every verifier use `log_probs` below, so a speculative method
+that accepts against it reproduces exactly what plain sampling would draw, with
+the same filters on.
+
+Filters apply in this order (as in Hugging Face's generation): temperature, then
+top-k, then top-p (nucleus), then min-p, each on the distribution left by the
+previous ones, and padded vocabulary ids (>= vocab_size) are always removed.
+Temperature 0 is greedy: the processed distribution is a point mass on the argmax.
+
+Shapes: logits [..., V] (V may be padded past the tokenizer's vocab_size).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static (hashable) sampling settings."""
+  temperature: float = 0.0   # 0 = greedy; otherwise logits / temperature
+  top_k: int = 0             # keep the k most likely tokens; 0 = off
+  top_p: float = 1.0         # keep the smallest set with probability >= top_p; 1 = off
+  min_p: float = 0.0         # keep tokens with p >= min_p * max p; 0 = off
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f'temperature must be >= 0, got {self.temperature}.')
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f'top_k must be an integer >= 0 (0 = off), got {self.top_k}.')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}.')
+    if not 0 <= self.min_p <= 1:
+      raise ValueError(f'min_p must be in [0, 1], got {self.min_p}.')
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+def _mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+  ids = jnp.arange(logits.shape[-1])
+  return jnp.where(ids < vocab_size, logits.astype(jnp.float32), NEG_INF)
+
+
+def _top_k(logits, k):
+  if k <= 0 or k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits >= kth, logits, NEG_INF)
+
+
+def _top_p(logits, p):
+  if p >= 1.0:
+    return logits
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep a token if the mass strictly before it is < p: the smallest set reaching p.
+  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep_sorted = mass_before < p
+  threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def _min_p(logits, min_p):
+  if min_p <= 0.0:
+    return logits
+  # p >= min_p * p_max  <=>  logit >= max logit + log(min_p)
+  threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(min_p)
+  return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def processed_logits(logits: jax.Array, config: SamplingConfig, vocab_size: int) -> jax.Array:
+  """[..., V] -> [..., V] float32 logits of the processed distribution (-inf = removed).
+
+  For greedy decoding this is a point mass: 0 at the argmax, -inf elsewhere.
+  """
+  logits = _mask_padded_vocab(logits, vocab_size)
+  if config.greedy:
+    best = jnp.argmax(logits, axis=-1)
+    return jnp.where(jnp.arange(logits.shape[-1]) == best[..., None], 0.0, NEG_INF)
+  logits = logits / config.temperature
+  return _min_p(_top_p(_top_k(logits, config.top_k), config.top_p), config.min_p)
+
+
+def log_probs(logits: jax.Array, config: SamplingConfig, vocab_size: int) -> jax.Array:
+  """[..., V] log-probabilities of the processed distribution (what sampling draws from)."""
+  return jax.nn.log_softmax(processed_logits(logits, config, vocab_size), axis=-1)
+
+
+def sample(rng: jax.Array, logits: jax.Array, config: SamplingConfig,
+           vocab_size: int) -> jax.Array:
+  """Draws one token per row of [..., V] logits -> [...] int32."""
+  if config.greedy:
+    return jnp.argmax(_mask_padded_vocab(logits, vocab_size), axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, processed_logits(logits, config, vocab_size),
+                                axis=-1).astype(jnp.int32)
