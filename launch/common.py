@@ -47,6 +47,7 @@ def setup_logging() -> None:
   """Our INFO lines on stderr; orbax, grain and TFDS (absl loggers) only from WARNING."""
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('jax').setLevel(logging.WARNING)  # backend probing at start-up
 
 
 @contextlib.contextmanager

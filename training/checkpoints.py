@@ -124,6 +124,7 @@ class RestoredModel:
   model: Any                   # the Flax module (e.g. models.Transformer)
   params: Any                  # its parameters (host arrays; place them with a mesh)
   step: int                    # the checkpoint's step
+  workdir: str
 
 
 def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
@@ -155,7 +156,7 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
              for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
     raise ConfigMismatchError(f'The checkpoint in {workdir} does not match its config.json:\n  '
                               + '\n  '.join(diffs[:10]))
-  return RestoredModel(config, tokenizer, model, params, int(step))
+  return RestoredModel(config, tokenizer, model, params, int(step), workdir)
 
 
 def _shapes(tree) -> dict:

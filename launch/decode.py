@@ -1,0 +1,68 @@
+"""Decode from a trained workdir:
+
+  python -m launch.decode --workdir=DIR --method=autoregressive --prompt='def main(' [--json]
+  python -m launch.decode --workdir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9
+
+With --json, stdout holds exactly one JSON object (logs go to stderr):
+  {"method", "outputs": [{"prompt", "completion", "tokens"}],
+   "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
+"""
+import json
+import sys
+
+from absl import app, flags
+
+from launch import common
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoint + tokenizer).')
+_METHOD = flags.DEFINE_string('method', 'autoregressive', 'Decoding method.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeatable).')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', None,
+                                   'One prompt per line; JSON-escaped strings allowed.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt, at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 = off.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus mass in (0, 1]; 1 = off.')
+_MIN_P = flags.DEFINE_float('min_p', 0.0, 'Keep p >= min_p * max p; 0 = off.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
+_MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
+_MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  common.setup_logging()
+  from launch import generation
+  from training import checkpoints
+  with common.user_errors_as_messages():
+    texts = list(_PROMPT.value)
+    if _PROMPT_FILE.value:
+      texts += generation.read_prompt_file(_PROMPT_FILE.value)
+    if not texts:
+      raise ValueError('Give --prompt=TEXT or --prompt_file=FILE.')
+    if _METHOD.value not in generation.METHODS:
+      raise ValueError(f'Unknown decoding method {_METHOD.value!r}; known: '
+                       f'{", ".join(generation.METHODS)}.')
+    options = generation.DecodeOptions(
+        max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
+        max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value)
+    options.sampling()
+    restored = checkpoints.restore_model(_WORKDIR.value)
+    result = generation.decode_texts(restored, texts, _METHOD.value, options)
+  if _JSON.value:
+    print(json.dumps(result))
+    return
+  for out in result['outputs']:
+    print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
+  s = result['stats']
+  print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '
+        f'{s["target_calls"]} target calls, compile {s["compile_s"]:.2f}s', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,119 @@
+"""Text in, text out: decode prompts with a restored model and any decoding method.
+
+Used by launch.decode and launch.bench:
+
+    restored = checkpoints.restore_model(workdir)
+    result = generation.decode_texts(restored, ['def main('], method='autoregressive',
+                                     options=generation.DecodeOptions(max_new_tokens=32))
+    result['outputs'][0]['completion'], result['stats']['tokens_per_s']
+"""
+import dataclasses
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decoding import autoregressive, base
+from decoding.sampling import SamplingConfig
+from models import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  max_new_tokens: int = 64
+  temperature: float = 0.0      # 0 = greedy
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+  seed: int = 0
+  batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
+  max_context: int = 1024       # cache capacity limit: prompt + new tokens
+  model_parallelism: int = 1    # size of the mesh's model axis
+
+  def sampling(self) -> SamplingConfig:
+    return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                          min_p=self.min_p)
+
+
+def _autoregressive(model, options, capacity, eos_ids):
+  config = autoregressive.AutoregressiveConfig(
+      max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
+      sampling=options.sampling(), eos_ids=eos_ids)
+  return autoregressive.generate, {'model': model, 'config': config}
+
+
+# name -> builder of (jitted generate, its static keyword arguments). The dynamic ones
+# are always params, prompts, prompt_lengths and rng. Later methods add entries.
+METHODS = {'autoregressive': _autoregressive}
+
+
+def read_prompt_file(path: str) -> list[str]:
+  """One prompt per line; a line holding a JSON string is unescaped (for newlines)."""
+  prompts = []
+  with open(path) as f:
+    for line in f.read().splitlines():
+      prompts.append(json.loads(line) if line.startswith('"') else line)
+  return prompts
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+  out = []
+  for i, text in enumerate(texts):
+    if not text:
+      raise ValueError(f'Prompt {i} is empty: give some text to continue.')
+    out.append([tokenizer.bos_id, *tokenizer.encode(text).tolist()])
+  return out
+
+
+def decode_texts(restored, texts: list[str], method: str = 'autoregressive',
+                 options: DecodeOptions = DecodeOptions()) -> dict:
+  """Decodes `texts` with `method`; returns the launch.decode JSON object as a dict."""
+  if method not in METHODS:
+    raise ValueError(f'Unknown decoding method {method!r}; known: {", ".join(METHODS)}.')
+  if not texts:
+    raise ValueError('No prompts given.')
+  options.sampling()  # Validates the sampling settings before any work.
+  tokenizer, model = restored.tokenizer, restored.model
+  prompts = encode_prompts(tokenizer, texts)
+  longest = max(len(p) for p in prompts)
+  padded, lengths = base.pad_prompts(prompts, tokenizer.pad_id)
+  base.check_prompts(padded, lengths, capacity=options.max_context,
+                     vocab_size=model.config.vocab_size, max_new_tokens=options.max_new_tokens)
+  # The cache holds what the longest prompt needs, within the context limit.
+  capacity = min(options.max_context, longest + options.max_new_tokens)
+
+  mesh = sharding.make_mesh(options.model_parallelism)
+  data_size = mesh.shape['data']
+  batch = options.batch_size or min(len(prompts), 8)
+  batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
+  params = jax.device_put(restored.params, sharding.param_shardings(model, mesh))
+  rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+
+  fn, static = METHODS[method](model, options, capacity, (tokenizer.eos_id,))
+  completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
+  compiled = None
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    for start in range(0, len(prompts), batch):
+      chunk = list(range(start, min(start + batch, len(prompts))))
+      fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
+      dynamic = dict(params=params, prompts=jax.device_put(padded[fill], rows),
+                     prompt_lengths=jax.device_put(lengths[fill], row_lengths),
+                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start))
+      if compiled is None:  # One compilation for every batch: they share one shape.
+        t0 = time.perf_counter()
+        compiled = fn.lower(**static, **dynamic).compile()
+        stats['compile_s'] = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(compiled(**dynamic))
+      stats['wall_s'] += time.perf_counter() - t0
+      new = out.completions()[:len(chunk)]
+      completions += new
+      stats['new_tokens'] += sum(len(c) for c in new)
+      stats['target_calls'] += int(out.target_calls)
+  stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
+  outputs = [{'prompt': text, 'completion': tokenizer.decode(ids), 'tokens': ids}
+             for text, ids in zip(texts, completions)]
+  return {'method': method, 'outputs': outputs, 'stats': stats}

@@ -1,0 +1,75 @@
+"""Checkpoint-and-decode: the library call, the command line and its JSON, clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch import generation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_decode(*args):
+  return subprocess.run([sys.executable, '-m', 'launch.decode', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_decode_texts_matches_autoregressive_rows_and_batches(trained_tiny):
+  texts = ['import os', 'def f(', 'class Foo:', 'x = 1', 'for i in range(']
+  # data axis 2 on 8 devices: three calls of 2 rows (the last padded) vs one of 6.
+  options = generation.DecodeOptions(max_new_tokens=10, batch_size=2, model_parallelism=4)
+  batched = generation.decode_texts(trained_tiny, texts, options=options)
+  whole = generation.decode_texts(trained_tiny, texts,
+                                  options=generation.DecodeOptions(max_new_tokens=10))
+  assert [o['tokens'] for o in batched['outputs']] == [o['tokens'] for o in whole['outputs']]
+  tok = trained_tiny.tokenizer
+  for out in batched['outputs']:
+    assert out['completion'] == tok.decode(out['tokens'])
+    assert len(out['tokens']) == 10 or out['tokens'][-1] == tok.eos_id
+  stats = batched['stats']
+  assert stats['new_tokens'] == sum(len(o['tokens']) for o in batched['outputs'])
+  assert stats['target_calls'] >= 3 * 1 and stats['compile_s'] > 0 and stats['tokens_per_s'] > 0
+
+
+def test_command_line_json(trained_tiny, tmp_path):
+  prompt_file = tmp_path / 'prompts.txt'
+  prompt_file.write_text('def main(\n"class A:\\n    def"\n')
+  done = _run_decode(f'--workdir={trained_tiny.workdir}', '--method=autoregressive',
+                     f'--prompt_file={prompt_file}', '--prompt=import ', '--max_new_tokens=8',
+                     '--temperature=0.9', '--top_k=20', '--seed=3', '--json')
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout)  # Exactly one JSON object on stdout.
+  assert result['method'] == 'autoregressive'
+  assert [o['prompt'] for o in result['outputs']] == ['import ', 'def main(', 'class A:\n    def']
+  assert set(result['stats']) >= {'new_tokens', 'target_calls', 'wall_s', 'tokens_per_s',
+                                  'compile_s'}
+  assert all(0 < len(o['tokens']) <= 8 for o in result['outputs'])
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--method=telepathy'], "Unknown decoding method 'telepathy'"),
+    (['--max_new_tokens=0'], 'max_new_tokens must be > 0'),
+    (['--temperature=-1'], 'temperature must be >= 0'),
+    (['--top_p=0'], r'top_p must be in (0, 1]'),
+    (['--top_k=-2'], 'top_k must be an integer >= 0'),
+    (['--min_p=2'], 'min_p must be in [0, 1]'),
+    (['--max_context=4'], 'longer than the context (4 tokens)'),
+    (['--max_context=10'], 'fills the context (10 tokens): it leaves no room'),
+])
+def test_command_line_errors_are_clear(trained_tiny, args, message):
+  done = _run_decode(f'--workdir={trained_tiny.workdir}', '--prompt=123456789', *args)
+  assert done.returncode != 0
+  assert message in done.stderr and 'Traceback' not in done.stderr, done.stderr[-2000:]
+
+
+def test_library_errors_are_clear(trained_tiny, tmp_path):
+  with pytest.raises(ValueError, match='Prompt 1 is empty'):
+    generation.decode_texts(trained_tiny, ['ok', ''])
+  from training import checkpoints
+  with pytest.raises(FileNotFoundError, match='has no checkpoint'):
+    checkpoints.restore_model(str(tmp_path))
+  done = _run_decode(f'--workdir={tmp_path}', '--prompt=x')
+  assert done.returncode != 0 and 'has no checkpoint' in done.stderr
+  assert 'Traceback' not in done.stderr
