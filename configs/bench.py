@@ -1,0 +1,25 @@
+"""Decoding benchmark: every method against plain autoregressive decoding, same run.
+
+  python -m launch.bench --config=configs/bench.py --workdir=/tmp/bench \
+      --config.target_workdir=workdirs/ar_small
+
+Writes bench.json, bench.md and prints the table. Compilation is excluded from timing
+(reported as compile_s); each record is the median of `repeats` timed runs.
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.target_workdir = 'workdirs/ar_small'  # trained target (launch.train workdir)
+  config.methods = ('autoregressive',)          # decoding methods to compare
+  config.naive_reference = True                 # also time a Python loop of jitted steps
+  config.batch_sizes = (1, 8)                   # rows per decoding call
+  config.temperatures = (0.0,)                  # 0 = greedy
+  config.num_prompts = 8                        # prompts from the validation split
+  config.prompt_len = 64                        # tokens per prompt (bos included)
+  config.max_new_tokens = 128                   # new tokens per prompt
+  config.repeats = 3                            # timed runs per record (median reported)
+  config.seed = 0
+  return config

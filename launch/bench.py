@@ -1,0 +1,181 @@
+"""Benchmark decoding methods against autoregressive decoding in one process:
+
+  python -m launch.bench --config=configs/bench.py --workdir=OUT
+
+Speed is reported as measured ratios in the same run, never asserted in tests.
+"""
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark config.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where bench.json and bench.md go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list[int]]:
+  """The first `prompt_len` tokens ([bos] + text) of validation documents long enough."""
+  from training import data
+  sources = data.load_sources(restored.config.data)
+  tok, prompts = restored.tokenizer, []
+  for text in sources['validation'].texts():
+    ids = [tok.bos_id, *tok.encode(text)[:prompt_len - 1].tolist()]
+    if len(ids) == prompt_len:
+      prompts.append(ids)
+    if len(prompts) == num_prompts:
+      return prompts
+  raise ValueError(f'The validation split has fewer than {num_prompts} documents of '
+                   f'{prompt_len} tokens.')
+
+
+def naive_generate(model, params, prompts, lengths, max_new_tokens, capacity, eos_id):
+  """Reference: the same prefill, then a Python loop calling a jitted one-token step and
+  checking the stop condition on the host every token (greedy). -> (tokens [B, S], calls)."""
+  from decoding import base
+  prefill, step = _naive_steps(model, capacity)
+  cache, tokens, lengths = prefill(params, prompts, lengths)
+  limits = np.asarray(base.row_limits(lengths, max_new_tokens, capacity))
+  done = np.zeros(len(limits), bool)
+  calls = 1
+  while True:
+    done |= (np.asarray(tokens[jnp.arange(len(limits)), lengths - 1]) == eos_id)
+    done |= np.asarray(lengths) >= limits
+    if done.all():
+      return tokens, calls
+    cache, tokens, lengths = step(params, cache, tokens, lengths, jnp.asarray(done))
+    calls += 1
+
+
+@functools.lru_cache
+def _naive_steps(model, capacity):
+  """Jitted prefill and one-token step of the naive reference (cached per model)."""
+  from models import KVCache
+
+  @jax.jit
+  def prefill(params, prompts, lengths):
+    batch, plen = prompts.shape
+    cache = KVCache.empty(model.config, batch, capacity)
+    out = model.apply({'params': params}, prompts, jnp.broadcast_to(jnp.arange(plen), prompts.shape),
+                      cache=cache)
+    first = jnp.argmax(out.logits[jnp.arange(batch), lengths - 1, :model.config.vocab_size], -1)
+    tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :plen].set(prompts)
+    tokens = tokens.at[jnp.arange(batch), lengths].set(first)
+    return out.cache.replace(lengths=lengths), tokens, lengths + 1
+
+  @jax.jit
+  def step(params, cache, tokens, lengths, done):
+    rows = jnp.arange(tokens.shape[0])
+    out = model.apply({'params': params}, tokens[rows, lengths - 1][:, None],
+                      (lengths - 1)[:, None], cache=cache)
+    new = jnp.argmax(out.logits[:, 0, :model.config.vocab_size], -1)
+    tokens = tokens.at[rows, jnp.where(done, capacity, lengths)].set(new, mode='drop')
+    cache = out.cache.replace(lengths=jnp.where(done, cache.lengths, out.cache.lengths))
+    return cache, tokens, lengths + (~done)
+
+  return prefill, step
+
+
+def _timed(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), result
+
+
+def run(config, workdir: str) -> list[dict]:
+  from decoding import autoregressive
+  from decoding.sampling import SamplingConfig
+  from training import checkpoints
+  restored = checkpoints.restore_model(config.target_workdir)
+  model, params = restored.model, jax.device_put(restored.params)
+  prompts = np.asarray(validation_prompts(restored, config.num_prompts, config.prompt_len),
+                       np.int32)
+  capacity = config.prompt_len + config.max_new_tokens
+  eos = restored.tokenizer.eos_id
+  machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
+             'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
+             'cpu_count': os.cpu_count()}
+  records = []
+  for batch_size in config.batch_sizes:
+    batch = jnp.asarray(np.resize(prompts, (batch_size, config.prompt_len)))
+    lengths = jnp.full((batch_size,), config.prompt_len, jnp.int32)
+    for temperature in config.temperatures:
+      ar_config = autoregressive.AutoregressiveConfig(
+          max_new_tokens=config.max_new_tokens, cache_capacity=capacity,
+          sampling=SamplingConfig(temperature=temperature), eos_ids=(eos,))
+      rng = jax.random.PRNGKey(config.seed)
+      t0 = time.perf_counter()
+      compiled = autoregressive.generate.lower(
+          model=model, params=params, prompts=batch, prompt_lengths=lengths, config=ar_config,
+          rng=rng).compile()
+      compile_s = time.perf_counter() - t0
+      wall, out = _timed(lambda: compiled(params=params, prompts=batch, prompt_lengths=lengths,
+                                          rng=rng), config.repeats)
+      new_tokens = int(jnp.sum(out.new_tokens))
+      base_record = dict(batch_size=batch_size, temperature=temperature, **machine)
+      ar = dict(method='autoregressive', lossless=True, mean_accepted=1.0,
+                target_calls=int(out.target_calls), new_tokens=new_tokens, wall_s=wall,
+                tokens_per_s=new_tokens / wall, speedup_vs_ar=1.0, compile_s=compile_s,
+                matches_ar=True, **base_record)
+      records.append(ar)
+      if config.naive_reference and temperature == 0:
+        t0 = time.perf_counter()
+        naive_generate(model, params, batch, lengths, config.max_new_tokens, capacity, eos)
+        naive_compile = time.perf_counter() - t0  # first call: compiles prefill and step
+        wall_n, (tokens, calls) = _timed(lambda: naive_generate(
+            model, params, batch, lengths, config.max_new_tokens, capacity, eos),
+            config.repeats)
+        records.append(dict(
+            method='naive_python_loop', lossless=True, mean_accepted=1.0, target_calls=calls,
+            new_tokens=new_tokens, wall_s=wall_n, tokens_per_s=new_tokens / wall_n,
+            speedup_vs_ar=wall / wall_n, compile_s=naive_compile - wall_n,
+            matches_ar=bool(np.array_equal(np.asarray(tokens), np.asarray(out.tokens))),
+            **base_record))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'bench.json'), 'w') as f:
+    json.dump(records, f, indent=1)
+  table = markdown_table(records)
+  with open(os.path.join(workdir, 'bench.md'), 'w') as f:
+    f.write(table)
+  return records
+
+
+def markdown_table(records: list[dict]) -> str:
+  cols = ['method', 'batch_size', 'temperature', 'lossless', 'matches_ar', 'mean_accepted',
+          'target_calls', 'tokens_per_s', 'speedup_vs_ar', 'compile_s']
+  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+  for r in records:
+    cells = [f'{r[c]:.2f}' if isinstance(r[c], float) else str(r[c]) for c in cols]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  machine = records[0]
+  lines.append(f'\n{machine["backend"]} ({machine["device"]}, {machine["devices"]} device(s), '
+               f'{machine["cpu_count"]} CPUs), JAX {jax.__version__}')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  common.setup_logging()
+  with common.user_errors_as_messages():
+    records = run(_CONFIG.value, _WORKDIR.value)
+  print(markdown_table(records))
+
+
+if __name__ == '__main__':
+  common.check_config_flags(sys.argv)
+  app.run(main)

@@ -1,0 +1,30 @@
+"""launch.bench end to end on the tiny model: records, schema, lossless outputs."""
+import json
+import os
+
+from configs import bench as bench_config
+from launch import bench
+
+
+def test_bench_records_and_tables(trained_tiny, tmp_path):
+  config = bench_config.get_config()
+  config.target_workdir = trained_tiny.workdir
+  config.batch_sizes = (1, 3)
+  config.temperatures = (0.0, 1.0)
+  config.num_prompts = 3
+  config.prompt_len = 12
+  config.max_new_tokens = 8
+  config.repeats = 1
+  records = bench.run(config, str(tmp_path))
+  with open(tmp_path / 'bench.json') as f:
+    assert json.load(f) == records
+  assert os.path.exists(tmp_path / 'bench.md')
+  keys = {'method', 'lossless', 'batch_size', 'temperature', 'mean_accepted', 'target_calls',
+          'tokens_per_s', 'speedup_vs_ar', 'compile_s', 'backend', 'device', 'matches_ar'}
+  assert all(keys <= set(r) for r in records)
+  methods = [(r['method'], r['batch_size'], r['temperature']) for r in records]
+  assert methods == [('autoregressive', 1, 0.0), ('naive_python_loop', 1, 0.0),
+                     ('autoregressive', 1, 1.0), ('autoregressive', 3, 0.0),
+                     ('naive_python_loop', 3, 0.0), ('autoregressive', 3, 1.0)]
+  assert all(r['matches_ar'] for r in records if r['lossless'] and r['temperature'] == 0)
+  assert all(r['tokens_per_s'] > 0 and r['target_calls'] >= 1 for r in records)
