@@ -123,11 +123,13 @@ def build(config, objective: objectives.Objective, example_batch: dict,
       jax.eval_shape(init_state), state_shardings)
 
   def under_rules(fn):
-    def wrapped(*args):
+    """Calls (and `.lower`s) `fn` with the mesh and the logical rules in scope, which
+    the model's activation sharding constraints need while tracing."""
+    def call(*args):
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return fn(*args)
-    wrapped.lower = lambda *args: under_rules(fn.lower)(*args)
-    return wrapped
+    call.lower = under_rules(fn.lower) if hasattr(fn, 'lower') else None
+    return call
 
   return Setup(objective, optimizer, mesh, state_shardings, abstract_state, batch_shardings,
                under_rules(jit_init), under_rules(jit_train), under_rules(jit_eval))
@@ -224,7 +226,7 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
   finally:
     manager.close()
     writer.close()
-    data_iter.close() if hasattr(data_iter, 'close') else None
+    data_iter.close()
 
 
 def _loop(config, setup, state, data_iter, validation, tokenizer, manager, writer,
@@ -277,7 +279,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
       for key, value in eval_metrics.items():
         writer.add_scalar(f'eval/{key}', value, step)
       bar.write(f'step {step}: {_format(eval_metrics)}')
-      last_log_time = time.perf_counter()  # Eval time is not training time.
+      last_log_time, last_log_step = time.perf_counter(), step  # Eval is not training time.
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       _check_finite(*pending, manager)
       checkpoints.save(manager, step, state, data_iter, force=True)

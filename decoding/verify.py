@@ -1,0 +1,56 @@
+"""Acceptance rules: which drafted tokens the target keeps, and the token it adds.
+
+Lossless rule (Leviathan et al. 2023; Chen et al. 2023). With q the draft's and p the
+target's processed distributions (decoding/sampling.py, same filters for both):
+accept drafted token x with probability min(1, p(x) / q(x)); at the first rejection
+draw the replacement from norm(max(p - q, 0)); if every drafted token is accepted,
+draw a bonus token from the target's next distribution. The committed tokens are then
+distributed exactly as the target's own samples.
+
+Greedy decoding is the same rule with point masses: p and q put all mass on their
+argmax, so a drafted token is kept iff it equals the target's argmax, and the
+replacement is the target's argmax. One rule serves both.
+
+Shapes: B batch, K drafted tokens, V (padded) vocabulary; log-probabilities are float32.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def residual_log_probs(target_logp: jax.Array, draft_logp: jax.Array) -> jax.Array:
+  """log norm(max(p - q, 0)) over [..., V]; falls back to p where p <= q everywhere
+  (possible only through rounding, when a rejection had probability ~0)."""
+  residual = jnp.maximum(jnp.exp(target_logp) - jnp.exp(draft_logp), 0.0)
+  total = jnp.sum(residual, axis=-1, keepdims=True)
+  fallback = total <= 1e-12
+  return jnp.where(fallback, target_logp, jnp.log(residual) - jnp.log(jnp.where(fallback, 1.0,
+                                                                                total)))
+
+
+def chain_accept(rng: jax.Array, draft_tokens: jax.Array, draft_logp: jax.Array,
+                 target_logp: jax.Array, num_drafted: jax.Array):
+  """Verifies one chain of drafted tokens per row.
+
+  draft_tokens: [B, K] int32; draft_logp: [B, K, V] the draft's processed distribution
+  each token was drawn from; target_logp: [B, K + 1, V] the target's processed
+  distribution after the context and each drafted prefix; num_drafted: [B] int32 how
+  many of the K drafted tokens are real (adaptive drafting stops early).
+
+  Returns (num_accepted [B] int32 in [0, num_drafted], next_token [B] int32: the
+  replacement at the first rejection, or the bonus token after full acceptance).
+  """
+  batch, k = draft_tokens.shape
+  rows = jnp.arange(batch)
+  accept_key, next_key = jax.random.split(rng)
+  p_x = jnp.take_along_axis(target_logp[:, :k], draft_tokens[..., None], -1)[..., 0]   # [B, K]
+  q_x = jnp.take_along_axis(draft_logp, draft_tokens[..., None], -1)[..., 0]
+  u = jax.random.uniform(accept_key, (batch, k), minval=jnp.finfo(jnp.float32).tiny)
+  accepted = (jnp.log(u) < p_x - q_x) & (jnp.arange(k)[None] < num_drafted[:, None])
+  num_accepted = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1).astype(jnp.int32)
+
+  p_next = target_logp[rows, num_accepted]                                        # [B, V]
+  q_next = draft_logp[rows, jnp.minimum(num_accepted, k - 1)]
+  rejected = num_accepted < num_drafted
+  next_logp = jnp.where(rejected[:, None], residual_log_probs(p_next, q_next), p_next)
+  next_token = jax.random.categorical(next_key, next_logp, axis=-1).astype(jnp.int32)
+  return num_accepted, next_token
