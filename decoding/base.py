@@ -19,6 +19,9 @@ class Output:
   lengths: jax.Array         # [B] int32: prompt + new tokens per row
   prompt_lengths: jax.Array  # [B] int32
   target_calls: jax.Array    # [] int32: forward calls of the target model, prefill included
+  # Method-specific statistics, e.g. draft_calls [] and accepted_histogram [K + 1]
+  # (row-rounds by number of accepted drafted tokens) for speculative methods.
+  stats: dict = flax.struct.field(default_factory=dict)
 
   @property
   def new_tokens(self) -> jax.Array:

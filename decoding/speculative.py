@@ -1,0 +1,197 @@
+"""Speculative decoding with a draft model (Leviathan et al. 2023; Chen et al. 2023).
+
+Each round of one `lax.while_loop`:
+  1. the draft proposes up to K tokens autoregressively (an inner while_loop; with an
+     adaptive threshold a row stops drafting after a token the draft itself is unsure
+     of, and the loop ends when every row has stopped);
+  2. the target scores [last token, d_1 .. d_K] in one forward call;
+  3. `verify.chain_accept` keeps a prefix d_1 .. d_n per row and adds one target token;
+  4. each row commits its own n + 1 tokens (cut at an EOS id or the row's limit); the
+     caches keep only what was committed by setting their lengths.
+
+Rows advance by their own amounts: per-row lengths in the token buffer and both caches.
+
+Cache invariant at the start of a round (L = lengths[b], the buffer's token count):
+the target cache holds tokens[:L - 1] and the draft cache tokens[:L - 2] at least.
+The draft's first call feeds the last two tokens (positions L - 2 and L - 1), so it is
+complete whether the previous round accepted everything or not; rewriting slot L - 2
+with the same token and context is harmless.
+"""
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from decoding import base, verify
+from decoding.sampling import SamplingConfig, log_probs
+from models import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+  """Static settings (hashable: a static argument of jit)."""
+  max_new_tokens: int
+  cache_capacity: int                      # S: prompt + new tokens per row must fit
+  num_draft: int = 4                       # K: drafted tokens per round, at most
+  sampling: SamplingConfig = SamplingConfig()
+  eos_ids: tuple[int, ...] = (2,)
+  # SpecDec++-style stopping: a row stops drafting after a token whose probability under
+  # the draft's raw (temperature 1, unfiltered) distribution is below this. 0 = off.
+  # That token is still verified: dropping a token because of its own probability
+  # would draw it from q(x | confident) while the verifier divides by q(x), a biased
+  # rule. Deciding only whether to draft the *next* token keeps every draft ~ q.
+  adaptive_threshold: float = 0.0
+
+  def __post_init__(self):
+    if self.num_draft < 1:
+      raise ValueError(f'num_draft must be >= 1, got {self.num_draft}.')
+    if not 0 <= self.adaptive_threshold < 1:
+      raise ValueError(f'adaptive_threshold must be in [0, 1), got {self.adaptive_threshold}.')
+
+
+@flax.struct.dataclass
+class State:
+  tokens: jax.Array        # [B, S] int32 buffer: prompt then committed tokens
+  lengths: jax.Array       # [B] int32 tokens in the buffer
+  limits: jax.Array        # [B] int32 buffer length at which a row stops
+  target_cache: KVCache    # holds tokens[:, :lengths - 1]
+  draft_cache: KVCache     # holds at least tokens[:, :lengths - 2]
+  done: jax.Array          # [B] bool
+  rng: jax.Array
+  target_calls: jax.Array  # [] int32
+  draft_calls: jax.Array   # [] int32
+  histogram: jax.Array     # [K + 1] int32 row-rounds by number of accepted drafts
+
+
+@flax.struct.dataclass
+class Draft:
+  """The inner drafting loop's state."""
+  step: jax.Array          # [] int32 tokens drafted so far
+  logits: jax.Array        # [B, V] the draft's logits for the next token
+  cache: KVCache
+  tokens: jax.Array        # [B, K] int32
+  logp: jax.Array          # [B, K, V] processed draft distributions the tokens came from
+  num_drafted: jax.Array   # [B] int32
+  drafting: jax.Array      # [B] bool: row still drafting
+  calls: jax.Array         # [] int32
+
+
+def _draft(draft_model, draft_params, state: State, config: SpeculativeConfig, rng) -> Draft:
+  """Proposes up to K tokens per row with the draft model."""
+  batch = state.tokens.shape[0]
+  rows = jnp.arange(batch)
+  k, vocab = config.num_draft, draft_model.config.vocab_size
+  two = state.lengths[:, None] + jnp.array([-2, -1])                      # [B, 2] positions
+  out = draft_model.apply({'params': draft_params}, state.tokens[rows[:, None], two], two,
+                          cache=state.draft_cache.replace(lengths=state.lengths - 2))
+  padded_vocab = out.logits.shape[-1]
+  init = Draft(step=jnp.zeros((), jnp.int32), logits=out.logits[:, -1], cache=out.cache,
+               tokens=jnp.zeros((batch, k), jnp.int32),
+               logp=jnp.zeros((batch, k, padded_vocab), jnp.float32),
+               num_drafted=jnp.zeros((batch,), jnp.int32), drafting=~state.done,
+               calls=jnp.ones((), jnp.int32))
+
+  def body(d: Draft) -> Draft:
+    logp = log_probs(d.logits, config.sampling, vocab)                       # [B, V]
+    token = jax.random.categorical(jax.random.fold_in(rng, d.step), logp).astype(jnp.int32)
+    drafting = d.drafting
+    if config.adaptive_threshold > 0:
+      raw = jax.nn.log_softmax(d.logits[:, :vocab], axis=-1)
+      drafting &= raw[rows, token] >= jnp.log(config.adaptive_threshold)
+    d = d.replace(tokens=d.tokens.at[:, d.step].set(token), logp=d.logp.at[:, d.step].set(logp),
+                  num_drafted=d.num_drafted + d.drafting.astype(jnp.int32), drafting=drafting,
+                  step=d.step + 1)
+
+    def feed(d: Draft) -> Draft:  # The draft's logits after this token, for the next step.
+      position = (state.lengths + d.step - 1)[:, None]
+      out = draft_model.apply({'params': draft_params}, token[:, None], position, cache=d.cache)
+      return d.replace(logits=out.logits[:, 0], cache=out.cache, calls=d.calls + 1)
+
+    more = (d.step < k) & jnp.any(d.drafting)
+    return jax.lax.cond(more, feed, lambda d: d, d)
+
+  return jax.lax.while_loop(lambda d: (d.step < k) & jnp.any(d.drafting), body, init)
+
+
+def _commit(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
+  """Appends candidates[b, :count[b]] [B, K + 1] to each unfinished row, cut after the
+  first EOS id and at the row's limit."""
+  batch, width = candidates.shape
+  index = jnp.arange(width)[None]
+  eos = base.is_eos(candidates, eos_ids) & (index < count[:, None])
+  first_eos = jnp.min(jnp.where(eos, index, width), axis=1)
+  count = jnp.minimum(jnp.minimum(count, first_eos + 1), state.limits - state.lengths)
+  count = jnp.where(state.done, 0, count)
+  capacity = state.tokens.shape[1]
+  slots = jnp.where(index < count[:, None], state.lengths[:, None] + index, capacity)
+  tokens = state.tokens.at[jnp.arange(batch)[:, None], slots].set(candidates, mode='drop')
+  lengths = state.lengths + count
+  done = state.done | (first_eos < count) | (lengths >= state.limits)
+  return state.replace(tokens=tokens, lengths=lengths, done=done)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'draft_model', 'config'))
+def generate(model, params, draft_model, draft_params, prompts: jax.Array,
+             prompt_lengths: jax.Array, config: SpeculativeConfig, rng: jax.Array) -> base.Output:
+  """Speculative decoding of right-padded prompts [B, P] with lengths [B] (>= 1, < S).
+
+  model / draft_model: Flax modules called like models.Transformer, sharing a tokenizer.
+  """
+  batch, prompt_len = prompts.shape
+  capacity, k = config.cache_capacity, config.num_draft
+  vocab = model.config.vocab_size
+  rows = jnp.arange(batch)
+  positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+
+  target = model.apply({'params': params}, prompts, positions,
+                       cache=KVCache.empty(model.config, batch, capacity))
+  draft = draft_model.apply({'params': draft_params}, prompts, positions,
+                            cache=KVCache.empty(draft_model.config, batch, capacity))
+  rng, key = jax.random.split(rng)
+  first = jax.random.categorical(
+      key, log_probs(target.logits[rows, prompt_lengths - 1], config.sampling, vocab))
+  tokens = jnp.where(jnp.arange(capacity) < prompt_lengths[:, None],
+                     jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts), 0)
+  state = State(tokens=tokens, lengths=prompt_lengths,
+                limits=base.row_limits(prompt_lengths, config.max_new_tokens, capacity),
+                target_cache=target.cache.replace(lengths=prompt_lengths),
+                draft_cache=draft.cache.replace(lengths=prompt_lengths),
+                done=jnp.zeros((batch,), bool), rng=rng, target_calls=jnp.ones((), jnp.int32),
+                draft_calls=jnp.ones((), jnp.int32), histogram=jnp.zeros((k + 1,), jnp.int32))
+  state = _commit(state, first.astype(jnp.int32)[:, None], jnp.ones((batch,), jnp.int32),
+                  config.eos_ids)
+
+  def round_(state: State) -> State:
+    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
+    d = _draft(draft_model, draft_params, state, config, draft_key)
+    last = state.tokens[rows, state.lengths - 1]
+    chain = jnp.concatenate([last[:, None], d.tokens], axis=1)              # [B, K + 1]
+    positions = state.lengths[:, None] - 1 + jnp.arange(k + 1)[None]
+    out = model.apply({'params': params}, chain, positions, cache=state.target_cache)
+    target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, K + 1, V]
+    num_accepted, next_token = verify.chain_accept(verify_key, d.tokens, d.logp, target_logp,
+                                                   d.num_drafted)
+    candidates = jnp.concatenate([d.tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1)
+    candidates = candidates.at[rows, num_accepted].set(next_token)
+    active = ~state.done
+    committed = _commit(state, candidates, num_accepted + 1, config.eos_ids)
+    return committed.replace(
+        # Keep [last, d_1 .. d_n] in the target cache; the rest of the chain is dropped.
+        target_cache=out.cache.replace(lengths=state.lengths + num_accepted),
+        draft_cache=d.cache, rng=rng, target_calls=state.target_calls + 1,
+        draft_calls=state.draft_calls + d.calls,
+        histogram=state.histogram.at[num_accepted].add(active.astype(jnp.int32)))
+
+  state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
+  return base.Output(tokens=state.tokens, lengths=state.lengths,
+                     prompt_lengths=prompt_lengths, target_calls=state.target_calls,
+                     stats={'draft_calls': state.draft_calls, 'accepted_histogram': state.histogram})
+
+
+def mean_accepted(histogram) -> float:
+  """tau: tokens committed per row per target call in the decoding rounds (n + 1)."""
+  import numpy as np
+  h = np.asarray(histogram, np.float64)
+  return float((h * (np.arange(len(h)) + 1)).sum() / max(h.sum(), 1))

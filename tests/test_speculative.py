@@ -1,0 +1,261 @@
+"""Speculative decoding with a draft model: exact greedy equality, lossless sampling
+(G-test with power), the acceptance rule alone, hand-built tables, caches, boundaries."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from decoding import autoregressive, base, speculative, verify
+from decoding.sampling import SamplingConfig, log_probs
+from decoding.speculative import SpeculativeConfig
+from models import KVCache, Transformer, TransformerConfig, sharding
+from tests.stub_model import StubConfig, StubModel, random_table, successor_table
+
+EOS = 2
+
+
+def _tiny(seed, vocab=60, **kw):
+  config = TransformerConfig(vocab_size=vocab, **kw)
+  model = Transformer(config)
+  z = jnp.zeros((1, 1), jnp.int32)
+  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+
+
+TARGET = _tiny(0, num_layers=2)
+DRAFT = _tiny(1, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1)
+
+
+def _ar(model, params, prompts, max_new, capacity, sampling=SamplingConfig(), seed=0):
+  padded, lengths = base.pad_prompts(prompts)
+  config = autoregressive.AutoregressiveConfig(max_new, capacity, sampling, (EOS,))
+  return autoregressive.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+                                 config, jax.random.PRNGKey(seed))
+
+
+def _spec(target, draft, prompts, max_new, capacity, seed=0, **kw):
+  padded, lengths = base.pad_prompts(prompts)
+  config = SpeculativeConfig(max_new, capacity, eos_ids=(EOS,), **kw)
+  return speculative.generate(target[0], target[1], draft[0], draft[1], jnp.asarray(padded),
+                              jnp.asarray(lengths), config, jax.random.PRNGKey(seed))
+
+
+PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11, 12, 13], [1, 20, 21]]
+
+
+@pytest.mark.parametrize('batch', [1, 4])
+@pytest.mark.parametrize('kw', [dict(num_draft=1), dict(num_draft=3), dict(num_draft=6),
+                                dict(num_draft=4, adaptive_threshold=0.05)])
+def test_greedy_equals_plain_greedy(batch, kw):
+  prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
+  ar = _ar(*TARGET, prompts, 17, 30)
+  for draft in (DRAFT, TARGET):
+    out = _spec(TARGET, draft, prompts, 17, 30, **kw)
+    np.testing.assert_array_equal(out.tokens, ar.tokens)
+    np.testing.assert_array_equal(out.lengths, ar.lengths)
+  if kw.get('adaptive_threshold', 0) == 0:  # A draft equal to the target accepts all.
+    hist = np.asarray(out.stats['accepted_histogram'])
+    assert hist[:-1].sum() == 0 and hist[-1] > 0
+    assert speculative.mean_accepted(hist) == kw['num_draft'] + 1
+
+
+def test_greedy_on_a_trained_model_with_its_own_draft_and_a_random_one(trained_tiny):
+  model, params, tok = trained_tiny.model, trained_tiny.params, trained_tiny.tokenizer
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\n', 'def f(', '    return ', '#')]
+  random_draft = _tiny(3, vocab=model.config.vocab_size, num_layers=1)
+  ar = _ar(model, params, prompts, 24, 40)
+  for draft, k in ((random_draft, 3), ((model, params), 5)):
+    out = _spec((model, params), draft, prompts, 24, 40, num_draft=k)
+    np.testing.assert_array_equal(out.tokens, ar.tokens)
+
+
+STUB = StubModel(StubConfig(vocab_size=16, padded_vocab_size=16))
+TABLE = successor_table(16, 16, last=11, eos=EOS)
+
+
+@pytest.mark.parametrize('k', [1, 3, 10])
+def test_eos_inside_an_accepted_block_and_the_capacity_boundary(k):
+  stub = (STUB, TABLE)
+  prompts = [[3, 4, 5], [9], [4, 7, 3, 8, 10]]
+  out = _spec(stub, stub, prompts, 6, 9, num_draft=k)
+  np.testing.assert_array_equal(out.tokens, [
+      [3, 4, 5, 6, 7, 8, 9, 10, 11],   # prompt + max_new_tokens == capacity: exact length
+      [9, 10, 11, 2, 0, 0, 0, 0, 0],   # EOS inside an accepted block cuts the row there
+      [4, 7, 3, 8, 10, 11, 2, 0, 0]])
+  np.testing.assert_array_equal(out.lengths, [9, 4, 7])
+  # Row 0: first token from the prefill, then ceil(5 / (k + 1)) rounds.
+  assert int(out.target_calls) == 1 + -(-5 // (k + 1))
+
+
+def test_hand_built_acceptance_tables():
+  """Point-mass distributions (greedy): exact accepted counts and next tokens."""
+  v = 8
+  onehot = lambda ids: jnp.where(jax.nn.one_hot(jnp.asarray(ids), v) > 0, 0.0, -jnp.inf)
+  draft = jnp.asarray([[3, 4, 5], [3, 4, 5], [3, 4, 5], [3, 4, 5], [6, 6, 6]])
+  target_argmax = [[3, 4, 5, 7],   # full accept -> bonus 7
+                   [1, 4, 5, 7],   # first mismatch -> replacement 1
+                   [3, 0, 5, 7],   # middle mismatch -> replacement 0
+                   [3, 4, 5, 7],   # empty draft (num_drafted 0) -> target's first token 3
+                   [6, 6, 2, 1]]   # ragged: 2 drafted, both accepted -> bonus at index 2
+  num_drafted = jnp.asarray([3, 3, 3, 0, 2])
+  n, nxt = verify.chain_accept(jax.random.PRNGKey(0), draft, onehot(draft), onehot(target_argmax),
+                               num_drafted)
+  np.testing.assert_array_equal(n, [3, 0, 1, 0, 2])
+  np.testing.assert_array_equal(nxt, [7, 1, 0, 3, 2])
+
+
+def test_acceptance_rate_matches_sum_of_min_p_q():
+  v, rows = 10, 200_000
+  p = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(1), (v,)) * 1.5)
+  q = jax.nn.log_softmax(jax.random.normal(jax.random.PRNGKey(2), (v,)) * 1.5)
+  drafted = jax.random.categorical(jax.random.PRNGKey(3), q, shape=(rows, 1))
+  n, nxt = verify.chain_accept(jax.random.PRNGKey(4), drafted,
+                               jnp.broadcast_to(q, (rows, 1, v)),
+                               jnp.broadcast_to(p, (rows, 2, v)), jnp.ones(rows, jnp.int32))
+  expected = float(jnp.sum(jnp.minimum(jnp.exp(p), jnp.exp(q))))
+  rate = float(jnp.mean(n))
+  assert abs(rate - expected) < 4 * np.sqrt(expected * (1 - expected) / rows)
+  # And the first committed token (accepted draft or replacement) is distributed as p.
+  first = np.where(np.asarray(n) == 1, np.asarray(drafted[:, 0]), np.asarray(nxt))
+  counts = np.bincount(first, minlength=v)
+  expected_counts = np.exp(np.asarray(p, np.float64))
+  expected_counts *= rows / expected_counts.sum()
+  assert scipy.stats.chisquare(counts, expected_counts).pvalue > 1e-3
+
+
+def _exact_joint(model, params, prompt, steps, sampling, vocab):
+  """P(x_1 .. x_steps | prompt) by enumeration over full forward passes: {tuple: prob}."""
+  apply = jax.jit(lambda t: log_probs(model.apply(
+      {'params': params}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)).logits[:, -1],
+      sampling, vocab))
+  probs = {(): 1.0}
+  for _ in range(steps):
+    prefixes = list(probs)
+    logp = np.asarray(apply(jnp.asarray([prompt + list(p) for p in prefixes])))
+    probs = {p + (x,): probs[p] * float(np.exp(logp[i, x]))
+             for i, p in enumerate(prefixes) for x in range(vocab) if logp[i, x] > -np.inf}
+  return probs
+
+
+def _g_test(samples, exact):
+  """G-test of sampled tuples against exact probabilities, pooling bins expected < 5."""
+  n = len(samples)
+  keys = sorted(exact, key=exact.get, reverse=True)
+  observed = {}
+  for s in map(tuple, samples):
+    observed[s] = observed.get(s, 0) + 1
+  assert set(observed) <= set(exact), 'a sample the target gives probability 0'
+  big = [k for k in keys if exact[k] * n >= 5]
+  obs = [observed.get(k, 0) for k in big] + [n - sum(observed.get(k, 0) for k in big)]
+  exp = [exact[k] * n for k in big] + [n * (1 - sum(exact[k] for k in big))]
+  if exp[-1] < 5:  # Pool the remainder into the smallest kept bin.
+    rest_obs, rest_exp = obs.pop(), exp.pop()
+    obs[-1] += rest_obs
+    exp[-1] += rest_exp
+  exp = np.asarray(exp) * n / np.sum(exp)  # float32 probabilities: renormalise exactly
+  return scipy.stats.power_divergence(obs, exp, lambda_='log-likelihood').pvalue
+
+
+VOCAB6_TARGET = _tiny(5, vocab=6, num_layers=2)
+VOCAB6_DRAFT = _tiny(6, vocab=6, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1)
+
+
+@pytest.mark.parametrize('sampling,kw', [
+    (SamplingConfig(temperature=1.0), dict(num_draft=2)),
+    (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), dict(num_draft=3)),
+    (SamplingConfig(temperature=1.3), dict(num_draft=3, adaptive_threshold=0.3)),
+])
+def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
+  rows, steps, prompt = 20_000, 3, [1, 3]
+  exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
+  config = SpeculativeConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(), **kw)
+  prompts = jnp.asarray([prompt] * rows)
+  lengths = jnp.full((rows,), len(prompt), jnp.int32)
+
+  def sample():
+    out = speculative.generate(*VOCAB6_TARGET, *VOCAB6_DRAFT, prompts, lengths, config,
+                               jax.random.PRNGKey(11))
+    return np.asarray(out.tokens[:, len(prompt):]), out
+
+  samples, out = sample()
+  hist = np.asarray(out.stats['accepted_histogram'])
+  assert hist[0] > 0 and hist[1:].sum() > 0, 'the draft is neither always right nor wrong'
+  assert _g_test(samples, exact) > 1e-3
+  # Power: resampling from p instead of norm(max(p - q, 0)) after a rejection is wrong.
+  jax.clear_caches()
+  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
+  assert _g_test(sample()[0], exact) < 1e-3
+  jax.clear_caches()
+
+
+def test_sampled_tokens_stay_in_the_filtered_set_and_real_vocab():
+  vocab, padded = 12, 16
+  table = random_table(2, vocab, padded)
+  stub = StubModel(StubConfig(vocab_size=vocab, padded_vocab_size=padded))
+  draft_table = random_table(9, vocab, padded)
+  config = SamplingConfig(temperature=1.0, top_k=4, top_p=0.9)
+  prompts = [[t] for t in range(vocab)] * 4
+  out = _spec((stub, table), (stub, draft_table), prompts, 12, 13, num_draft=3,
+              sampling=config)
+  logp = np.asarray(log_probs(table['table'], config, vocab))
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  for row in range(len(prompts)):
+    seq = tokens[row, :lengths[row]]
+    assert seq.max() < vocab
+    for prev, nxt in zip(seq[:-1], seq[1:]):
+      assert np.isfinite(logp[prev, nxt]), f'{nxt} after {prev} is outside the kept set'
+
+
+def test_seeded_sampling_is_reproducible_and_rows_are_independent():
+  kw = dict(num_draft=3, sampling=SamplingConfig(temperature=1.0))
+  a = _spec(TARGET, DRAFT, [[1, 5, 6], [1, 7]], 12, 20, seed=4, **kw).completions()
+  b = _spec(TARGET, DRAFT, [[1, 5, 6], [1, 7]], 12, 20, seed=4, **kw).completions()
+  c = _spec(TARGET, DRAFT, [[1, 5, 6], [1, 30, 31, 32]], 12, 20, seed=4, **kw).completions()
+  d = _spec(TARGET, DRAFT, [[1, 5, 6], [1, 7]], 12, 20, seed=5, **kw).completions()
+  assert a == b and a[0] == c[0] and a != d
+
+
+def test_cache_after_a_rejection_equals_plain_decoding_of_the_kept_tokens():
+  """The mechanism speculative rounds rely on: verify K + 1 tokens, keep n by setting the
+  length; the kept slots equal a plain prefill of the same tokens, and stale slots past
+  the length are never attended."""
+  model, params = TARGET
+  apply = jax.jit(lambda t, pos, c: model.apply({'params': params}, t, pos, cache=c))
+  seq = jnp.asarray([[1, 5, 6, 7, 8, 9, 10, 11]])
+  prefix, kept = 3, 2                                     # verify 5 tokens, keep 2 of them
+  cache = apply(seq[:, :prefix], jnp.arange(prefix)[None], KVCache.empty(model.config, 1, 16)).cache
+  verified = apply(seq[:, prefix:], jnp.arange(prefix, 8)[None], cache).cache
+  verified = verified.replace(lengths=jnp.asarray([prefix + kept]))
+  plain = apply(seq[:, :prefix + kept], jnp.arange(prefix + kept)[None],
+                KVCache.empty(model.config, 1, 16)).cache
+  np.testing.assert_allclose(verified.k[:, :, :prefix + kept], plain.k[:, :, :prefix + kept],
+                             atol=1e-6)
+  np.testing.assert_allclose(verified.v[:, :, :prefix + kept], plain.v[:, :, :prefix + kept],
+                             atol=1e-6)
+  nxt = jnp.asarray([[42]])
+  pos = jnp.asarray([[prefix + kept]])
+  np.testing.assert_allclose(apply(nxt, pos, verified).logits, apply(nxt, pos, plain).logits,
+                             atol=1e-5)
+
+
+def test_eight_devices_give_the_tokens_of_one():
+  prompts = PROMPTS * 2
+  single = _spec(TARGET, DRAFT, prompts, 10, 24, num_draft=3)
+  mesh = sharding.make_mesh(model_parallelism=2)
+  padded, lengths = base.pad_prompts(prompts)
+  place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
+  with jax.set_mesh(mesh):
+    out = speculative.generate(
+        TARGET[0], place(*TARGET), DRAFT[0], place(*DRAFT),
+        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
+        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
+        SpeculativeConfig(10, 24, num_draft=3, eos_ids=(EOS,)), jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+
+
+def test_bad_settings_are_clear_errors():
+  with pytest.raises(ValueError, match='num_draft must be >= 1'):
+    SpeculativeConfig(4, 8, num_draft=0)
+  with pytest.raises(ValueError, match=r'adaptive_threshold must be in \[0, 1\)'):
+    SpeculativeConfig(4, 8, adaptive_threshold=1.0)
