@@ -13,10 +13,13 @@ def get_config(arg: str | None = None):
   del arg
   config = ml_collections.ConfigDict()
   config.target_workdir = 'workdirs/ar_small'  # trained target (launch.train workdir)
-  config.methods = ('autoregressive',)          # decoding methods to compare
+  config.draft_workdir = 'workdirs/draft_small'  # draft for `speculative` (same tokenizer)
+  config.methods = ('autoregressive', 'speculative')  # autoregressive always runs first
+  config.num_draft = 4                          # speculative: K
+  config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call
-  config.temperatures = (0.0,)                  # 0 = greedy
+  config.temperatures = (0.0, 1.0)              # 0 = greedy
   config.num_prompts = 8                        # prompts from the validation split
   config.prompt_len = 64                        # tokens per prompt (bos included)
   config.max_new_tokens = 128                   # new tokens per prompt

@@ -41,7 +41,7 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
       param_dtype='float32',   # stored parameters
   )
   model.update(MODEL_SIZES[size])
-  model.update(overrides)
+  model.update(overrides)  # e.g. a draft's smaller trunk
   return ml_collections.ConfigDict(model)
 
 

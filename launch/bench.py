@@ -87,64 +87,83 @@ def _naive_steps(model, capacity):
   return prefill, step
 
 
-def _timed(fn, repeats):
-  times = []
-  for _ in range(repeats):
+def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict:
+  """The naive reference over the same prompts and batches (greedy)."""
+  from decoding import base
+  model, params = restored.model, jax.device_put(restored.params)
+  capacity = config.prompt_len + config.max_new_tokens
+  eos, wall, calls, first_s, completions = restored.tokenizer.eos_id, 0.0, 0, 0.0, []
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    padded, lengths = base.pad_prompts(chunk + [chunk[0]] * (batch_size - len(chunk)))
+    run = lambda: naive_generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+                                 config.max_new_tokens, capacity, eos)
     t0 = time.perf_counter()
-    result = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), result
+    run()
+    first_s = max(first_s, time.perf_counter() - t0)  # includes compiling prefill and step
+    times = []
+    for _ in range(config.repeats):
+      t0 = time.perf_counter()
+      tokens, n_calls = jax.block_until_ready(run())
+      times.append(time.perf_counter() - t0)
+    wall += statistics.median(times)
+    calls += n_calls
+    tokens = np.asarray(tokens)
+    for row in range(len(chunk)):
+      new = tokens[row, config.prompt_len:].tolist()
+      stop = next((i + 1 for i, t in enumerate(new) if t == eos), len(new))
+      completions.append(new[:stop])
+  new_tokens = sum(map(len, completions))
+  return dict(method='naive_python_loop', lossless=True, mean_accepted=1.0, target_calls=calls,
+              draft_calls=0, new_tokens=new_tokens, wall_s=wall,
+              tokens_per_s=new_tokens / wall, compile_s=max(first_s - wall, 0.0),
+              matches_ar=completions == ar_completions)
 
 
 def run(config, workdir: str) -> list[dict]:
-  from decoding import autoregressive
-  from decoding.sampling import SamplingConfig
+  """One record per method x batch size x temperature, AR first in each group."""
+  from launch import generation
   from training import checkpoints
   restored = checkpoints.restore_model(config.target_workdir)
-  model, params = restored.model, jax.device_put(restored.params)
-  prompts = np.asarray(validation_prompts(restored, config.num_prompts, config.prompt_len),
-                       np.int32)
-  capacity = config.prompt_len + config.max_new_tokens
-  eos = restored.tokenizer.eos_id
+  draft = None
+  if 'speculative' in config.methods:
+    if not config.draft_workdir:
+      raise ValueError('The speculative method needs config.draft_workdir.')
+    draft = checkpoints.restore_model(config.draft_workdir)
+  unknown = [m for m in config.methods if m not in generation.METHODS]
+  if unknown:
+    raise ValueError(f'Unknown methods {unknown}; known: {", ".join(generation.METHODS)}.')
+  prompts = validation_prompts(restored, config.num_prompts, config.prompt_len)
   machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
-             'cpu_count': os.cpu_count()}
+             'cpu_count': os.cpu_count(), 'jax': jax.__version__}
+  methods = ['autoregressive'] + [m for m in config.methods if m != 'autoregressive']
   records = []
   for batch_size in config.batch_sizes:
-    batch = jnp.asarray(np.resize(prompts, (batch_size, config.prompt_len)))
-    lengths = jnp.full((batch_size,), config.prompt_len, jnp.int32)
     for temperature in config.temperatures:
-      ar_config = autoregressive.AutoregressiveConfig(
-          max_new_tokens=config.max_new_tokens, cache_capacity=capacity,
-          sampling=SamplingConfig(temperature=temperature), eos_ids=(eos,))
-      rng = jax.random.PRNGKey(config.seed)
-      t0 = time.perf_counter()
-      compiled = autoregressive.generate.lower(
-          model=model, params=params, prompts=batch, prompt_lengths=lengths, config=ar_config,
-          rng=rng).compile()
-      compile_s = time.perf_counter() - t0
-      wall, out = _timed(lambda: compiled(params=params, prompts=batch, prompt_lengths=lengths,
-                                          rng=rng), config.repeats)
-      new_tokens = int(jnp.sum(out.new_tokens))
-      base_record = dict(batch_size=batch_size, temperature=temperature, **machine)
-      ar = dict(method='autoregressive', lossless=True, mean_accepted=1.0,
-                target_calls=int(out.target_calls), new_tokens=new_tokens, wall_s=wall,
-                tokens_per_s=new_tokens / wall, speedup_vs_ar=1.0, compile_s=compile_s,
-                matches_ar=True, **base_record)
-      records.append(ar)
-      if config.naive_reference and temperature == 0:
-        t0 = time.perf_counter()
-        naive_generate(model, params, batch, lengths, config.max_new_tokens, capacity, eos)
-        naive_compile = time.perf_counter() - t0  # first call: compiles prefill and step
-        wall_n, (tokens, calls) = _timed(lambda: naive_generate(
-            model, params, batch, lengths, config.max_new_tokens, capacity, eos),
-            config.repeats)
+      options = generation.DecodeOptions(
+          max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
+          batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
+          num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
+      ar = None
+      for method in methods:
+        completions, stats = generation.decode_tokens(restored, prompts, method, options,
+                                                      draft, repeats=config.repeats)
+        ar = ar or (completions, stats)
+        lossless = generation.LOSSLESS[method]
         records.append(dict(
-            method='naive_python_loop', lossless=True, mean_accepted=1.0, target_calls=calls,
-            new_tokens=new_tokens, wall_s=wall_n, tokens_per_s=new_tokens / wall_n,
-            speedup_vs_ar=wall / wall_n, compile_s=naive_compile - wall_n,
-            matches_ar=bool(np.array_equal(np.asarray(tokens), np.asarray(out.tokens))),
-            **base_record))
+            method=method, lossless=lossless, batch_size=batch_size, temperature=temperature,
+            mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
+            draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
+            wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
+            speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
+            compile_s=stats['compile_s'],
+            matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
+            **machine))
+      if config.naive_reference and temperature == 0:
+        naive = _naive_record(restored, prompts, config, batch_size, ar[0])
+        naive['speedup_vs_ar'] = naive['tokens_per_s'] / ar[1]['tokens_per_s']
+        records.append(dict(naive, batch_size=batch_size, temperature=temperature, **machine))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:
     json.dump(records, f, indent=1)
@@ -156,14 +175,14 @@ def run(config, workdir: str) -> list[dict]:
 
 def markdown_table(records: list[dict]) -> str:
   cols = ['method', 'batch_size', 'temperature', 'lossless', 'matches_ar', 'mean_accepted',
-          'target_calls', 'tokens_per_s', 'speedup_vs_ar', 'compile_s']
+          'target_calls', 'draft_calls', 'tokens_per_s', 'speedup_vs_ar', 'compile_s']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for r in records:
     cells = [f'{r[c]:.2f}' if isinstance(r[c], float) else str(r[c]) for c in cols]
     lines.append('| ' + ' | '.join(cells) + ' |')
   machine = records[0]
   lines.append(f'\n{machine["backend"]} ({machine["device"]}, {machine["devices"]} device(s), '
-               f'{machine["cpu_count"]} CPUs), JAX {jax.__version__}')
+               f'{machine["cpu_count"]} CPUs), JAX {machine["jax"]}')
   return '\n'.join(lines) + '\n'
 
 

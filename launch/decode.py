@@ -2,10 +2,13 @@
 
   python -m launch.decode --workdir=DIR --method=autoregressive --prompt='def main(' [--json]
   python -m launch.decode --workdir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9
+  python -m launch.decode --workdir=TARGET --method=speculative --draft_workdir=DRAFT \
+      --num_draft=4 [--adaptive_threshold=0.3]
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
    "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
+speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats.
 """
 import json
 import sys
@@ -28,6 +31,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
 _MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
+_DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir.')
+_NUM_DRAFT = flags.DEFINE_integer('num_draft', 4, 'speculative: drafted tokens per round.')
+_ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
+                               'speculative: stop drafting after a token the draft gives '
+                               'less than this probability (0 = always K).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -50,18 +58,25 @@ def main(argv):
     options = generation.DecodeOptions(
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
-        max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value)
+        max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
+        num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value)
     options.sampling()
+    if _METHOD.value == 'speculative' and not _DRAFT.value:
+      raise ValueError('--method=speculative needs --draft_workdir=DIR (a trained draft).')
     restored = checkpoints.restore_model(_WORKDIR.value)
-    result = generation.decode_texts(restored, texts, _METHOD.value, options)
+    draft = checkpoints.restore_model(_DRAFT.value) if _DRAFT.value else None
+    result = generation.decode_texts(restored, texts, _METHOD.value, options, draft)
   if _JSON.value:
     print(json.dumps(result))
     return
   for out in result['outputs']:
     print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
   s = result['stats']
+  extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
+           if 'mean_accepted' in s else '')
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '
-        f'{s["target_calls"]} target calls, compile {s["compile_s"]:.2f}s', file=sys.stderr)
+        f'{s["target_calls"]} target calls{extra}, compile {s["compile_s"]:.2f}s',
+        file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ Used by launch.decode and launch.bench:
 """
 import dataclasses
 import json
+import statistics
 import time
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import autoregressive, base
+from decoding import autoregressive, base, speculative
 from decoding.sampling import SamplingConfig
 from models import sharding
 
@@ -32,22 +33,38 @@ class DecodeOptions:
   batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
   max_context: int = 1024       # cache capacity limit: prompt + new tokens
   model_parallelism: int = 1    # size of the mesh's model axis
+  num_draft: int = 4            # speculative: tokens drafted per round, at most
+  adaptive_threshold: float = 0.0  # speculative: stop drafting after an unsure token
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                           min_p=self.min_p)
 
 
-def _autoregressive(model, options, capacity, eos_ids):
+def _autoregressive(model, draft, options, capacity, eos_ids):
+  del draft
   config = autoregressive.AutoregressiveConfig(
       max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
       sampling=options.sampling(), eos_ids=eos_ids)
-  return autoregressive.generate, {'model': model, 'config': config}
+  return autoregressive.generate, {'model': model, 'config': config}, {}
 
 
-# name -> builder of (jitted generate, its static keyword arguments). The dynamic ones
-# are always params, prompts, prompt_lengths and rng. Later methods add entries.
-METHODS = {'autoregressive': _autoregressive}
+def _speculative(model, draft, options, capacity, eos_ids):
+  if draft is None:
+    raise ValueError('The speculative method needs a draft model (--draft_workdir).')
+  config = speculative.SpeculativeConfig(
+      max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
+      num_draft=options.num_draft, sampling=options.sampling(), eos_ids=eos_ids,
+      adaptive_threshold=options.adaptive_threshold)
+  return (speculative.generate, {'model': model, 'draft_model': draft.model, 'config': config},
+          {'draft_params': draft.params})
+
+
+# name -> builder of (jitted generate, its static keyword arguments, extra dynamic
+# parameter trees). The other dynamic arguments are always params, prompts,
+# prompt_lengths and rng.
+METHODS = {'autoregressive': _autoregressive, 'speculative': _speculative}
+LOSSLESS = {'autoregressive': True, 'speculative': True}
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -68,16 +85,41 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
   return out
 
 
+def check_draft(restored, draft) -> None:
+  if draft is not None and draft.tokenizer.fingerprint() != restored.tokenizer.fingerprint():
+    raise ValueError(f'The draft in {draft.workdir} uses another tokenizer than the target in '
+                     f'{restored.workdir}; train the draft with '
+                     f'--config.target_workdir={restored.workdir}.')
+
+
 def decode_texts(restored, texts: list[str], method: str = 'autoregressive',
-                 options: DecodeOptions = DecodeOptions()) -> dict:
-  """Decodes `texts` with `method`; returns the launch.decode JSON object as a dict."""
-  if method not in METHODS:
-    raise ValueError(f'Unknown decoding method {method!r}; known: {", ".join(METHODS)}.')
+                 options: DecodeOptions = DecodeOptions(), draft=None) -> dict:
+  """Decodes `texts` with `method`; returns the launch.decode JSON object as a dict.
+
+  restored / draft: checkpoints.RestoredModel of the target and (speculative) the draft.
+  """
   if not texts:
     raise ValueError('No prompts given.')
+  tokenizer = restored.tokenizer
+  completions, stats = decode_tokens(restored, encode_prompts(tokenizer, texts), method,
+                                     options, draft)
+  outputs = [{'prompt': text, 'completion': tokenizer.decode(ids), 'tokens': ids}
+             for text, ids in zip(texts, completions)]
+  return {'method': method, 'outputs': outputs, 'stats': stats}
+
+
+def decode_tokens(restored, prompts: list[list[int]], method: str, options: DecodeOptions,
+                  draft=None, repeats: int = 1) -> tuple[list[list[int]], dict]:
+  """Decodes token prompts in batches of one shape (one compilation, excluded from
+  wall_s). With repeats > 1 each batch runs that many times and the median counts.
+
+  Returns (new tokens per prompt, stats).
+  """
+  if method not in METHODS:
+    raise ValueError(f'Unknown decoding method {method!r}; known: {", ".join(METHODS)}.')
   options.sampling()  # Validates the sampling settings before any work.
+  check_draft(restored, draft)
   tokenizer, model = restored.tokenizer, restored.model
-  prompts = encode_prompts(tokenizer, texts)
   longest = max(len(p) for p in prompts)
   padded, lengths = base.pad_prompts(prompts, tokenizer.pad_id)
   base.check_prompts(padded, lengths, capacity=options.max_context,
@@ -92,8 +134,12 @@ def decode_texts(restored, texts: list[str], method: str = 'autoregressive',
   params = jax.device_put(restored.params, sharding.param_shardings(model, mesh))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
 
-  fn, static = METHODS[method](model, options, capacity, (tokenizer.eos_id,))
+  fn, static, extra = METHODS[method](model, draft, options, capacity, (tokenizer.eos_id,))
+  if draft is not None and extra:
+    extra = {name: jax.device_put(tree, sharding.param_shardings(draft.model, mesh))
+             for name, tree in extra.items()}
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
+  histogram, draft_calls = None, 0
   compiled = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     for start in range(0, len(prompts), batch):
@@ -101,19 +147,27 @@ def decode_texts(restored, texts: list[str], method: str = 'autoregressive',
       fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
       dynamic = dict(params=params, prompts=jax.device_put(padded[fill], rows),
                      prompt_lengths=jax.device_put(lengths[fill], row_lengths),
-                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start))
+                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start), **extra)
       if compiled is None:  # One compilation for every batch: they share one shape.
         t0 = time.perf_counter()
         compiled = fn.lower(**static, **dynamic).compile()
         stats['compile_s'] = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      out = jax.block_until_ready(compiled(**dynamic))
-      stats['wall_s'] += time.perf_counter() - t0
+      times = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(compiled(**dynamic))
+        times.append(time.perf_counter() - t0)
+      stats['wall_s'] += statistics.median(times)
       new = out.completions()[:len(chunk)]
       completions += new
       stats['new_tokens'] += sum(len(c) for c in new)
       stats['target_calls'] += int(out.target_calls)
+      if 'accepted_histogram' in out.stats:
+        h = np.asarray(out.stats['accepted_histogram'])
+        histogram = h if histogram is None else histogram + h
+        draft_calls += int(out.stats['draft_calls'])
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
-  outputs = [{'prompt': text, 'completion': tokenizer.decode(ids), 'tokens': ids}
-             for text, ids in zip(texts, completions)]
-  return {'method': method, 'outputs': outputs, 'stats': stats}
+  if histogram is not None:
+    stats.update(mean_accepted=speculative.mean_accepted(histogram), draft_calls=draft_calls,
+                 accepted_histogram=histogram.tolist())
+  return completions, stats

@@ -119,7 +119,8 @@ def test_sharded_train_step_matches_single_device(tiny_config, tmp_path):
       q = state.params['block_0']['attention']['q']
       assert q.sharding.spec == jax.sharding.PartitionSpec(None, 'model', None)
     for _ in range(2):
-      state, metrics = setup.train_step(state, trainer.to_device(batch, setup.batch_shardings))
+      state, metrics = setup.train_step(state, trainer.to_device(batch, setup.batch_shardings),
+                                        setup.frozen)
     results.append((_params(state), float(metrics['loss'])))
   (single, loss1), (sharded, loss8) = results
   assert np.isclose(loss1, loss8, rtol=1e-5)
@@ -134,8 +135,8 @@ class NaNAfter(objectives.LanguageModelObjective):
     super().__init__(model_config)
     self.bad_step = bad_step
 
-  def loss(self, params, batch, rng, step):
-    loss, sums = super().loss(params, batch, rng, step)
+  def loss(self, params, batch, rng, step, frozen=None):
+    loss, sums = super().loss(params, batch, rng, step, frozen)
     return jnp.where(step >= self.bad_step, jnp.nan, loss), sums
 
 

@@ -6,6 +6,7 @@ workdir (`tokenizer.json`, plus `tokenizer.model` for BPE) so a checkpoint
 always travels with it.
 """
 import abc
+import hashlib
 import io
 import json
 import os
@@ -40,6 +41,10 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def save(self, directory: str) -> None: ...
 
+  @abc.abstractmethod
+  def fingerprint(self) -> str:
+    """Equal for tokenizers that map text to the same ids (a draft and its target)."""
+
 
 class ByteTokenizer(Tokenizer):
   """Ids 3..258 are the bytes 0..255."""
@@ -63,6 +68,9 @@ class ByteTokenizer(Tokenizer):
 
   def save(self, directory: str) -> None:
     _write_json(directory, {'kind': 'byte'})
+
+  def fingerprint(self) -> str:
+    return 'byte'
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -96,6 +104,9 @@ class SentencePieceTokenizer(Tokenizer):
       f.write(self._proto)
     _write_json(directory, {'kind': 'bpe', 'vocab_size': self.vocab_size,
                             'model_file': SENTENCEPIECE_FILE})
+
+  def fingerprint(self) -> str:
+    return 'bpe:' + hashlib.sha1(self._proto).hexdigest()
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, max_chars: int = 20_000_000,

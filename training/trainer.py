@@ -65,8 +65,9 @@ class Setup:
   abstract_state: Any        # TrainState of ShapeDtypeStructs carrying their shardings
   batch_shardings: Any
   init_state: Callable[[], TrainState]
-  train_step: Callable
-  eval_step: Callable
+  train_step: Callable     # (state, batch, frozen) -> (state, metrics)
+  eval_step: Callable      # (params, batch, frozen) -> metric sums
+  frozen: Any              # the objective's frozen parameters on the mesh (or None)
 
 
 def build(config, objective: objectives.Objective, example_batch: dict,
@@ -90,15 +91,18 @@ def build(config, objective: objectives.Objective, example_batch: dict,
                                opt_state=opt_shardings, rng=replicated)
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)),
                                  example_batch)
+  frozen_shardings = None
+  if objective.frozen_params is not None:
+    frozen_shardings = sharding.param_shardings(objective.frozen_model, mesh, rules)
 
   def init_state():
     params = nn.meta.unbox(objective.init(rng, example_batch))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1))
 
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, frozen):
     step_rng = jax.random.fold_in(state.rng, state.step)
-    loss_fn = lambda p: objective.loss(p, batch, step_rng, state.step)
+    loss_fn = lambda p: objective.loss(p, batch, step_rng, state.step, frozen)
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
@@ -109,15 +113,19 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **sums}
 
-  def eval_step(params, batch):
-    return objective.loss(params, batch, rng, jnp.zeros((), jnp.int32))[1]
+  def eval_step(params, batch, frozen):
+    return objective.loss(params, batch, rng, jnp.zeros((), jnp.int32), frozen)[1]
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jit_init = jax.jit(init_state, out_shardings=state_shardings)
-    jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    jit_train = jax.jit(train_step,
+                        in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
-    jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings),
-                       out_shardings=replicated)
+    jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings,
+                                                frozen_shardings), out_shardings=replicated)
+  frozen = None
+  if objective.frozen_params is not None:
+    frozen = jax.device_put(objective.frozen_params, frozen_shardings)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       jax.eval_shape(init_state), state_shardings)
@@ -132,7 +140,7 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     return call
 
   return Setup(objective, optimizer, mesh, state_shardings, abstract_state, batch_shardings,
-               under_rules(jit_init), under_rules(jit_train), under_rules(jit_eval))
+               under_rules(jit_init), under_rules(jit_train), under_rules(jit_eval), frozen)
 
 
 def to_device(batch: dict, shardings) -> dict:
@@ -147,7 +155,7 @@ def evaluate(setup: Setup, params, source, tokenizer, config) -> dict:
                                  seq_len=config.seq_len, num_batches=config.eval_batches,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-    sums = setup.eval_step(params, to_device(batch, setup.batch_shardings))
+    sums = setup.eval_step(params, to_device(batch, setup.batch_shardings), setup.frozen)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('The validation split is too small for one eval batch '
@@ -163,6 +171,11 @@ def prepare_tokenizer(config, workdir: str, train_source) -> tokenizers.Tokenize
   """The workdir's tokenizer; a new one (trained for BPE) when the run starts fresh."""
   if checkpoints.has_checkpoint(workdir):
     return tokenizers.load(workdir)  # A checkpoint only fits its own tokenizer.
+  target_workdir = config.get('target_workdir', '')
+  if target_workdir:  # A draft shares its target's tokenizer.
+    tokenizer = tokenizers.load(target_workdir)
+    tokenizer.save(workdir)
+    return tokenizer
   spec = config.tokenizer
   if tokenizers.exists(workdir):
     tokenizer = tokenizers.load(workdir)
@@ -247,13 +260,13 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
     batch = to_device(host_batch, setup.batch_shardings)
     if train_step is None:
       t0 = time.perf_counter()
-      train_step = setup.train_step.lower(state, batch).compile()
+      train_step = setup.train_step.lower(state, batch, setup.frozen).compile()
       compile_s = time.perf_counter() - t0
       writer.add_scalar('perf/compile_s', compile_s, step)
       log.info('Train step compiled in %.1fs', compile_s)
       last_log_time = time.perf_counter()
     with jax.set_mesh(setup.mesh):
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, setup.frozen)
     # Check the previous step while this one runs: no stall per step.
     if pending is not None:
       _check_finite(*pending, manager)
