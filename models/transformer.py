@@ -81,6 +81,16 @@ class KVCache:
   def capacity(self) -> int:
     return self.k.shape[2]
 
+  def move_slots(self, source: jax.Array, target: jax.Array) -> 'KVCache':
+    """Copies slots source[b, m] to target[b, m] in every layer (an accepted tree path
+    moved into place). source, target: [B, M] int; a target >= capacity is skipped.
+    All reads happen before any write."""
+    rows = jnp.arange(self.k.shape[1])[:, None]
+    moved_k = self.k[:, rows, source]                                      # [L, B, M, K, H]
+    moved_v = self.v[:, rows, source]
+    return self.replace(k=self.k.at[:, rows, target].set(moved_k, mode='drop'),
+                        v=self.v.at[:, rows, target].set(moved_v, mode='drop'))
+
 
 @flax.struct.dataclass
 class ForwardOutput:
