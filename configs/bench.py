@@ -15,7 +15,8 @@ def get_config(arg: str | None = None):
   config.target_workdir = 'workdirs/ar_small'  # trained target (launch.train workdir)
   config.draft_workdir = 'workdirs/draft_small'  # draft for `speculative` (same tokenizer)
   config.methods = ('autoregressive', 'speculative')  # autoregressive always runs first
-  config.num_draft = 4                          # speculative: K
+  config.num_draft = 4                          # speculative chain: K
+  config.trees = ('', '3,2,1')                  # speculative: '' = chain, else a static tree
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call

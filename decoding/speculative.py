@@ -19,12 +19,13 @@ with the same token and context is harmless.
 """
 import dataclasses
 import functools
+from typing import Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from decoding import base, verify
+from decoding import base, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
 from models import KVCache
 
@@ -43,12 +44,29 @@ class SpeculativeConfig:
   # would draw it from q(x | confident) while the verifier divides by q(x), a biased
   # rule. Deciding only whether to draft the *next* token keeps every draft ~ q.
   adaptive_threshold: float = 0.0
+  # A static draft tree instead of a chain (num_draft is then ignored): the draft
+  # expands branching[d] children per node at depth d (its top-k under greedy, i.i.d.
+  # draws from its distribution when sampling) and the target verifies the whole tree
+  # in one call.
+  tree: Optional[trees.TreeSpec] = None
 
   def __post_init__(self):
     if self.num_draft < 1:
       raise ValueError(f'num_draft must be >= 1, got {self.num_draft}.')
     if not 0 <= self.adaptive_threshold < 1:
       raise ValueError(f'adaptive_threshold must be in [0, 1), got {self.adaptive_threshold}.')
+    if self.tree is not None and self.adaptive_threshold > 0:
+      raise ValueError('adaptive_threshold applies to chains; a tree has a fixed shape.')
+
+  @property
+  def max_accepted(self) -> int:
+    return self.tree.depth if self.tree is not None else self.num_draft
+
+  @property
+  def cache_slack(self) -> int:
+    """Spare cache slots: tree node i sits in slot root + i, past its position root +
+    depth(i), so a tree near the end of the buffer needs room beyond it."""
+    return self.tree.num_nodes if self.tree is not None else 0
 
 
 @flax.struct.dataclass
@@ -115,6 +133,46 @@ def _draft(draft_model, draft_params, state: State, config: SpeculativeConfig, r
   return jax.lax.while_loop(lambda d: (d.step < k) & jnp.any(d.drafting), body, init)
 
 
+def _draft_tree(draft_model, draft_params, state: State, config: SpeculativeConfig, rng):
+  """Expands the static tree level by level with the draft: one call per level.
+
+  Returns (node_tokens [B, N], logp [B, N, V] the distribution each node's children
+  were drawn from, the draft cache with the nodes of depth < D written, calls).
+  """
+  spec, sampling = config.tree, config.sampling
+  batch, vocab = state.tokens.shape[0], draft_model.config.vocab_size
+  rows = jnp.arange(batch)
+  root = state.lengths - 1                                                    # [B] slot
+  two = state.lengths[:, None] + jnp.array([-2, -1])
+  out = draft_model.apply({'params': draft_params}, state.tokens[rows[:, None], two], two,
+                          cache=state.draft_cache.replace(lengths=state.lengths - 2))
+  cache, level_logits = out.cache, out.logits[:, -1:]                     # [B, 1, V]
+  node_tokens = jnp.zeros((batch, spec.num_nodes), jnp.int32).at[:, 0].set(
+      state.tokens[rows, root])
+  logp = jnp.zeros((batch, spec.num_nodes, out.logits.shape[-1]), jnp.float32)
+  starts = spec.level_starts
+  for depth, width in enumerate(spec.branching):
+    level = log_probs(level_logits, sampling, vocab)                        # [B, n_d, V]
+    logp = logp.at[:, starts[depth]:starts[depth + 1]].set(level)
+    if sampling.greedy:  # The draft's top-k distinct tokens.
+      masked = jnp.where(jnp.arange(level.shape[-1]) < vocab, level_logits, -jnp.inf)
+      children = jax.lax.top_k(masked, width)[1]                           # [B, n_d, k]
+    else:  # i.i.d. draws from q, as SpecInfer's multi-candidate rule requires.
+      children = jax.random.categorical(jax.random.fold_in(rng, depth), level[:, :, None],
+                                        shape=level.shape[:2] + (width,))
+    node_tokens = node_tokens.at[:, starts[depth + 1]:starts[depth + 2]].set(
+        children.reshape(batch, -1).astype(jnp.int32))
+    if depth + 1 < spec.depth:  # The new level's logits propose the next one.
+      nodes = slice(starts[depth + 1], starts[depth + 2])
+      out = draft_model.apply(
+          {'params': draft_params}, node_tokens[:, nodes],
+          root[:, None] + jnp.asarray(spec.depths[nodes])[None],
+          trees.tree_mask(spec, root, nodes, cache.capacity),
+          cache.replace(lengths=root + nodes.start))
+      cache, level_logits = out.cache, out.logits
+  return node_tokens, logp, cache, spec.depth
+
+
 def _commit(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
   """Appends candidates[b, :count[b]] [B, K + 1] to each unfinished row, cut after the
   first EOS id and at the row's limit."""
@@ -145,10 +203,11 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
   rows = jnp.arange(batch)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
 
+  cache_size = capacity + config.cache_slack
   target = model.apply({'params': params}, prompts, positions,
-                       cache=KVCache.empty(model.config, batch, capacity))
+                       cache=KVCache.empty(model.config, batch, cache_size))
   draft = draft_model.apply({'params': draft_params}, prompts, positions,
-                            cache=KVCache.empty(draft_model.config, batch, capacity))
+                            cache=KVCache.empty(draft_model.config, batch, cache_size))
   rng, key = jax.random.split(rng)
   first = jax.random.categorical(
       key, log_probs(target.logits[rows, prompt_lengths - 1], config.sampling, vocab))
@@ -159,11 +218,41 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
                 target_cache=target.cache.replace(lengths=prompt_lengths),
                 draft_cache=draft.cache.replace(lengths=prompt_lengths),
                 done=jnp.zeros((batch,), bool), rng=rng, target_calls=jnp.ones((), jnp.int32),
-                draft_calls=jnp.ones((), jnp.int32), histogram=jnp.zeros((k + 1,), jnp.int32))
+                draft_calls=jnp.ones((), jnp.int32),
+                histogram=jnp.zeros((config.max_accepted + 1,), jnp.int32))
   state = _commit(state, first.astype(jnp.int32)[:, None], jnp.ones((batch,), jnp.int32),
                   config.eos_ids)
 
-  def round_(state: State) -> State:
+  def tree_round(state: State) -> State:
+    spec = config.tree
+    rng, draft_key, verify_key = jax.random.split(state.rng, 3)
+    node_tokens, draft_logp, draft_cache, calls = _draft_tree(
+        draft_model, draft_params, state, config, draft_key)
+    root = state.lengths - 1
+    out = model.apply({'params': params}, node_tokens,
+                      root[:, None] + jnp.asarray(spec.depths)[None],
+                      trees.tree_mask(spec, root, slice(0, spec.num_nodes), cache_size),
+                      state.target_cache)
+    target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, N, V]
+    path, num_accepted, next_token = verify.tree_accept(
+        verify_key, spec, node_tokens, draft_logp, target_logp, config.sampling.greedy)
+    candidates = jnp.concatenate([node_tokens[rows[:, None], path[:, 1:]],
+                                  jnp.zeros((batch, 1), jnp.int32)], axis=1)
+    candidates = candidates.at[rows, num_accepted].set(next_token)
+    # Move the accepted path's keys/values from their node slots into sequence order.
+    depth = jnp.arange(1, spec.depth + 1)[None]
+    source = root[:, None] + path[:, 1:]
+    target = jnp.where(depth <= num_accepted[:, None], root[:, None] + depth, cache_size)
+    active = ~state.done
+    committed = _commit(state, candidates, num_accepted + 1, config.eos_ids)
+    return committed.replace(
+        target_cache=out.cache.move_slots(source, target).replace(
+            lengths=state.lengths + num_accepted),
+        draft_cache=draft_cache.move_slots(source, target), rng=rng,
+        target_calls=state.target_calls + 1, draft_calls=state.draft_calls + calls,
+        histogram=state.histogram.at[num_accepted].add(active.astype(jnp.int32)))
+
+  def chain_round(state: State) -> State:
     rng, draft_key, verify_key = jax.random.split(state.rng, 3)
     d = _draft(draft_model, draft_params, state, config, draft_key)
     last = state.tokens[rows, state.lengths - 1]
@@ -184,6 +273,7 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
         draft_calls=state.draft_calls + d.calls,
         histogram=state.histogram.at[num_accepted].add(active.astype(jnp.int32)))
 
+  round_ = chain_round if config.tree is None else tree_round
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   return base.Output(tokens=state.tokens, lengths=state.lengths,
                      prompt_lengths=prompt_lengths, target_calls=state.target_calls,

@@ -54,3 +54,61 @@ def chain_accept(rng: jax.Array, draft_tokens: jax.Array, draft_logp: jax.Array,
   next_logp = jnp.where(rejected[:, None], residual_log_probs(p_next, q_next), p_next)
   next_token = jax.random.categorical(next_key, next_logp, axis=-1).astype(jnp.int32)
   return num_accepted, next_token
+
+
+def tree_accept(rng: jax.Array, spec, node_tokens: jax.Array, draft_logp: jax.Array,
+                target_logp: jax.Array, greedy: bool):
+  """Verifies a static draft tree per row (decoding/trees.py: TreeSpec).
+
+  node_tokens: [B, N] (node 0 = the last committed token); draft_logp: [B, N, V] the
+  draft distribution each node's children were drawn from; target_logp: [B, N, V]
+  the target's processed distribution after each node's path.
+
+  Greedy: descend to the child equal to the target's argmax while there is one.
+  Sampling (SpecInfer's multi-candidate rule; children drawn i.i.d. from q): try the
+  children in order, accepting child x with probability min(1, p(x) / q(x)); after a
+  rejection p becomes norm(max(p - q, 0)) for the next sibling; if every child is
+  rejected, draw from the last residual; at a leaf, draw the bonus from p.
+
+  Returns (path [B, D + 1] node indices with path[:, 0] = 0 and entries past the
+  accepted depth 0, num_accepted [B] int32, next_token [B] int32).
+  """
+  batch = node_tokens.shape[0]
+  rows = jnp.arange(batch)
+  keys = jax.random.split(rng, spec.depth * (max(spec.branching) + 1) + 1)
+  current = jnp.zeros((batch,), jnp.int32)
+  alive = jnp.ones((batch,), bool)           # still descending
+  next_token = jnp.zeros((batch,), jnp.int32)
+  path = [current]
+  key_index = 0
+  for depth, width in enumerate(spec.branching):
+    p = target_logp[rows, current]                                          # [B, V]
+    q = draft_logp[rows, current]
+    first = spec.first_child(current, depth)
+    found, chosen = jnp.zeros((batch,), bool), first
+    for j in range(width):
+      child = first + j
+      x = node_tokens[rows, child]
+      p_x = p[rows, x]
+      if greedy:
+        ok = p_x == 0.0  # log p(x) = 0: x is the target's argmax
+      else:
+        u = jax.random.uniform(keys[key_index], (batch,), minval=jnp.finfo(jnp.float32).tiny)
+        key_index += 1
+        ok = jnp.log(u) < p_x - q[rows, x]
+      take = ok & ~found & alive
+      chosen = jnp.where(take, child, chosen)
+      found = found | take
+      if not greedy:  # Rows still searching move to the residual for the next sibling.
+        p = jnp.where((found | ~alive)[:, None], p, residual_log_probs(p, q))
+    stop = alive & ~found
+    drawn = jax.random.categorical(keys[key_index], p).astype(jnp.int32)
+    key_index += 1
+    next_token = jnp.where(stop, drawn, next_token)
+    alive = alive & found
+    current = jnp.where(found, chosen, current)
+    path.append(jnp.where(found, chosen, 0))
+  bonus = jax.random.categorical(keys[key_index], target_logp[rows, current]).astype(jnp.int32)
+  next_token = jnp.where(alive, bonus, next_token)
+  num_accepted = jnp.sum(jnp.stack(path[1:], axis=1) > 0, axis=1).astype(jnp.int32)
+  return jnp.stack(path, axis=1), num_accepted, next_token

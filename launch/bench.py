@@ -4,6 +4,7 @@
 
 Speed is reported as measured ratios in the same run, never asserted in tests.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -137,7 +138,10 @@ def run(config, workdir: str) -> list[dict]:
   machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
              'cpu_count': os.cpu_count(), 'jax': jax.__version__}
-  methods = ['autoregressive'] + [m for m in config.methods if m != 'autoregressive']
+  # (method, tree) pairs; speculative runs once per entry of config.trees.
+  methods = [('autoregressive', '')] + [
+      (m, tree) for m in config.methods if m != 'autoregressive'
+      for tree in (config.trees if m == 'speculative' else ('',))]
   records = []
   for batch_size in config.batch_sizes:
     for temperature in config.temperatures:
@@ -146,13 +150,14 @@ def run(config, workdir: str) -> list[dict]:
           batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
           num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
       ar = None
-      for method in methods:
-        completions, stats = generation.decode_tokens(restored, prompts, method, options,
-                                                      draft, repeats=config.repeats)
+      for method, tree in methods:
+        completions, stats = generation.decode_tokens(
+            restored, prompts, method, dataclasses.replace(options, tree=tree), draft,
+            repeats=config.repeats)
         ar = ar or (completions, stats)
         lossless = generation.LOSSLESS[method]
         records.append(dict(
-            method=method, lossless=lossless, batch_size=batch_size, temperature=temperature,
+            method=method + (f'_tree({tree})' if tree else ''), lossless=lossless, batch_size=batch_size, temperature=temperature,
             mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
             draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
             wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],

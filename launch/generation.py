@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import autoregressive, base, speculative
+from decoding import autoregressive, base, speculative, trees
 from decoding.sampling import SamplingConfig
 from models import sharding
 
@@ -35,6 +35,7 @@ class DecodeOptions:
   model_parallelism: int = 1    # size of the mesh's model axis
   num_draft: int = 4            # speculative: tokens drafted per round, at most
   adaptive_threshold: float = 0.0  # speculative: stop drafting after an unsure token
+  tree: str = ''                # speculative: '' = chain, else a static tree like '3,2,1'
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -55,7 +56,8 @@ def _speculative(model, draft, options, capacity, eos_ids):
   config = speculative.SpeculativeConfig(
       max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
       num_draft=options.num_draft, sampling=options.sampling(), eos_ids=eos_ids,
-      adaptive_threshold=options.adaptive_threshold)
+      adaptive_threshold=options.adaptive_threshold,
+      tree=trees.parse(options.tree) if options.tree else None)
   return (speculative.generate, {'model': model, 'draft_model': draft.model, 'config': config},
           {'draft_params': draft.params})
 

@@ -11,6 +11,7 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
   config.target_workdir = trained_tiny.workdir
   config.draft_workdir = trained_tiny.workdir  # the target as its own draft: tau = K + 1
   config.num_draft = 3
+  config.trees = ('', '2,1')
   config.batch_sizes = (1, 3)
   config.temperatures = (0.0, 1.0)
   config.num_prompts = 3
@@ -25,13 +26,16 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
           'tokens_per_s', 'speedup_vs_ar', 'compile_s', 'backend', 'device', 'matches_ar'}
   assert all(keys <= set(r) for r in records)
   methods = [(r['method'], r['batch_size'], r['temperature']) for r in records]
+  spec, tree = 'speculative', 'speculative_tree(2,1)'
   assert methods == [
-      ('autoregressive', 1, 0.0), ('speculative', 1, 0.0), ('naive_python_loop', 1, 0.0),
-      ('autoregressive', 1, 1.0), ('speculative', 1, 1.0),
-      ('autoregressive', 3, 0.0), ('speculative', 3, 0.0), ('naive_python_loop', 3, 0.0),
-      ('autoregressive', 3, 1.0), ('speculative', 3, 1.0)]
+      ('autoregressive', 1, 0.0), (spec, 1, 0.0), (tree, 1, 0.0), ('naive_python_loop', 1, 0.0),
+      ('autoregressive', 1, 1.0), (spec, 1, 1.0), (tree, 1, 1.0),
+      ('autoregressive', 3, 0.0), (spec, 3, 0.0), (tree, 3, 0.0), ('naive_python_loop', 3, 0.0),
+      ('autoregressive', 3, 1.0), (spec, 3, 1.0), (tree, 3, 1.0)]
   assert all(r['matches_ar'] is True for r in records if r['lossless'] and r['temperature'] == 0)
   assert all(r['tokens_per_s'] > 0 and r['target_calls'] >= 1 for r in records)
   for r in records:
-    if r['method'] == 'speculative':  # A draft equal to the target accepts everything.
+    if r['method'] == spec:  # A draft equal to the target accepts everything.
       assert r['mean_accepted'] == 4.0 and r['draft_calls'] > 0
+    if r['method'] == tree:
+      assert r['mean_accepted'] == 3.0

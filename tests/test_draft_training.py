@@ -88,6 +88,10 @@ def test_decode_command_line_speculative(distilled, trained_tiny, tmp_path):
   plain = generation.decode_texts(trained_tiny, ['def f(', 'import os'],
                                   options=generation.DecodeOptions(max_new_tokens=16))
   assert [o['tokens'] for o in result['outputs']] == [o['tokens'] for o in plain['outputs']]
+  tree = generation.decode_texts(trained_tiny, ['def f(', 'import os'], 'speculative',
+                                 generation.DecodeOptions(max_new_tokens=16, tree='3,2'), draft)
+  assert [o['tokens'] for o in tree['outputs']] == [o['tokens'] for o in plain['outputs']]
+  assert len(tree['stats']['accepted_histogram']) == 3
   missing = subprocess.run(cmd[:4] + cmd[5:], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
   assert missing.returncode != 0 and 'needs --draft_workdir' in missing.stderr

@@ -44,9 +44,10 @@ def _spec(target, draft, prompts, max_new, capacity, seed=0, **kw):
 PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11, 12, 13], [1, 20, 21]]
 
 
-@pytest.mark.parametrize('batch', [1, 4])
-@pytest.mark.parametrize('kw', [dict(num_draft=1), dict(num_draft=3), dict(num_draft=6),
-                                dict(num_draft=4, adaptive_threshold=0.05)])
+@pytest.mark.parametrize('batch,kw', [
+    (4, dict(num_draft=1)), (1, dict(num_draft=3)), (4, dict(num_draft=6)),
+    (1, dict(num_draft=4, adaptive_threshold=0.05)),
+    (4, dict(num_draft=4, adaptive_threshold=0.05))])
 def test_greedy_equals_plain_greedy(batch, kw):
   prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
   ar = _ar(*TARGET, prompts, 17, 30)
@@ -280,3 +281,98 @@ def test_bfloat16_greedy_equals_plain_or_differs_at_a_near_tie(trained_tiny):
     logits = np.asarray(forward(jnp.asarray([context])))[0, -1, :bf16.config.vocab_size]
     top2 = np.sort(logits)[-2:]
     assert top2[1] - top2[0] < 1e-2, (first, top2)
+
+
+# ---------------------------------------------------------------------------- trees
+from decoding import trees  # noqa: E402
+
+TREES = [trees.TreeSpec((3,)), trees.TreeSpec((2, 2)), trees.TreeSpec((3, 2, 1)),
+         trees.TreeSpec((1, 1, 1, 1))]
+
+
+@pytest.mark.parametrize('tree,batch', [(TREES[0], 4), (TREES[1], 1), (TREES[2], 4),
+                                        (TREES[3], 4)], ids=str)
+def test_tree_greedy_equals_plain_greedy(tree, batch):
+  prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
+  ar = _ar(*TARGET, prompts, 17, 30)
+  for draft in (DRAFT, TARGET):
+    out = _spec(TARGET, draft, prompts, 17, 30, tree=tree)
+    np.testing.assert_array_equal(out.tokens, ar.tokens)
+  hist = np.asarray(out.stats['accepted_histogram'])   # identical draft: full depth
+  assert hist[:-1].sum() == 0 and len(hist) == tree.depth + 1
+
+
+@pytest.mark.parametrize('tree', [trees.TreeSpec((2,)), trees.TreeSpec((2, 2, 2))], ids=str)
+def test_tree_eos_inside_a_block_and_the_capacity_boundary(tree):
+  stub = (STUB, TABLE)
+  out = _spec(stub, stub, [[3, 4, 5], [9], [4, 7, 3, 8, 10]], 6, 9, tree=tree)
+  np.testing.assert_array_equal(out.lengths, [9, 4, 7])
+  np.testing.assert_array_equal(out.tokens[1], [9, 10, 11, 2, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(out.tokens[0], [3, 4, 5, 6, 7, 8, 9, 10, 11])
+
+
+def test_hand_built_trees_give_the_expected_paths():
+  """Tree (2, 2): nodes 1, 2 under the root; 3, 4 under 1; 5, 6 under 2."""
+  spec = trees.TreeSpec((2, 2))
+  v = 10
+  point = lambda ids: jnp.where(jax.nn.one_hot(jnp.asarray(ids), v) > 0, 0.0, -jnp.inf)
+  node_tokens = jnp.asarray([[0, 4, 5, 6, 7, 8, 9]] * 4)
+  target_argmax = [[5, 0, 9, 0, 0, 3, 1],    # root->5 (node 2), node 2->9 (node 6), bonus 1
+                   [4, 7, 0, 0, 0, 0, 0],    # root->4 (node 1), node 1->7 (node 4), bonus 0
+                   [4, 1, 0, 0, 0, 0, 0],    # root->4, then 1 is no child: replacement 1
+                   [3, 0, 0, 0, 0, 0, 0]]    # no child matches at the root: replacement 3
+  path, n, nxt = verify.tree_accept(jax.random.PRNGKey(0), spec, node_tokens,
+                                    point(target_argmax), point(target_argmax), greedy=True)
+  np.testing.assert_array_equal(path, [[0, 2, 6], [0, 1, 4], [0, 1, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(n, [2, 2, 1, 0])
+  np.testing.assert_array_equal(nxt, [1, 0, 1, 3])
+
+
+def test_each_tree_node_gets_the_logits_of_its_path_run_sequentially():
+  model, params = TARGET
+  spec = trees.TreeSpec((3, 2))
+  prefix = [1, 5, 6, 7]
+  node_tokens = jnp.asarray([[7, 10, 11, 12, 20, 21, 22, 23, 24, 25]])
+  root = jnp.asarray([len(prefix) - 1])
+  capacity = 32
+  apply = jax.jit(lambda t, pos, mask, c: model.apply({'params': params}, t, pos, mask, c))
+  cache = KVCache.empty(model.config, 1, capacity)
+  cache = apply(jnp.asarray([prefix[:-1]]), jnp.arange(3)[None], None, cache).cache
+  out = apply(node_tokens, root[:, None] + jnp.asarray(spec.depths)[None],
+              trees.tree_mask(spec, root, slice(0, spec.num_nodes), capacity), cache)
+  full = jax.jit(lambda t: model.apply({'params': params}, t,
+                                       jnp.arange(t.shape[1])[None]).logits)
+  for node in range(spec.num_nodes):
+    path, i = [], node
+    while i > 0:
+      path.insert(0, int(node_tokens[0, i]))
+      i = spec.parents[i]
+    sequential = full(jnp.asarray([prefix + path]))[0, -1]
+    np.testing.assert_allclose(out.logits[0, node], sequential, atol=1e-4)
+
+
+@pytest.mark.parametrize('sampling,tree', [
+    (SamplingConfig(temperature=1.0), trees.TreeSpec((3, 2))),
+    (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), trees.TreeSpec((2, 2, 1))),
+])
+def test_tree_sampling_is_lossless(sampling, tree, monkeypatch):
+  rows, steps, prompt = 20_000, 3, [1, 3]
+  exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
+  config = SpeculativeConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(),
+                             tree=tree)
+  prompts = jnp.asarray([prompt] * rows)
+  lengths = jnp.full((rows,), len(prompt), jnp.int32)
+
+  def sample():
+    out = speculative.generate(*VOCAB6_TARGET, *VOCAB6_DRAFT, prompts, lengths, config,
+                               jax.random.PRNGKey(12))
+    return np.asarray(out.tokens[:, len(prompt):]), out
+
+  samples, out = sample()
+  hist = np.asarray(out.stats['accepted_histogram'])
+  assert hist[0] > 0 and hist[1:].sum() > 0
+  assert _g_test(samples, exact) > 1e-3
+  jax.clear_caches()
+  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
+  assert _g_test(sample()[0], exact) < 1e-3
+  jax.clear_caches()
