@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -142,40 +143,75 @@ def run(config, workdir: str) -> list[dict]:
   methods = [('autoregressive', '')] + [
       (m, tree) for m in config.methods if m != 'autoregressive'
       for tree in (config.trees if m == 'speculative' else ('',))]
+  groups = [(b, t) for b in config.batch_sizes for t in config.temperatures]
+  bar = tqdm.tqdm(total=len(groups) * len(methods), desc='bench', dynamic_ncols=True)
   records = []
-  for batch_size in config.batch_sizes:
-    for temperature in config.temperatures:
-      options = generation.DecodeOptions(
-          max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
-          batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
-          num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
-      ar = None
-      for method, tree in methods:
-        completions, stats = generation.decode_tokens(
-            restored, prompts, method, dataclasses.replace(options, tree=tree), draft,
-            repeats=config.repeats)
-        ar = ar or (completions, stats)
-        lossless = generation.LOSSLESS[method]
-        records.append(dict(
-            method=method + (f'_tree({tree})' if tree else ''), lossless=lossless, batch_size=batch_size, temperature=temperature,
-            mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
-            draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
-            wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
-            speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
-            compile_s=stats['compile_s'],
-            matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
-            **machine))
-      if config.naive_reference and temperature == 0:
-        naive = _naive_record(restored, prompts, config, batch_size, ar[0])
-        naive['speedup_vs_ar'] = naive['tokens_per_s'] / ar[1]['tokens_per_s']
-        records.append(dict(naive, batch_size=batch_size, temperature=temperature, **machine))
+  for batch_size, temperature in groups:
+    options = generation.DecodeOptions(
+        max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
+        batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
+        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
+    ar = None
+    for method, tree in methods:
+      bar.set_postfix(method=method + tree, batch=batch_size, temperature=temperature)
+      completions, stats = generation.decode_tokens(
+          restored, prompts, method, dataclasses.replace(options, tree=tree), draft,
+          repeats=config.repeats)
+      bar.update(1)
+      ar = ar or (completions, stats)
+      lossless = generation.LOSSLESS[method]
+      records.append(dict(
+          method=method + (f'_tree({tree})' if tree else ''), lossless=lossless,
+          batch_size=batch_size, temperature=temperature,
+          mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
+          draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
+          wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
+          speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
+          compile_s=stats['compile_s'],
+          matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
+          **machine))
+    if config.naive_reference and temperature == 0:
+      naive = _naive_record(restored, prompts, config, batch_size, ar[0])
+      naive['speedup_vs_ar'] = naive['tokens_per_s'] / ar[1]['tokens_per_s']
+      records.append(dict(naive, batch_size=batch_size, temperature=temperature, **machine))
+  bar.close()
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:
     json.dump(records, f, indent=1)
   table = markdown_table(records)
   with open(os.path.join(workdir, 'bench.md'), 'w') as f:
     f.write(table)
+  plot(records, os.path.join(workdir, 'bench.png'))
   return records
+
+
+def plot(records: list[dict], path: str) -> None:
+  """Speedup over autoregressive and tau per method, one group of bars per
+  (batch size, temperature)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  groups = sorted({(r['batch_size'], r['temperature']) for r in records})
+  methods = list(dict.fromkeys(r['method'] for r in records))
+  by_key = {(r['method'], r['batch_size'], r['temperature']): r for r in records}
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  width = 0.8 / len(methods)
+  for panel, (key, title) in zip(axes, (('speedup_vs_ar', 'wall-clock speedup vs AR'),
+                                         ('mean_accepted', 'tokens per target call (tau)'))):
+    for i, method in enumerate(methods):
+      values = [by_key.get((method, b, t), {}).get(key, float('nan')) for b, t in groups]
+      panel.bar([g + i * width for g in range(len(groups))], values, width, label=method)
+    panel.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    panel.set_xticklabels([f'batch {b}\nT={t:g}' for b, t in groups])
+    panel.set_title(title)
+    if key == 'speedup_vs_ar':
+      panel.axhline(1.0, color='black', linewidth=0.8)
+  axes[0].legend(fontsize=8)
+  machine = records[0]
+  fig.suptitle(f'{machine["backend"]} ({machine["device"]}), JAX {machine["jax"]}')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def markdown_table(records: list[dict]) -> str:

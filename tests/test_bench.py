@@ -21,7 +21,7 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
   records = bench.run(config, str(tmp_path))
   with open(tmp_path / 'bench.json') as f:
     assert json.load(f) == records
-  assert os.path.exists(tmp_path / 'bench.md')
+  assert os.path.exists(tmp_path / 'bench.md') and os.path.getsize(tmp_path / 'bench.png') > 0
   keys = {'method', 'lossless', 'batch_size', 'temperature', 'mean_accepted', 'target_calls',
           'tokens_per_s', 'speedup_vs_ar', 'compile_s', 'backend', 'device', 'matches_ar'}
   assert all(keys <= set(r) for r in records)
