@@ -26,6 +26,6 @@ setup(
         'matplotlib',
     ],
     extras_require={
-        'test': ['pytest>=7', 'chex>=0.1.87'],
+        'test': ['pytest>=7', 'chex>=0.1.87', 'scipy'],
     },
 )

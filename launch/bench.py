@@ -2,238 +2,28 @@
 
   python -m launch.bench --config=configs/bench.py --workdir=OUT
 
-Speed is reported as measured ratios in the same run, never asserted in tests.
+Writes OUT/bench.json, bench.md and bench.png and prints the table.
 """
-import dataclasses
-import functools
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import tqdm
 from absl import app, flags
 from ml_collections import config_flags
 
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark config.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where bench.json and bench.md go.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where bench.json, bench.md, bench.png go.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list[int]]:
-  """The first `prompt_len` tokens ([bos] + text) of validation documents long enough."""
-  from training import data
-  sources = data.load_sources(restored.config.data)
-  tok, prompts = restored.tokenizer, []
-  for text in sources['validation'].texts():
-    ids = [tok.bos_id, *tok.encode(text)[:prompt_len - 1].tolist()]
-    if len(ids) == prompt_len:
-      prompts.append(ids)
-    if len(prompts) == num_prompts:
-      return prompts
-  raise ValueError(f'The validation split has fewer than {num_prompts} documents of '
-                   f'{prompt_len} tokens.')
-
-
-def naive_generate(model, params, prompts, lengths, max_new_tokens, capacity, eos_id):
-  """Reference: the same prefill, then a Python loop calling a jitted one-token step and
-  checking the stop condition on the host every token (greedy). -> (tokens [B, S], calls)."""
-  from decoding import base
-  prefill, step = _naive_steps(model, capacity)
-  cache, tokens, lengths = prefill(params, prompts, lengths)
-  limits = np.asarray(base.row_limits(lengths, max_new_tokens, capacity))
-  done = np.zeros(len(limits), bool)
-  calls = 1
-  while True:
-    done |= (np.asarray(tokens[jnp.arange(len(limits)), lengths - 1]) == eos_id)
-    done |= np.asarray(lengths) >= limits
-    if done.all():
-      return tokens, calls
-    cache, tokens, lengths = step(params, cache, tokens, lengths, jnp.asarray(done))
-    calls += 1
-
-
-@functools.lru_cache
-def _naive_steps(model, capacity):
-  """Jitted prefill and one-token step of the naive reference (cached per model)."""
-  from models import KVCache
-
-  @jax.jit
-  def prefill(params, prompts, lengths):
-    batch, plen = prompts.shape
-    cache = KVCache.empty(model.config, batch, capacity)
-    out = model.apply({'params': params}, prompts, jnp.broadcast_to(jnp.arange(plen), prompts.shape),
-                      cache=cache)
-    first = jnp.argmax(out.logits[jnp.arange(batch), lengths - 1, :model.config.vocab_size], -1)
-    tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :plen].set(prompts)
-    tokens = tokens.at[jnp.arange(batch), lengths].set(first)
-    return out.cache.replace(lengths=lengths), tokens, lengths + 1
-
-  @jax.jit
-  def step(params, cache, tokens, lengths, done):
-    rows = jnp.arange(tokens.shape[0])
-    out = model.apply({'params': params}, tokens[rows, lengths - 1][:, None],
-                      (lengths - 1)[:, None], cache=cache)
-    new = jnp.argmax(out.logits[:, 0, :model.config.vocab_size], -1)
-    tokens = tokens.at[rows, jnp.where(done, capacity, lengths)].set(new, mode='drop')
-    cache = out.cache.replace(lengths=jnp.where(done, cache.lengths, out.cache.lengths))
-    return cache, tokens, lengths + (~done)
-
-  return prefill, step
-
-
-def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict:
-  """The naive reference over the same prompts and batches (greedy)."""
-  from decoding import base
-  model, params = restored.model, jax.device_put(restored.params)
-  capacity = config.prompt_len + config.max_new_tokens
-  eos, wall, calls, first_s, completions = restored.tokenizer.eos_id, 0.0, 0, 0.0, []
-  for start in range(0, len(prompts), batch_size):
-    chunk = prompts[start:start + batch_size]
-    padded, lengths = base.pad_prompts(chunk + [chunk[0]] * (batch_size - len(chunk)))
-    run = lambda: naive_generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
-                                 config.max_new_tokens, capacity, eos)
-    t0 = time.perf_counter()
-    run()
-    first_s = max(first_s, time.perf_counter() - t0)  # includes compiling prefill and step
-    times = []
-    for _ in range(config.repeats):
-      t0 = time.perf_counter()
-      tokens, n_calls = jax.block_until_ready(run())
-      times.append(time.perf_counter() - t0)
-    wall += statistics.median(times)
-    calls += n_calls
-    tokens = np.asarray(tokens)
-    for row in range(len(chunk)):
-      new = tokens[row, config.prompt_len:].tolist()
-      stop = next((i + 1 for i, t in enumerate(new) if t == eos), len(new))
-      completions.append(new[:stop])
-  new_tokens = sum(map(len, completions))
-  return dict(method='naive_python_loop', lossless=True, mean_accepted=1.0, target_calls=calls,
-              draft_calls=0, new_tokens=new_tokens, wall_s=wall,
-              tokens_per_s=new_tokens / wall, compile_s=max(first_s - wall, 0.0),
-              matches_ar=completions == ar_completions)
-
-
-def run(config, workdir: str) -> list[dict]:
-  """One record per method x batch size x temperature, AR first in each group."""
-  from launch import generation
-  from training import checkpoints
-  restored = checkpoints.restore_model(config.target_workdir)
-  draft = None
-  if 'speculative' in config.methods:
-    if not config.draft_workdir:
-      raise ValueError('The speculative method needs config.draft_workdir.')
-    draft = checkpoints.restore_model(config.draft_workdir)
-  unknown = [m for m in config.methods if m not in generation.METHODS]
-  if unknown:
-    raise ValueError(f'Unknown methods {unknown}; known: {", ".join(generation.METHODS)}.')
-  prompts = validation_prompts(restored, config.num_prompts, config.prompt_len)
-  machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
-             'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
-             'cpu_count': os.cpu_count(), 'jax': jax.__version__}
-  # (method, tree) pairs; speculative runs once per entry of config.trees.
-  methods = [('autoregressive', '')] + [
-      (m, tree) for m in config.methods if m != 'autoregressive'
-      for tree in (config.trees if m == 'speculative' else ('',))]
-  groups = [(b, t) for b in config.batch_sizes for t in config.temperatures]
-  bar = tqdm.tqdm(total=len(groups) * len(methods), desc='bench', dynamic_ncols=True)
-  records = []
-  for batch_size, temperature in groups:
-    options = generation.DecodeOptions(
-        max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
-        batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
-        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
-    ar = None
-    for method, tree in methods:
-      bar.set_postfix(method=method + tree, batch=batch_size, temperature=temperature)
-      completions, stats = generation.decode_tokens(
-          restored, prompts, method, dataclasses.replace(options, tree=tree), draft,
-          repeats=config.repeats)
-      bar.update(1)
-      ar = ar or (completions, stats)
-      lossless = generation.LOSSLESS[method]
-      records.append(dict(
-          method=method + (f'_tree({tree})' if tree else ''), lossless=lossless,
-          batch_size=batch_size, temperature=temperature,
-          mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
-          draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
-          wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
-          speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
-          compile_s=stats['compile_s'],
-          matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
-          **machine))
-    if config.naive_reference and temperature == 0:
-      naive = _naive_record(restored, prompts, config, batch_size, ar[0])
-      naive['speedup_vs_ar'] = naive['tokens_per_s'] / ar[1]['tokens_per_s']
-      records.append(dict(naive, batch_size=batch_size, temperature=temperature, **machine))
-  bar.close()
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'bench.json'), 'w') as f:
-    json.dump(records, f, indent=1)
-  table = markdown_table(records)
-  with open(os.path.join(workdir, 'bench.md'), 'w') as f:
-    f.write(table)
-  plot(records, os.path.join(workdir, 'bench.png'))
-  return records
-
-
-def plot(records: list[dict], path: str) -> None:
-  """Speedup over autoregressive and tau per method, one group of bars per
-  (batch size, temperature)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  groups = sorted({(r['batch_size'], r['temperature']) for r in records})
-  methods = list(dict.fromkeys(r['method'] for r in records))
-  by_key = {(r['method'], r['batch_size'], r['temperature']): r for r in records}
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  width = 0.8 / len(methods)
-  for panel, (key, title) in zip(axes, (('speedup_vs_ar', 'wall-clock speedup vs AR'),
-                                         ('mean_accepted', 'tokens per target call (tau)'))):
-    for i, method in enumerate(methods):
-      values = [by_key.get((method, b, t), {}).get(key, float('nan')) for b, t in groups]
-      panel.bar([g + i * width for g in range(len(groups))], values, width, label=method)
-    panel.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    panel.set_xticklabels([f'batch {b}\nT={t:g}' for b, t in groups])
-    panel.set_title(title)
-    if key == 'speedup_vs_ar':
-      panel.axhline(1.0, color='black', linewidth=0.8)
-  axes[0].legend(fontsize=8)
-  machine = records[0]
-  fig.suptitle(f'{machine["backend"]} ({machine["device"]}), JAX {machine["jax"]}')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def markdown_table(records: list[dict]) -> str:
-  cols = ['method', 'batch_size', 'temperature', 'lossless', 'matches_ar', 'mean_accepted',
-          'target_calls', 'draft_calls', 'tokens_per_s', 'speedup_vs_ar', 'compile_s']
-  lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  for r in records:
-    cells = [f'{r[c]:.2f}' if isinstance(r[c], float) else str(r[c]) for c in cols]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  machine = records[0]
-  lines.append(f'\n{machine["backend"]} ({machine["device"]}, {machine["devices"]} device(s), '
-               f'{machine["cpu_count"]} CPUs), JAX {machine["jax"]}')
-  return '\n'.join(lines) + '\n'
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   common.setup_logging()
+  from launch import benchmarking
   with common.user_errors_as_messages():
-    records = run(_CONFIG.value, _WORKDIR.value)
-  print(markdown_table(records))
+    records = benchmarking.run(_CONFIG.value, _WORKDIR.value)
+  print(benchmarking.markdown_table(records))
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 96, 'Benchmark: new tokens per
 
 def run(workdir: str, size: str, target_steps: int, draft_steps: int, max_new_tokens: int):
   from configs import ar_lm, bench as bench_config, draft as draft_config
-  from launch import bench
+  from launch import benchmarking
   from training import trainer
   target_dir, draft_dir = os.path.join(workdir, 'target'), os.path.join(workdir, 'draft')
 
@@ -45,8 +45,8 @@ def run(workdir: str, size: str, target_steps: int, draft_steps: int, max_new_to
   config.target_workdir, config.draft_workdir = target_dir, draft_dir
   config.max_new_tokens = max_new_tokens
   print(f'[3/3] benchmark -> {workdir}/bench', file=sys.stderr)
-  records = bench.run(config, os.path.join(workdir, 'bench'))
-  return bench.markdown_table(records)
+  records = benchmarking.run(config, os.path.join(workdir, 'bench'))
+  return benchmarking.markdown_table(records)
 
 
 def main(argv):

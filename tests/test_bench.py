@@ -3,7 +3,7 @@ import json
 import os
 
 from configs import bench as bench_config
-from launch import bench
+from launch import benchmarking
 
 
 def test_bench_records_and_tables(trained_tiny, tmp_path):
@@ -18,7 +18,7 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
   config.prompt_len = 12
   config.max_new_tokens = 8
   config.repeats = 1
-  records = bench.run(config, str(tmp_path))
+  records = benchmarking.run(config, str(tmp_path))
   with open(tmp_path / 'bench.json') as f:
     assert json.load(f) == records
   assert os.path.exists(tmp_path / 'bench.md') and os.path.getsize(tmp_path / 'bench.png') > 0

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from decoding import autoregressive, base, speculative, verify
+from decoding import autoregressive, base, speculative, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
 from decoding.speculative import SpeculativeConfig
+from decoding.trees import TreeSpec
 from models import KVCache, Transformer, TransformerConfig, sharding
 from tests.stub_model import StubConfig, StubModel, random_table, successor_table
 
@@ -166,7 +167,9 @@ VOCAB6_DRAFT = _tiny(6, vocab=6, num_layers=1, d_model=32, num_heads=2, num_kv_h
     (SamplingConfig(temperature=1.0), dict(num_draft=2)),
     (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), dict(num_draft=3)),
     (SamplingConfig(temperature=1.3), dict(num_draft=3, adaptive_threshold=0.3)),
-])
+    (SamplingConfig(temperature=1.0), dict(tree=TreeSpec((3, 2)))),
+    (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), dict(tree=TreeSpec((2, 2, 1)))),
+], ids=['chain', 'chain-topk-topp', 'adaptive', 'tree', 'tree-topk-topp'])
 def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
   rows, steps, prompt = 20_000, 3, [1, 3]
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
@@ -190,15 +193,15 @@ def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
   jax.clear_caches()
 
 
-def test_sampled_tokens_stay_in_the_filtered_set_and_real_vocab():
+@pytest.mark.parametrize('kw', [dict(num_draft=3), dict(tree=TreeSpec((3, 2)))], ids=str)
+def test_sampled_tokens_stay_in_the_filtered_set_and_real_vocab(kw):
   vocab, padded = 12, 16
   table = random_table(2, vocab, padded)
   stub = StubModel(StubConfig(vocab_size=vocab, padded_vocab_size=padded))
   draft_table = random_table(9, vocab, padded)
   config = SamplingConfig(temperature=1.0, top_k=4, top_p=0.9)
   prompts = [[t] for t in range(vocab)] * 4
-  out = _spec((stub, table), (stub, draft_table), prompts, 12, 13, num_draft=3,
-              sampling=config)
+  out = _spec((stub, table), (stub, draft_table), prompts, 12, 13, sampling=config, **kw)
   logp = np.asarray(log_probs(table['table'], config, vocab))
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   for row in range(len(prompts)):
@@ -240,9 +243,10 @@ def test_cache_after_a_rejection_equals_plain_decoding_of_the_kept_tokens():
                              atol=1e-5)
 
 
-def test_eight_devices_give_the_tokens_of_one():
+@pytest.mark.parametrize('kw', [dict(num_draft=3), dict(tree=TreeSpec((2, 2)))], ids=str)
+def test_eight_devices_give_the_tokens_of_one(kw):
   prompts = PROMPTS * 2
-  single = _spec(TARGET, DRAFT, prompts, 10, 24, num_draft=3)
+  single = _spec(TARGET, DRAFT, prompts, 10, 24, **kw)
   mesh = sharding.make_mesh(model_parallelism=2)
   padded, lengths = base.pad_prompts(prompts)
   place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
@@ -251,7 +255,7 @@ def test_eight_devices_give_the_tokens_of_one():
         TARGET[0], place(*TARGET), DRAFT[0], place(*DRAFT),
         jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
         jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        SpeculativeConfig(10, 24, num_draft=3, eos_ids=(EOS,)), jax.random.PRNGKey(0))
+        SpeculativeConfig(10, 24, eos_ids=(EOS,), **kw), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 
@@ -284,7 +288,6 @@ def test_bfloat16_greedy_equals_plain_or_differs_at_a_near_tie(trained_tiny):
 
 
 # ---------------------------------------------------------------------------- trees
-from decoding import trees  # noqa: E402
 
 TREES = [trees.TreeSpec((3,)), trees.TreeSpec((2, 2)), trees.TreeSpec((3, 2, 1)),
          trees.TreeSpec((1, 1, 1, 1))]
@@ -349,30 +352,3 @@ def test_each_tree_node_gets_the_logits_of_its_path_run_sequentially():
       i = spec.parents[i]
     sequential = full(jnp.asarray([prefix + path]))[0, -1]
     np.testing.assert_allclose(out.logits[0, node], sequential, atol=1e-4)
-
-
-@pytest.mark.parametrize('sampling,tree', [
-    (SamplingConfig(temperature=1.0), trees.TreeSpec((3, 2))),
-    (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), trees.TreeSpec((2, 2, 1))),
-])
-def test_tree_sampling_is_lossless(sampling, tree, monkeypatch):
-  rows, steps, prompt = 20_000, 3, [1, 3]
-  exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
-  config = SpeculativeConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(),
-                             tree=tree)
-  prompts = jnp.asarray([prompt] * rows)
-  lengths = jnp.full((rows,), len(prompt), jnp.int32)
-
-  def sample():
-    out = speculative.generate(*VOCAB6_TARGET, *VOCAB6_DRAFT, prompts, lengths, config,
-                               jax.random.PRNGKey(12))
-    return np.asarray(out.tokens[:, len(prompt):]), out
-
-  samples, out = sample()
-  hist = np.asarray(out.stats['accepted_histogram'])
-  assert hist[0] > 0 and hist[1:].sum() > 0
-  assert _g_test(samples, exact) > 1e-3
-  jax.clear_caches()
-  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
-  assert _g_test(sample()[0], exact) < 1e-3
-  jax.clear_caches()
