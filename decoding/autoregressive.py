@@ -38,11 +38,8 @@ class State:
 
 def _append(state: State, new: jax.Array, eos_ids) -> State:
   """Writes `new` [B] after each unfinished row's tokens and updates the done flags."""
-  rows = jnp.arange(new.shape[0])
-  slot = jnp.where(state.done, state.tokens.shape[1], state.lengths)   # finished: dropped
-  tokens = state.tokens.at[rows, slot].set(new, mode='drop')
-  lengths = state.lengths + (~state.done).astype(jnp.int32)
-  done = state.done | base.is_eos(new, eos_ids) | (lengths >= state.limits)
+  tokens, lengths, done = base.commit(state.tokens, state.lengths, state.limits, state.done,
+                                      new[:, None], jnp.ones_like(state.lengths), eos_ids)
   return state.replace(tokens=tokens, lengths=lengths, done=done)
 
 

@@ -78,3 +78,22 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 def row_limits(prompt_lengths: jax.Array, max_new_tokens: int, capacity: int) -> jax.Array:
   """[B] the buffer length at which each row stops: prompt + max_new_tokens, or full."""
   return jnp.minimum(prompt_lengths + max_new_tokens, capacity)
+
+
+def commit(tokens, lengths, limits, done, candidates, count, eos_ids):
+  """Appends candidates[b, :count[b]] after each unfinished row's tokens, cut after the
+  first EOS id and at the row's limit; the stop rule of every method.
+
+  tokens: [B, S]; lengths, limits, count: [B] int32; done: [B] bool;
+  candidates: [B, C] int32. Returns (tokens, lengths, done).
+  """
+  batch, width = candidates.shape
+  index = jnp.arange(width)[None]
+  eos = is_eos(candidates, eos_ids) & (index < count[:, None])
+  first_eos = jnp.min(jnp.where(eos, index, width), axis=1)
+  count = jnp.minimum(jnp.minimum(count, first_eos + 1), limits - lengths)
+  count = jnp.where(done, 0, count)
+  slots = jnp.where(index < count[:, None], lengths[:, None] + index, tokens.shape[1])
+  tokens = tokens.at[jnp.arange(batch)[:, None], slots].set(candidates, mode='drop')
+  lengths = lengths + count
+  return tokens, lengths, done | (first_eos < count) | (lengths >= limits)

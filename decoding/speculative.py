@@ -3,9 +3,13 @@
 Each round of one `lax.while_loop`:
   1. the draft proposes up to K tokens autoregressively (an inner while_loop; with an
      adaptive threshold a row stops drafting after a token the draft itself is unsure
-     of, and the loop ends when every row has stopped);
-  2. the target scores [last token, d_1 .. d_K] in one forward call;
-  3. `verify.chain_accept` keeps a prefix d_1 .. d_n per row and adds one target token;
+     of, and the loop ends when every row has stopped), or a static tree of tokens
+     level by level (decoding/trees.py);
+  2. the target scores [last token, d_1 .. d_K] (or every tree node, with a tree
+     attention mask) in one forward call;
+  3. `verify.chain_accept` (`verify.tree_accept`) keeps a prefix d_1 .. d_n per row (a
+     root-to-node path, whose keys/values then move into sequence order) and adds one
+     target token;
   4. each row commits its own n + 1 tokens (cut at an EOS id or the row's limit); the
      caches keep only what was committed by setting their lengths.
 
@@ -24,6 +28,7 @@ from typing import Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decoding import base, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
@@ -174,19 +179,8 @@ def _draft_tree(draft_model, draft_params, state: State, config: SpeculativeConf
 
 
 def _commit(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
-  """Appends candidates[b, :count[b]] [B, K + 1] to each unfinished row, cut after the
-  first EOS id and at the row's limit."""
-  batch, width = candidates.shape
-  index = jnp.arange(width)[None]
-  eos = base.is_eos(candidates, eos_ids) & (index < count[:, None])
-  first_eos = jnp.min(jnp.where(eos, index, width), axis=1)
-  count = jnp.minimum(jnp.minimum(count, first_eos + 1), state.limits - state.lengths)
-  count = jnp.where(state.done, 0, count)
-  capacity = state.tokens.shape[1]
-  slots = jnp.where(index < count[:, None], state.lengths[:, None] + index, capacity)
-  tokens = state.tokens.at[jnp.arange(batch)[:, None], slots].set(candidates, mode='drop')
-  lengths = state.lengths + count
-  done = state.done | (first_eos < count) | (lengths >= state.limits)
+  tokens, lengths, done = base.commit(state.tokens, state.lengths, state.limits, state.done,
+                                      candidates, count, eos_ids)
   return state.replace(tokens=tokens, lengths=lengths, done=done)
 
 
@@ -282,6 +276,5 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
 
 def mean_accepted(histogram) -> float:
   """tau: tokens committed per row per target call in the decoding rounds (n + 1)."""
-  import numpy as np
   h = np.asarray(histogram, np.float64)
   return float((h * (np.arange(len(h)) + 1)).sum() / max(h.sum(), 1))
