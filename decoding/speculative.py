@@ -184,6 +184,25 @@ def _commit(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> S
   return state.replace(tokens=tokens, lengths=lengths, done=done)
 
 
+def _finish_round(state: State, accepted_tokens, num_accepted, next_token, target_cache,
+                  draft_cache, rng, draft_calls, eos_ids) -> State:
+  """Commits each row's accepted tokens and the target's token, keeps [last, accepted]
+  in the target cache, and books the round.
+
+  accepted_tokens: [B, M] the accepted chain or tree path in order (entries past
+  num_accepted [B] are ignored); next_token: [B] the replacement or bonus token.
+  """
+  batch = accepted_tokens.shape[0]
+  candidates = jnp.concatenate([accepted_tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  candidates = candidates.at[jnp.arange(batch), num_accepted].set(next_token)
+  committed = _commit(state, candidates, num_accepted + 1, eos_ids)
+  return committed.replace(
+      target_cache=target_cache.replace(lengths=state.lengths + num_accepted),
+      draft_cache=draft_cache, rng=rng, target_calls=state.target_calls + 1,
+      draft_calls=state.draft_calls + draft_calls,
+      histogram=state.histogram.at[num_accepted].add((~state.done).astype(jnp.int32)))
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'draft_model', 'config'))
 def generate(model, params, draft_model, draft_params, prompts: jax.Array,
              prompt_lengths: jax.Array, config: SpeculativeConfig, rng: jax.Array) -> base.Output:
@@ -230,21 +249,13 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
     target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, N, V]
     path, num_accepted, next_token = verify.tree_accept(
         verify_key, spec, node_tokens, draft_logp, target_logp, config.sampling.greedy)
-    candidates = jnp.concatenate([node_tokens[rows[:, None], path[:, 1:]],
-                                  jnp.zeros((batch, 1), jnp.int32)], axis=1)
-    candidates = candidates.at[rows, num_accepted].set(next_token)
     # Move the accepted path's keys/values from their node slots into sequence order.
     depth = jnp.arange(1, spec.depth + 1)[None]
     source = root[:, None] + path[:, 1:]
     target = jnp.where(depth <= num_accepted[:, None], root[:, None] + depth, cache_size)
-    active = ~state.done
-    committed = _commit(state, candidates, num_accepted + 1, config.eos_ids)
-    return committed.replace(
-        target_cache=out.cache.move_slots(source, target).replace(
-            lengths=state.lengths + num_accepted),
-        draft_cache=draft_cache.move_slots(source, target), rng=rng,
-        target_calls=state.target_calls + 1, draft_calls=state.draft_calls + calls,
-        histogram=state.histogram.at[num_accepted].add(active.astype(jnp.int32)))
+    return _finish_round(state, node_tokens[rows[:, None], path[:, 1:]], num_accepted,
+                         next_token, out.cache.move_slots(source, target),
+                         draft_cache.move_slots(source, target), rng, calls, config.eos_ids)
 
   def chain_round(state: State) -> State:
     rng, draft_key, verify_key = jax.random.split(state.rng, 3)
@@ -256,16 +267,8 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
     target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, K + 1, V]
     num_accepted, next_token = verify.chain_accept(verify_key, d.tokens, d.logp, target_logp,
                                                    d.num_drafted)
-    candidates = jnp.concatenate([d.tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1)
-    candidates = candidates.at[rows, num_accepted].set(next_token)
-    active = ~state.done
-    committed = _commit(state, candidates, num_accepted + 1, config.eos_ids)
-    return committed.replace(
-        # Keep [last, d_1 .. d_n] in the target cache; the rest of the chain is dropped.
-        target_cache=out.cache.replace(lengths=state.lengths + num_accepted),
-        draft_cache=d.cache, rng=rng, target_calls=state.target_calls + 1,
-        draft_calls=state.draft_calls + d.calls,
-        histogram=state.histogram.at[num_accepted].add(active.astype(jnp.int32)))
+    return _finish_round(state, d.tokens, num_accepted, next_token, out.cache, d.cache, rng,
+                         d.calls, config.eos_ids)
 
   round_ = chain_round if config.tree is None else tree_round
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
