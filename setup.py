@@ -1,4 +1,10 @@
-"""Install: pip install -e .          (tests: pip install -e '.[test]')"""
+"""Install: pip install -e .     (tests: pip install -e '.[test,hf]')
+
+The `hf` extra (torch CPU + transformers) is the reference the Hugging Face import tests
+compare against. It pins torch==2.13.0: on our CI machines that is a local CPU build; on
+PyPI it is a CUDA build of several GB, so elsewhere install a CPU build first
+(pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu).
+"""
 from setuptools import find_packages, setup
 
 setup(
@@ -24,8 +30,11 @@ setup(
         'tqdm',
         'tensorboardX>=2.6',            # TensorBoard event files without TensorFlow
         'matplotlib',
+        'safetensors>=0.4',             # Hugging Face checkpoints (launch.convert)
+        'tokenizers>=0.19',             # tokenizer.json of imported checkpoints
     ],
     extras_require={
         'test': ['pytest>=7', 'chex>=0.1.87', 'scipy'],
+        'hf': ['torch==2.13.0', 'transformers>=4.46'],
     },
 )

@@ -16,7 +16,8 @@ def get_config(arg: str | None = None):
   config.draft_workdir = 'workdirs/draft_small'  # draft for `speculative` (same tokenizer)
   config.methods = ('autoregressive', 'speculative')  # autoregressive always runs first
   config.num_draft = 4                          # speculative chain: K
-  config.trees = ('', '3,2,1')                  # speculative: '' = chain, else a static tree
+  # speculative: '' = chain, '3,2,1' a static tree, 'dynamic:TOP_K,DEPTH,BUDGET' EAGLE-2
+  config.trees = ('', '3,2,1', 'dynamic:4,5,24')
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call

@@ -80,6 +80,8 @@ def train_config() -> ml_collections.ConfigDict:
   config.adam_b2 = 0.95
   config.grad_clip_norm = 1.0         # global-norm clipping
   config.model_parallelism = 1        # size of the mesh's `model` axis
+  config.init_from = ''               # workdir (e.g. launch.convert --from_hf) whose params
+                                      # and tokenizer start a fresh run; '' = random init
   config.tokenizer = ml_collections.ConfigDict(dict(
       kind='byte',                    # byte | bpe (SentencePiece, trained on the train split)
       vocab_size=2048,                # bpe only

@@ -23,7 +23,7 @@ with the same token and context is harmless.
 """
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import flax
 import jax
@@ -49,11 +49,13 @@ class SpeculativeConfig:
   # would draw it from q(x | confident) while the verifier divides by q(x), a biased
   # rule. Deciding only whether to draft the *next* token keeps every draft ~ q.
   adaptive_threshold: float = 0.0
-  # A static draft tree instead of a chain (num_draft is then ignored): the draft
-  # expands branching[d] children per node at depth d (its top-k under greedy, i.i.d.
-  # draws from its distribution when sampling) and the target verifies the whole tree
-  # in one call.
-  tree: Optional[trees.TreeSpec] = None
+  # A draft tree instead of a chain (num_draft is then ignored); the target verifies
+  # the whole tree in one call. TreeSpec: a static shape; the draft expands branching[d]
+  # children per node at depth d (its top-k under greedy, i.i.d. draws from its
+  # distribution when sampling, as SpecInfer's multi-candidate rule requires).
+  # DynamicTreeSpec: EAGLE-2's tree, grown and pruned by the draft's cumulative
+  # log-probabilities; children are the draft's top-k (distinct) tokens, greedy or not.
+  tree: Optional[Union[trees.TreeSpec, trees.DynamicTreeSpec]] = None
 
   def __post_init__(self):
     if self.num_draft < 1:
@@ -71,7 +73,7 @@ class SpeculativeConfig:
   def cache_slack(self) -> int:
     """Spare cache slots: tree node i sits in slot root + i, past its position root +
     depth(i), so a tree near the end of the buffer needs room beyond it."""
-    return self.tree.num_nodes if self.tree is not None else 0
+    return self.tree.cache_slots if self.tree is not None else 0
 
 
 @flax.struct.dataclass
@@ -80,7 +82,8 @@ class State:
   lengths: jax.Array       # [B] int32 tokens in the buffer
   limits: jax.Array        # [B] int32 buffer length at which a row stops
   target_cache: KVCache    # holds tokens[:, :lengths - 1]
-  draft_cache: KVCache     # holds at least tokens[:, :lengths - 2]
+  draft_cache: KVCache     # chain, static tree: holds at least tokens[:, :lengths - 2];
+                           # dynamic tree: holds tokens[:, :draft_cache.lengths]
   done: jax.Array          # [B] bool
   rng: jax.Array
   target_calls: jax.Array  # [] int32
@@ -172,10 +175,51 @@ def _draft_tree(draft_model, draft_params, state: State, config: SpeculativeConf
       out = draft_model.apply(
           {'params': draft_params}, node_tokens[:, nodes],
           root[:, None] + jnp.asarray(spec.depths[nodes])[None],
-          trees.tree_mask(spec, root, nodes, cache.capacity),
+          trees.tree_mask(spec.ancestors[nodes], root, cache.capacity),
           cache.replace(lengths=root + nodes.start))
       cache, level_logits = out.cache, out.logits
   return node_tokens, logp, cache, spec.depth
+
+
+def _draft_dynamic_tree(draft_model, draft_params, state: State, config: SpeculativeConfig):
+  """Grows an EAGLE-2 dynamic tree with the draft model: one call to catch the draft
+  cache up with the committed tokens, then one call per expanded level.
+
+  The catch-up call feeds the window tokens[c : c + depth + 1] from the draft's valid
+  length c (the previous round's root + 1; never more than depth + 1 tokens behind);
+  window tokens past the committed ones land in slots the expansion overwrites or the
+  tree mask hides.
+
+  Returns (node_tokens [B, N], parents [B, N], depths [B, N], draft cache, calls).
+  """
+  spec, sampling = config.tree, config.sampling
+  batch, vocab = state.tokens.shape[0], draft_model.config.vocab_size
+  rows = jnp.arange(batch)
+  root = state.lengths - 1                                                    # [B] slot
+  valid = state.draft_cache.lengths
+  window = valid[:, None] + jnp.arange(spec.depth + 1)[None]                 # [B, W]
+  out = draft_model.apply({'params': draft_params},
+                          state.tokens[rows[:, None], jnp.minimum(window, state.tokens.shape[1] - 1)],
+                          window, cache=state.draft_cache)
+
+  def scores(logits):  # The draft's ranking: raw log-probabilities under greedy (the
+    # processed ones are a point mass), else the processed distribution the target's
+    # samples will be drawn from.
+    if sampling.greedy:
+      return jax.nn.log_softmax(logits[..., :vocab].astype(jnp.float32), axis=-1)
+    return log_probs(logits, sampling, vocab)[..., :vocab]
+
+  def expand(cache, level, tokens, ancestors):
+    start = root + 1 + (level - 1) * spec.top_k
+    out = draft_model.apply({'params': draft_params}, tokens,
+                            jnp.broadcast_to((root + level)[:, None], tokens.shape),
+                            trees.tree_mask(ancestors, root, cache.capacity),
+                            cache.replace(lengths=start))
+    return out.cache, scores(out.logits)
+
+  cache, node_tokens, parents, depths = trees.grow_dynamic_tree(
+      spec, state.tokens[rows, root], scores(out.logits[rows, root - valid]), expand, out.cache)
+  return node_tokens, parents, depths, cache.replace(lengths=state.lengths), spec.depth
 
 
 def _commit(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
@@ -239,23 +283,32 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
   def tree_round(state: State) -> State:
     spec = config.tree
     rng, draft_key, verify_key = jax.random.split(state.rng, 3)
-    node_tokens, draft_logp, draft_cache, calls = _draft_tree(
-        draft_model, draft_params, state, config, draft_key)
     root = state.lengths - 1
-    out = model.apply({'params': params}, node_tokens,
-                      root[:, None] + jnp.asarray(spec.depths)[None],
-                      trees.tree_mask(spec, root, slice(0, spec.num_nodes), cache_size),
-                      state.target_cache)
+    dynamic = isinstance(spec, trees.DynamicTreeSpec)
+    if dynamic:
+      node_tokens, parents, depths, draft_cache, calls = _draft_dynamic_tree(
+          draft_model, draft_params, state, config)
+      ancestors = trees.ancestors_from_parents(parents, spec.depth)
+      draft_logp = None  # children are the draft's distinct top-k tokens
+    else:
+      node_tokens, draft_logp, draft_cache, calls = _draft_tree(
+          draft_model, draft_params, state, config, draft_key)
+      parents, depths, ancestors = spec.parents, jnp.asarray(spec.depths)[None], spec.ancestors
+    out = model.apply({'params': params}, node_tokens, root[:, None] + depths,
+                      trees.tree_mask(ancestors, root, cache_size), state.target_cache)
     target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, N, V]
     path, num_accepted, next_token = verify.tree_accept(
-        verify_key, spec, node_tokens, draft_logp, target_logp, config.sampling.greedy)
+        verify_key, node_tokens, jnp.asarray(parents), target_logp, spec.depth,
+        spec.max_children, draft_logp, config.sampling.greedy)
     # Move the accepted path's keys/values from their node slots into sequence order.
     depth = jnp.arange(1, spec.depth + 1)[None]
     source = root[:, None] + path[:, 1:]
     target = jnp.where(depth <= num_accepted[:, None], root[:, None] + depth, cache_size)
+    if not dynamic:  # The static tree's draft cache holds its nodes of depth < D.
+      draft_cache = draft_cache.move_slots(source, target)
     return _finish_round(state, node_tokens[rows[:, None], path[:, 1:]], num_accepted,
-                         next_token, out.cache.move_slots(source, target),
-                         draft_cache.move_slots(source, target), rng, calls, config.eos_ids)
+                         next_token, out.cache.move_slots(source, target), draft_cache,
+                         rng, calls, config.eos_ids)
 
   def chain_round(state: State) -> State:
     rng, draft_key, verify_key = jax.random.split(state.rng, 3)

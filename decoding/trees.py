@@ -1,17 +1,27 @@
-"""Static draft trees: shape, attention masks and position ids.
+"""Draft trees: static shapes, EAGLE-2 dynamic trees, attention masks and position ids.
 
-A tree has N nodes in breadth-first order. Node 0 is the root: the last committed
-token, whose logits propose the first level. Every node at depth d has
-`branching[d]` children, so each depth's nodes are contiguous and node j's children
-are a contiguous range. A chain of K tokens is branching (1,) * K.
+A tree has N nodes; node 0 is the root: the last committed token, whose logits
+propose the first level. Nodes are in topological order (a parent before its
+children), and siblings carry distinct tokens where the draft picks them by top-k.
 
 In a cache, node i sits in slot root_slot + i and at position root_slot + depth(i);
 it attends to the committed prefix (slots < root_slot) and to its ancestors,
 itself included (the tree attention mask of SpecInfer / Medusa).
+
+Two kinds of tree:
+  TreeSpec         static: every node at depth d has branching[d] children, the same
+                   shape every round (node j's children are a contiguous range).
+  DynamicTreeSpec  EAGLE-2 (Li et al. 2024): the draft expands, level by level, the
+                   top_k nodes of highest cumulative draft log-probability, each into
+                   its top_k children; then the `budget` best nodes of everything drafted
+                   are kept (reranking). The shape differs per row and per round; the
+                   arrays describing it (tokens, parents, depths) have fixed sizes.
 """
 import dataclasses
 import functools
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,6 +38,10 @@ class TreeSpec:
   def depth(self) -> int:
     return len(self.branching)
 
+  @property
+  def max_children(self) -> int:
+    return max(self.branching)
+
   @functools.cached_property
   def level_starts(self) -> tuple[int, ...]:
     """Index of the first node of each depth 0 .. D, and N at the end."""
@@ -40,6 +54,11 @@ class TreeSpec:
   @property
   def num_nodes(self) -> int:
     return self.level_starts[-1]
+
+  @property
+  def cache_slots(self) -> int:
+    """Cache slots a round uses from the root on (nodes sit at root + index)."""
+    return self.num_nodes
 
   @functools.cached_property
   def parents(self) -> np.ndarray:
@@ -64,26 +83,149 @@ class TreeSpec:
       out[i] |= out[self.parents[i]]
     return out
 
-  def first_child(self, node: jnp.ndarray, depth: int) -> jnp.ndarray:
-    """Index of the first child of `node` (a node at `depth`)."""
-    start, nxt = self.level_starts[depth], self.level_starts[depth + 1]
-    return nxt + (node - start) * self.branching[depth]
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTreeSpec:
+  """EAGLE-2's dynamic tree: expand `top_k` nodes per level into `top_k` children each,
+  for `depth` levels; verify the `budget` nodes of highest cumulative draft
+  log-probability (a connected subtree: a child never scores above its parent)."""
+  top_k: int
+  depth: int
+  budget: int
+
+  def __post_init__(self):
+    if self.top_k < 1 or self.depth < 1:
+      raise ValueError(f'A dynamic tree needs top_k >= 1 and depth >= 1; got {self}.')
+    if not 1 <= self.budget <= self.pool_size:
+      raise ValueError(f'Dynamic tree budget must be in [1, {self.pool_size}] (the nodes '
+                       f'top_k={self.top_k} and depth={self.depth} draft); got {self.budget}.')
+
+  @property
+  def max_children(self) -> int:
+    return self.top_k
+
+  @property
+  def pool_size(self) -> int:
+    """Nodes drafted per round: top_k at depth 1, top_k * top_k at each deeper level."""
+    return self.top_k + (self.depth - 1) * self.top_k ** 2
+
+  @property
+  def num_nodes(self) -> int:
+    return self.budget + 1
+
+  @property
+  def expanded_slots(self) -> int:
+    """Draft cache slots of the expansion: the root and top_k nodes per level < depth."""
+    return 1 + (self.depth - 1) * self.top_k
+
+  @property
+  def cache_slots(self) -> int:
+    return max(self.num_nodes, self.expanded_slots, self.depth + 1)
+
+  @functools.cached_property
+  def pool_depths(self) -> np.ndarray:
+    """[P] int: depth of each drafted node, in drafting order (shallow first)."""
+    return np.asarray([1] * self.top_k + [d for d in range(2, self.depth + 1)
+                                          for _ in range(self.top_k ** 2)], np.int32)
 
 
-def parse(spec: str) -> TreeSpec:
-  """'3,2,1' -> TreeSpec((3, 2, 1))."""
+def parse(spec: str):
+  """'3,2,1' -> TreeSpec((3, 2, 1)); 'dynamic:8,5,48' -> DynamicTreeSpec(top_k=8,
+  depth=5, budget=48)."""
   try:
+    if spec.startswith('dynamic:'):
+      top_k, depth, budget = (int(x) for x in spec[len('dynamic:'):].split(','))
+      return DynamicTreeSpec(top_k, depth, budget)
     return TreeSpec(tuple(int(x) for x in spec.split(',')))
   except ValueError as e:
-    raise ValueError(f'Bad tree spec {spec!r}: expected children per level, like "3,2,1".') from e
+    raise ValueError(f'Bad tree spec {spec!r}: expected children per level, like "3,2,1", '
+                     f'or "dynamic:TOP_K,DEPTH,BUDGET", like "dynamic:8,5,48". ({e})') from e
 
 
-def tree_mask(spec: TreeSpec, root_slots: jnp.ndarray, nodes: slice, capacity: int) -> jnp.ndarray:
-  """[B, T, S] mask for feeding tree nodes `nodes` (T of them) into a cache whose root
-  sits at root_slots [B]."""
-  ancestors = jnp.asarray(spec.ancestors[nodes])                            # [T, N]
+def ancestors_from_parents(parents: jax.Array, depth: int) -> jax.Array:
+  """[B, N, N] bool: [b, i, j] iff node j is i or an ancestor of i in row b's tree.
+
+  parents: [B, N] int, -1 for the root (node 0); a tree at most `depth` deep.
+  """
+  num_nodes = parents.shape[1]
+  current = jnp.broadcast_to(jnp.arange(num_nodes), parents.shape)
+  out = jax.nn.one_hot(current, num_nodes, dtype=bool)
+  for _ in range(depth):  # Walk every node one step up; the root stays put.
+    current = jnp.maximum(jnp.take_along_axis(parents, current, axis=1), 0)
+    out |= jax.nn.one_hot(current, num_nodes, dtype=bool)
+  return out
+
+
+def tree_mask(ancestors: jax.Array, root_slots: jax.Array, capacity: int) -> jax.Array:
+  """[B, T, S] mask for feeding T tree nodes into a cache whose root sits at
+  root_slots [B] and whose node i sits at root + i.
+
+  ancestors: [T, N] (one tree for every row) or [B, T, N] bool, the fed nodes' rows of
+  the ancestor matrix.
+  """
+  num_nodes = ancestors.shape[-1]
+  ancestors = jnp.broadcast_to(ancestors, (root_slots.shape[0],) + ancestors.shape[-2:])
   relative = jnp.arange(capacity)[None] - root_slots[:, None]              # [B, S]
-  in_tree = (relative >= 0) & (relative < spec.num_nodes)
-  tree_part = jnp.take(ancestors, jnp.clip(relative, 0, spec.num_nodes - 1), axis=1)  # [T, B, S]
-  tree_part = jnp.swapaxes(tree_part, 0, 1) & in_tree[:, None]
-  return (relative < 0)[:, None, :] | tree_part
+  in_tree = (relative >= 0) & (relative < num_nodes)
+  tree_part = jnp.take_along_axis(
+      ancestors, jnp.clip(relative, 0, num_nodes - 1)[:, None, :], axis=2)  # [B, T, S]
+  return (relative < 0)[:, None, :] | (tree_part & in_tree[:, None, :])
+
+
+def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores: jax.Array,
+                      expand: Callable, carry):
+  """EAGLE-2 expansion and reranking, for any drafter.
+
+  root_token: [B] the last committed token; root_scores: [B, V] the drafter's
+  log-probabilities for the first level (only real vocabulary ids, V = vocab size).
+  expand(carry, level, tokens [B, k], ancestors [B, k, R]) -> (carry, scores [B, k, V])
+  feeds the k frontier nodes of depth `level` (1 .. depth - 1) to the drafter and
+  returns their children's log-probabilities. Frontier node j of depth d sits in the
+  drafter's slot root + 1 + (d - 1) * k + j; `ancestors` marks, over those R =
+  spec.expanded_slots slots (root first), what each fed node may attend to.
+
+  Returns (carry, node_tokens [B, N], parents [B, N] (-1 for the root), depths [B, N]),
+  N = budget + 1, nodes in topological order.
+  """
+  k, batch = spec.top_k, root_token.shape[0]
+  scores, tokens = jax.lax.top_k(root_scores, k)                            # [B, k]
+  pool_scores, pool_tokens = [scores], [tokens]
+  pool_parents = [jnp.full((batch, k), -1, jnp.int32)]                      # pool index
+  frontier = jnp.broadcast_to(jnp.arange(k), (batch, k))                   # pool index
+  slots = 1 + jnp.arange(k)
+  ancestors = jnp.broadcast_to(jax.nn.one_hot(0, spec.expanded_slots, dtype=bool)
+                               | jax.nn.one_hot(slots, spec.expanded_slots, dtype=bool),
+                               (batch, k, spec.expanded_slots))
+  for level in range(1, spec.depth):
+    carry, child_scores = expand(carry, level, tokens, ancestors)          # [B, k, V]
+    top_scores, top_tokens = jax.lax.top_k(child_scores, k)                # [B, k, k]
+    # A path's score is its cumulative log-probability; adding a log-probability <= 0
+    # never raises it, so a child never outranks its parent.
+    candidate_scores = (scores[:, :, None] + top_scores).reshape(batch, k * k)
+    candidate_tokens = top_tokens.reshape(batch, k * k)
+    pool_scores.append(candidate_scores)
+    pool_tokens.append(candidate_tokens)
+    pool_parents.append(jnp.repeat(frontier, k, axis=1))
+    if level + 1 < spec.depth:  # The next frontier: the k best new nodes.
+      offset = k + (level - 1) * k * k
+      scores, chosen = jax.lax.top_k(candidate_scores, k)                  # [B, k]
+      tokens = jnp.take_along_axis(candidate_tokens, chosen, axis=1)
+      frontier = offset + chosen
+      parent_rows = jnp.take_along_axis(ancestors, (chosen // k)[:, :, None], axis=1)
+      slots = 1 + level * k + jnp.arange(k)
+      ancestors = parent_rows | jax.nn.one_hot(slots, spec.expanded_slots, dtype=bool)[None]
+
+  # Reranking: the budget best of the whole pool. top_k breaks ties toward the lower
+  # index, i.e. the shallower node, so a kept node's parent is always kept; sorting
+  # the kept pool indices puts parents before children.
+  pool_scores = jnp.concatenate(pool_scores, axis=1)                       # [B, P]
+  kept = jnp.sort(jax.lax.top_k(pool_scores, spec.budget)[1], axis=1)      # [B, M]
+  kept_tokens = jnp.take_along_axis(jnp.concatenate(pool_tokens, axis=1), kept, axis=1)
+  parent_pool = jnp.take_along_axis(jnp.concatenate(pool_parents, axis=1), kept, axis=1)
+  parent_node = 1 + jnp.argmax(kept[:, None, :] == parent_pool[:, :, None], axis=2)
+  parents = jnp.where(parent_pool < 0, 0, parent_node)                     # [B, M]
+  node_tokens = jnp.concatenate([root_token[:, None], kept_tokens], axis=1)
+  parents = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), parents.astype(jnp.int32)], 1)
+  depths = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
+                            jnp.asarray(spec.pool_depths)[kept]], axis=1)
+  return carry, node_tokens.astype(jnp.int32), parents, depths

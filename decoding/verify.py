@@ -13,6 +13,8 @@ replacement is the target's argmax. One rule serves both.
 
 Shapes: B batch, K drafted tokens, V (padded) vocabulary; log-probabilities are float32.
 """
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -56,51 +58,68 @@ def chain_accept(rng: jax.Array, draft_tokens: jax.Array, draft_logp: jax.Array,
   return num_accepted, next_token
 
 
-def tree_accept(rng: jax.Array, spec, node_tokens: jax.Array, draft_logp: jax.Array,
-                target_logp: jax.Array, greedy: bool):
-  """Verifies a static draft tree per row (decoding/trees.py: TreeSpec).
+def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
+                target_logp: jax.Array, depth: int, max_children: int,
+                draft_logp: Optional[jax.Array] = None, greedy: bool = False):
+  """Verifies one draft tree per row (decoding/trees.py), static or dynamic.
 
-  node_tokens: [B, N] (node 0 = the last committed token); draft_logp: [B, N, V] the
-  draft distribution each node's children were drawn from; target_logp: [B, N, V]
-  the target's processed distribution after each node's path.
+  node_tokens: [B, N] (node 0 = the last committed token); parents: [N] or [B, N]
+  (-1 for the root), nodes in topological order; target_logp: [B, N, V] the target's
+  processed distribution after each node's path; depth: the tree's maximum depth;
+  max_children: the most children a node has.
 
-  Greedy: descend to the child equal to the target's argmax while there is one.
-  Sampling (SpecInfer's multi-candidate rule; children drawn i.i.d. from q): try the
-  children in order, accepting child x with probability min(1, p(x) / q(x)); after a
-  rejection p becomes norm(max(p - q, 0)) for the next sibling; if every child is
-  rejected, draw from the last residual; at a leaf, draw the bonus from p.
+  How the children of a node were drafted decides the rule (both are SpecInfer's
+  multi-candidate rule, which tries the children in order):
+    draft_logp [B, N, V] given: the children were drawn i.i.d. from q = draft_logp of
+      their parent. Accept child x with probability min(1, p(x) / q(x)); after a
+      rejection p becomes norm(max(p - q, 0)) for the next sibling.
+    draft_logp None: the children are distinct tokens the drafter chose
+      deterministically (top-k; Medusa, EAGLE-2), i.e. q is a point mass on each.
+      Accept child x with probability p(x); after a rejection p becomes
+      norm(max(p - 1_x, 0)): p without x, renormalised. (Equivalent to drawing one
+      token from p and taking the child that carries it.)
+  If every child is rejected, the next token is drawn from the last residual; at a
+  leaf, the bonus token from p. Greedy (point-mass p): descend to the child equal to
+  the target's argmax while there is one.
 
-  Returns (path [B, D + 1] node indices with path[:, 0] = 0 and entries past the
+  Returns (path [B, depth + 1] node indices with path[:, 0] = 0 and entries past the
   accepted depth 0, num_accepted [B] int32, next_token [B] int32).
   """
-  batch = node_tokens.shape[0]
+  batch, num_nodes = node_tokens.shape
   rows = jnp.arange(batch)
-  keys = jax.random.split(rng, spec.depth * (max(spec.branching) + 1) + 1)
+  parents = jnp.broadcast_to(parents, (batch, num_nodes))
+  keys = jax.random.split(rng, depth * (max_children + 1) + 1)
   current = jnp.zeros((batch,), jnp.int32)
   alive = jnp.ones((batch,), bool)           # still descending
   next_token = jnp.zeros((batch,), jnp.int32)
   path = [current]
   key_index = 0
-  for depth, width in enumerate(spec.branching):
+  for _ in range(depth):
     p = target_logp[rows, current]                                          # [B, V]
-    q = draft_logp[rows, current]
-    first = spec.first_child(current, depth)
-    found, chosen = jnp.zeros((batch,), bool), first
-    for j in range(width):
-      child = first + j
+    is_child = (parents == current[:, None]) & (jnp.arange(num_nodes) > 0)  # [B, N]
+    rank = jnp.cumsum(is_child, axis=1) - 1
+    found, chosen = jnp.zeros((batch,), bool), current
+    for j in range(max_children):
+      slot = is_child & (rank == j)
+      exists, child = jnp.any(slot, axis=1), jnp.argmax(slot, axis=1).astype(jnp.int32)
       x = node_tokens[rows, child]
       p_x = p[rows, x]
       if greedy:
         ok = p_x == 0.0  # log p(x) = 0: x is the target's argmax
       else:
+        if draft_logp is None:
+          q = jnp.where(jnp.arange(p.shape[-1]) == x[:, None], 0.0, -jnp.inf)
+        else:
+          q = draft_logp[rows, current]
         u = jax.random.uniform(keys[key_index], (batch,), minval=jnp.finfo(jnp.float32).tiny)
         key_index += 1
         ok = jnp.log(u) < p_x - q[rows, x]
-      take = ok & ~found & alive
+      take = ok & exists & ~found & alive
       chosen = jnp.where(take, child, chosen)
       found = found | take
-      if not greedy:  # Rows still searching move to the residual for the next sibling.
-        p = jnp.where((found | ~alive)[:, None], p, residual_log_probs(p, q))
+      if not greedy:  # Rows that tried this child and rejected it move to the residual.
+        rejected = exists & ~found & alive
+        p = jnp.where(rejected[:, None], residual_log_probs(p, q), p)
     stop = alive & ~found
     drawn = jax.random.categorical(keys[key_index], p).astype(jnp.int32)
     key_index += 1

@@ -24,7 +24,7 @@ def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list
   sources = data.load_sources(restored.config.data)
   tok, prompts = restored.tokenizer, []
   for text in sources['validation'].texts():
-    ids = [tok.bos_id, *tok.encode(text)[:prompt_len - 1].tolist()]
+    ids = [*tok.bos_prefix, *tok.encode(text)[:prompt_len - len(tok.bos_prefix)].tolist()]
     if len(ids) == prompt_len:
       prompts.append(ids)
     if len(prompts) == num_prompts:

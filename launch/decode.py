@@ -3,7 +3,8 @@
   python -m launch.decode --workdir=DIR --method=autoregressive --prompt='def main(' [--json]
   python -m launch.decode --workdir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9
   python -m launch.decode --workdir=TARGET --method=speculative --draft_workdir=DRAFT \
-      --num_draft=4 [--adaptive_threshold=0.3 | --tree=static --tree_spec=3,2,1]
+      --num_draft=4 [--adaptive_threshold=0.3 | --tree=static --tree_spec=3,2,1
+                     | --tree=dynamic --dynamic_tree=4,5,24]
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
@@ -36,10 +37,15 @@ _NUM_DRAFT = flags.DEFINE_integer('num_draft', 4, 'speculative: drafted tokens p
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
                                'speculative: stop drafting after a token the draft gives '
                                'less than this probability (0 = always K).')
-_TREE = flags.DEFINE_enum('tree', 'chain', ['chain', 'static'],
-                          'speculative: draft a chain of num_draft tokens, or a static tree.')
+_TREE = flags.DEFINE_enum('tree', 'chain', ['chain', 'static', 'dynamic'],
+                          'speculative: draft a chain of num_draft tokens, a static tree, or '
+                          'an EAGLE-2 dynamic tree.')
 _TREE_SPEC = flags.DEFINE_string('tree_spec', '3,2,1',
                                  'speculative --tree=static: children per node at each depth.')
+_DYNAMIC_TREE = flags.DEFINE_string('dynamic_tree', '4,5,24',
+                                    'speculative --tree=dynamic: TOP_K,DEPTH,BUDGET (EAGLE-2: '
+                                    'expand the top_k best nodes per level into top_k children '
+                                    'each, DEPTH levels, verify the BUDGET best nodes).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -64,7 +70,8 @@ def main(argv):
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
         num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value,
-        tree=_TREE_SPEC.value if _TREE.value == 'static' else '')
+        tree={'chain': '', 'static': _TREE_SPEC.value,
+              'dynamic': f'dynamic:{_DYNAMIC_TREE.value}'}[_TREE.value])
     options.sampling()
     if _METHOD.value == 'speculative' and not _DRAFT.value:
       raise ValueError('--method=speculative needs --draft_workdir=DIR (a trained draft).')

@@ -35,7 +35,8 @@ class DecodeOptions:
   model_parallelism: int = 1    # size of the mesh's model axis
   num_draft: int = 4            # speculative: tokens drafted per round, at most
   adaptive_threshold: float = 0.0  # speculative: stop drafting after an unsure token
-  tree: str = ''                # speculative: '' = chain, else a static tree like '3,2,1'
+  tree: str = ''                # speculative: '' = chain, a static tree like '3,2,1', or
+                                # an EAGLE-2 tree 'dynamic:TOP_K,DEPTH,BUDGET'
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -83,7 +84,7 @@ def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
   for i, text in enumerate(texts):
     if not text:
       raise ValueError(f'Prompt {i} is empty: give some text to continue.')
-    out.append([tokenizer.bos_id, *tokenizer.encode(text).tolist()])
+    out.append([*tokenizer.bos_prefix, *tokenizer.encode(text).tolist()])
   return out
 
 
@@ -136,7 +137,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   params = jax.device_put(restored.params, sharding.param_shardings(model, mesh))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
 
-  fn, static, extra = METHODS[method](model, draft, options, capacity, (tokenizer.eos_id,))
+  fn, static, extra = METHODS[method](model, draft, options, capacity, tokenizer.eos_ids)
   if draft is not None and extra:
     extra = {name: jax.device_put(tree, sharding.param_shardings(draft.model, mesh))
              for name, tree in extra.items()}

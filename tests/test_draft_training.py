@@ -88,10 +88,11 @@ def test_decode_command_line_speculative(distilled, trained_tiny, tmp_path):
   plain = generation.decode_texts(trained_tiny, ['def f(', 'import os'],
                                   options=generation.DecodeOptions(max_new_tokens=16))
   assert [o['tokens'] for o in result['outputs']] == [o['tokens'] for o in plain['outputs']]
-  tree = generation.decode_texts(trained_tiny, ['def f(', 'import os'], 'speculative',
-                                 generation.DecodeOptions(max_new_tokens=16, tree='3,2'), draft)
-  assert [o['tokens'] for o in tree['outputs']] == [o['tokens'] for o in plain['outputs']]
-  assert len(tree['stats']['accepted_histogram']) == 3
+  for spec, depth in (('3,2', 2), ('dynamic:3,4,10', 4)):
+    tree = generation.decode_texts(trained_tiny, ['def f(', 'import os'], 'speculative',
+                                   generation.DecodeOptions(max_new_tokens=16, tree=spec), draft)
+    assert [o['tokens'] for o in tree['outputs']] == [o['tokens'] for o in plain['outputs']]
+    assert len(tree['stats']['accepted_histogram']) == depth + 1
   without_draft = [a for a in cmd if not a.startswith('--draft_workdir')]
   missing = subprocess.run(without_draft, cwd=REPO, capture_output=True, text=True,
                            timeout=300)

@@ -116,6 +116,17 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   return restored['state']
 
 
+def save_params(workdir: str, params, step: int = 0) -> None:
+  """A parameters-only checkpoint (imported weights): what restore_model reads. It holds
+  no optimizer state, so training starts from it with --config.init_from=WORKDIR."""
+  manager = make_manager(workdir, save_every=1, keep=1)
+  try:
+    manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'params': params, 'step': step})))
+  finally:
+    manager.close()
+
+
 @dataclasses.dataclass
 class RestoredModel:
   """A trained model ready to decode: what launch.decode and launch.bench start from."""

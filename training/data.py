@@ -169,7 +169,7 @@ class _Tokenize(grain.transforms.Map):
   def map(self, text: str) -> dict:
     ids = self._tokenizer.encode(text)
     t = self._tokenizer
-    return {'tokens': np.concatenate([[t.bos_id], ids, [t.eos_id]]).astype(np.int32)}
+    return {'tokens': np.concatenate([t.bos_prefix, ids, [t.eos_id]]).astype(np.int32)}
 
 
 class _ToModelBatch(grain.transforms.Map):

@@ -1,7 +1,9 @@
-"""Tokenizers: byte-level (no training) and SentencePiece BPE trained on the corpus.
+"""Tokenizers: byte-level (no training), SentencePiece BPE trained on the corpus, and
+Hugging Face `tokenizer.json` files of imported checkpoints (training/hf.py).
 
-Both share the special ids pad=0, bos=1, eos=2 so that data, objectives and
-decoding never special-case the tokenizer. A tokenizer is saved inside the
+Our own tokenizers share the special ids pad=0, bos=1, eos=2; an imported one takes
+its ids from the checkpoint's config. Data, objectives and decoding read them from
+the tokenizer (`pad_id`, `bos_id`, `eos_id`, `eos_ids`), never assume them. A tokenizer is saved inside the
 workdir (`tokenizer.json`, plus `tokenizer.model` for BPE) so a checkpoint
 always travels with it.
 """
@@ -21,6 +23,12 @@ SENTENCEPIECE_FILE = 'tokenizer.model'
 
 class Tokenizer(abc.ABC):
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+  eos_ids: tuple[int, ...] = (EOS_ID,)   # every id that ends a generation
+
+  @property
+  def bos_prefix(self) -> list[int]:
+    """[bos_id], or [] for a tokenizer without one (e.g. Qwen2's)."""
+    return [] if self.bos_id is None else [self.bos_id]
 
   @property
   @abc.abstractmethod
@@ -136,6 +144,56 @@ class SentencePieceTokenizer(Tokenizer):
     return cls(model.getvalue())
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A `tokenizer.json` read with the `tokenizers` library, with the special ids of the
+  model's config. `vocab_size` is the model's (embedding rows), which may exceed the
+  tokenizer's own size (ids it never produces)."""
+  FILE = 'hf_tokenizer.json'
+
+  def __init__(self, tokenizer_json: str, vocab_size: int, bos_id, eos_ids, pad_id):
+    import tokenizers
+    self._json = tokenizer_json
+    self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+    self._vocab_size = int(vocab_size)
+    self.eos_ids = tuple(int(i) for i in eos_ids)
+    if not self.eos_ids:
+      raise ValueError('An imported tokenizer needs at least one EOS id (eos_token_id).')
+    self.eos_id = self.eos_ids[0]
+    self.bos_id = None if bos_id is None else int(bos_id)
+    self.pad_id = self.eos_id if pad_id is None else int(pad_id)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._tok.get_vocab_size()],
+                            skip_special_tokens=True)
+
+  def token_bytes(self) -> np.ndarray:
+    out = np.zeros(self.vocab_size, np.int32)
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    for i in range(min(self.vocab_size, self._tok.get_vocab_size())):
+      if i not in special:
+        out[i] = len(self._tok.decode([i]).encode('utf-8'))
+    return out
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, self.FILE), 'w') as f:
+      f.write(self._json)
+    _write_json(directory, {'kind': 'hf', 'model_file': self.FILE, 'vocab_size': self.vocab_size,
+                            'bos_id': self.bos_id, 'eos_ids': list(self.eos_ids),
+                            'pad_id': self.pad_id})
+
+  def fingerprint(self) -> str:
+    specials = f'{self.bos_id}:{self.eos_ids}'.encode()
+    return 'hf:' + hashlib.sha1(self._json.encode() + specials).hexdigest()
+
+
 def _write_json(directory: str, payload: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, TOKENIZER_FILE), 'w') as f:
@@ -163,7 +221,15 @@ def load(directory: str) -> Tokenizer:
                               f'{model_path}, which does not exist.')
     with open(model_path, 'rb') as f:
       return SentencePieceTokenizer(f.read())
-  raise ValueError(f'{path}: unknown tokenizer kind {spec["kind"]!r} (expected byte or bpe).')
+  if spec['kind'] == 'hf':
+    model_path = os.path.join(directory, spec['model_file'])
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f'Tokenizer file missing: {path} names the Hugging Face '
+                              f'tokenizer {model_path}, which does not exist.')
+    with open(model_path) as f:
+      return HuggingFaceTokenizer(f.read(), spec['vocab_size'], spec['bos_id'],
+                                  spec['eos_ids'], spec['pad_id'])
+  raise ValueError(f'{path}: unknown tokenizer kind {spec["kind"]!r} (expected byte, bpe or hf).')
 
 
 def create(kind: str, vocab_size: int, training_texts: Iterable[str]) -> Tokenizer:

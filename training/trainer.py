@@ -171,9 +171,10 @@ def prepare_tokenizer(config, workdir: str, train_source) -> tokenizers.Tokenize
   """The workdir's tokenizer; a new one (trained for BPE) when the run starts fresh."""
   if checkpoints.has_checkpoint(workdir):
     return tokenizers.load(workdir)  # A checkpoint only fits its own tokenizer.
-  target_workdir = config.get('target_workdir', '')
-  if target_workdir:  # A draft shares its target's tokenizer.
-    tokenizer = tokenizers.load(target_workdir)
+  # A draft shares its target's tokenizer; a run initialised from a workdir, its.
+  source_workdir = config.get('target_workdir', '') or config.get('init_from', '')
+  if source_workdir:
+    tokenizer = tokenizers.load(source_workdir)
     tokenizer.save(workdir)
     return tokenizer
   spec = config.tokenizer
@@ -204,6 +205,15 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
 
   step_callback(step, metrics, host_batch) runs on the host after every step.
   """
+  if checkpoints.has_checkpoint(workdir) and checkpoints.load_config(workdir).get('imported_from'):
+    raise ValueError(f'{workdir} holds imported weights without optimizer state; train in a '
+                     f'new workdir with --config.init_from={workdir}.')
+  if config.get('init_from', ''):  # The initial parameters fix the model and tokenizer.
+    source = checkpoints.load_config(config.init_from)
+    with config.unlocked():
+      config.model = source.model
+      config.tokenizer = source.tokenizer
+    log.info('init_from=%s: model and tokenizer config taken from there', config.init_from)
   checkpoints.check_and_save_config(workdir, config)
   sources = data.load_sources(config.data)
   tokenizer = prepare_tokenizer(config, workdir, sources['train'])
@@ -230,6 +240,8 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
     latest = manager.latest_step()
     if latest is None:
       state = setup.init_state()
+      if config.get('init_from', ''):
+        state = _params_from(config.init_from, state, setup)
       log.info('Initialised %s parameters', f'{_count(state.params):,}')
     else:
       state = checkpoints.restore(manager, latest, setup.abstract_state, data_iter)
@@ -240,6 +252,22 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
     manager.close()
     writer.close()
     data_iter.close()
+
+
+def _params_from(workdir: str, state: TrainState, setup: Setup) -> TrainState:
+  """A fresh state whose parameters come from `workdir` (shapes checked, cast to ours)."""
+  restored = checkpoints.restore_model(workdir)
+  want = checkpoints._shapes(state.params)
+  got = checkpoints._shapes(restored.params)
+  if want != got:
+    diffs = [f'{k}: {workdir} has {got.get(k)}, this config {want.get(k)}'
+             for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+    raise checkpoints.ConfigMismatchError(
+        f'init_from={workdir} does not fit this config\'s model:\n  ' + '\n  '.join(diffs[:10]))
+  params = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                        restored.params, state.params)
+  log.info('Parameters from %s (step %d)', workdir, restored.step)
+  return state.replace(params=params)
 
 
 def _loop(config, setup, state, data_iter, validation, tokenizer, manager, writer,

@@ -1,0 +1,245 @@
+"""Checkpoints in the Hugging Face layout: import Llama / Mistral / Qwen2 weights into a
+workdir, and export our autoregressive LM back.
+
+The layout: `config.json`, `model.safetensors` or shards named by
+`model.safetensors.index.json`, and `tokenizer.json`.
+
+Tensor mapping (HF Linear weights are [out, in]; ours are [in, ...] einsum operands):
+  model.embed_tokens.weight [V, D]                  -> embedding [V_pad, D] (zero rows pad)
+  lm_head.weight [V, D] (absent when tied)          -> lm_head [D, V_pad]
+  model.norm.weight                                 -> final_norm.scale
+  layers.i.input_layernorm.weight                   -> block_i.attention_norm.scale
+  layers.i.post_attention_layernorm.weight          -> block_i.mlp_norm.scale
+  layers.i.self_attn.{q,k,v}_proj.weight [N*H, D]   -> attention.{q,k,v} [D, N, H]
+  layers.i.self_attn.{q,k,v}_proj.bias [N*H] (Qwen2)-> attention.{q,k,v}_bias [N, H]
+  layers.i.self_attn.o_proj.weight [D, N*H]         -> attention.o [N, H, D]
+  layers.i.mlp.{gate,up}_proj.weight [F, D]         -> mlp.{gate,up} [D, F]
+  layers.i.mlp.down_proj.weight [D, F]              -> mlp.down [F, D]
+Rotary embeddings agree without permuting: HF's `rotate_half` pairs the first and
+second halves of the head dim, as models/transformer.py does, with the same
+frequencies theta^(-2i / H).
+"""
+import json
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM')
+INDEX_FILE = 'model.safetensors.index.json'
+SINGLE_FILE = 'model.safetensors'
+
+
+class UnsupportedCheckpointError(ValueError):
+  pass
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{directory} has no config.json: not a Hugging Face checkpoint '
+                            'directory.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_config(hf: dict, dtype: str = 'float32') -> dict:
+  """Our `model` config block (models.TransformerConfig fields but vocab_size) from a
+  Hugging Face config.json, refusing what our trunk does not compute."""
+  architectures = hf.get('architectures') or [hf.get('model_type', '?')]
+  if architectures[0] not in SUPPORTED:
+    raise UnsupportedCheckpointError(
+        f'Unsupported architecture {architectures[0]!r}; supported: {", ".join(SUPPORTED)}.')
+  if hf.get('hidden_act', 'silu') != 'silu':
+    raise UnsupportedCheckpointError(f'Unsupported hidden_act {hf["hidden_act"]!r} (SwiGLU '
+                                     'needs silu).')
+  if hf.get('mlp_bias') or (architectures[0] != 'Qwen2ForCausalLM' and hf.get('attention_bias')):
+    raise UnsupportedCheckpointError('Unsupported: biases on the MLP or the attention output.')
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type != 'default':
+    raise UnsupportedCheckpointError(f'Unsupported rope scaling {rope_type!r}: only plain '
+                                     'rotary embeddings are implemented.')
+  if architectures[0] == 'Qwen2ForCausalLM' and hf.get('use_sliding_window'):
+    raise UnsupportedCheckpointError('Unsupported: Qwen2 with use_sliding_window=true.')
+  if hf.get('sliding_window'):
+    log.warning('The checkpoint attends within a sliding window of %d tokens; our trunk '
+                'attends to the whole context, which agrees up to that length.',
+                hf['sliding_window'])
+  heads = hf['num_attention_heads']
+  return dict(
+      num_layers=hf['num_hidden_layers'], d_model=hf['hidden_size'], num_heads=heads,
+      num_kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
+      mlp_dim=hf['intermediate_size'],
+      rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0))),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      qkv_bias=architectures[0] == 'Qwen2ForCausalLM',
+      norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      dtype=dtype, param_dtype=dtype)
+
+
+def _tensor_reader(directory: str) -> tuple[Callable[[str], np.ndarray], set]:
+  """(read(name) -> array, names): tensors are read one at a time from memory-mapped
+  safetensors files, so only the tensor being converted is in memory."""
+  from safetensors import safe_open
+  index_path = os.path.join(directory, INDEX_FILE)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f)['weight_map']
+  elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
+    with safe_open(os.path.join(directory, SINGLE_FILE), framework='flax') as f:
+      weight_map = {name: SINGLE_FILE for name in f.keys()}
+  else:
+    raise FileNotFoundError(f'{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}.')
+  for name in sorted(set(weight_map.values())):
+    if not os.path.exists(os.path.join(directory, name)):
+      raise FileNotFoundError(f'{os.path.join(directory, name)} is missing (named by '
+                              f'{INDEX_FILE}).')
+  handles = {}
+
+  def read(name: str):
+    if name not in weight_map:
+      raise KeyError(name)
+    file = weight_map[name]
+    if file not in handles:
+      handles[file] = safe_open(os.path.join(directory, file), framework='flax')
+    return handles[file].get_tensor(name)
+
+  return read, set(weight_map)
+
+
+def _layout(config) -> dict:
+  """HF tensor name -> (our param path, HF shape, function HF array -> ours)."""
+  c = config
+  n, k, h, d, f = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model, c.mlp_dim
+  out = {'model.embed_tokens.weight': (('embedding',), (c.vocab_size, d), None),
+         'model.norm.weight': (('final_norm', 'scale'), (d,), None)}
+  if not c.tie_embeddings:
+    out['lm_head.weight'] = (('lm_head',), (c.vocab_size, d), lambda w: w.T)
+  for i in range(c.num_layers):
+    hf, ours = f'model.layers.{i}.', f'block_{i}'
+    out.update({
+        hf + 'input_layernorm.weight': ((ours, 'attention_norm', 'scale'), (d,), None),
+        hf + 'post_attention_layernorm.weight': ((ours, 'mlp_norm', 'scale'), (d,), None),
+        hf + 'self_attn.q_proj.weight': ((ours, 'attention', 'q'), (n * h, d),
+                                         lambda w: w.T.reshape(d, n, h)),
+        hf + 'self_attn.k_proj.weight': ((ours, 'attention', 'k'), (k * h, d),
+                                         lambda w: w.T.reshape(d, k, h)),
+        hf + 'self_attn.v_proj.weight': ((ours, 'attention', 'v'), (k * h, d),
+                                         lambda w: w.T.reshape(d, k, h)),
+        hf + 'self_attn.o_proj.weight': ((ours, 'attention', 'o'), (d, n * h),
+                                         lambda w: w.T.reshape(n, h, d)),
+        hf + 'mlp.gate_proj.weight': ((ours, 'mlp', 'gate'), (f, d), lambda w: w.T),
+        hf + 'mlp.up_proj.weight': ((ours, 'mlp', 'up'), (f, d), lambda w: w.T),
+        hf + 'mlp.down_proj.weight': ((ours, 'mlp', 'down'), (d, f), lambda w: w.T),
+    })
+    if c.qkv_bias:
+      for name, heads in (('q', n), ('k', k), ('v', k)):
+        out[hf + f'self_attn.{name}_proj.bias'] = ((ours, 'attention', f'{name}_bias'),
+                                                   (heads * h,), lambda b, m=heads: b.reshape(m, h))
+  return out
+
+
+def _pad_vocab(array, config, axis: int):
+  pad = config.padded_vocab_size - config.vocab_size
+  if not pad:
+    return array
+  widths = [(0, 0)] * array.ndim
+  widths[axis] = (0, pad)
+  import jax.numpy as jnp
+  return jnp.pad(array, widths)
+
+
+def load_params(directory: str, config) -> dict:
+  """Our parameter tree for models.Transformer(config) from a HF checkpoint directory,
+  cast to config.param_dtype tensor by tensor."""
+  import jax.numpy as jnp
+  read, names = _tensor_reader(directory)
+  dtype = jnp.dtype(config.param_dtype)
+  params: dict = {}
+  layout = _layout(config)
+  missing = [name for name in layout if name not in names]
+  if missing:
+    raise ValueError(f'{directory} lacks tensors the config needs: {", ".join(missing[:5])}'
+                     + (f' and {len(missing) - 5} more' if len(missing) > 5 else ''))
+  unused = sorted(n for n in names - set(layout) if not n.endswith('rotary_emb.inv_freq'))
+  if unused:
+    raise UnsupportedCheckpointError(f'{directory} has tensors our model has no place for: '
+                                     f'{", ".join(unused[:5])}')
+  for name, (path, shape, convert) in layout.items():
+    tensor = read(name)
+    if tuple(tensor.shape) != shape:
+      raise ValueError(f'Tensor {name} has shape {tuple(tensor.shape)}; config.json implies '
+                       f'{shape}.')
+    value = (convert(tensor) if convert else tensor).astype(dtype)
+    if path == ('embedding',):
+      value = _pad_vocab(value, config, 0)
+    elif path == ('lm_head',):
+      value = _pad_vocab(value, config, 1)
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return params
+
+
+def export_tensors(params, config) -> dict:
+  """The inverse of load_params: {HF name: array [out, in] layout}, vocab padding cut."""
+  out = {}
+  for name, (path, shape, _) in _layout(config).items():
+    value = params
+    for key in path:
+      value = value[key]
+    value = np.asarray(value)
+    if path == ('embedding',):
+      value = value[:config.vocab_size]
+    elif path == ('lm_head',):
+      value = value[:, :config.vocab_size].T
+    elif path[-1] in ('q', 'k', 'v'):
+      value = value.reshape(value.shape[0], -1).T
+    elif path[-1] == 'o':
+      value = value.reshape(-1, value.shape[-1]).T
+    elif path[-1] in ('gate', 'up', 'down'):
+      value = value.T
+    elif path[-1].endswith('_bias'):
+      value = value.reshape(-1)
+    assert value.shape == shape, (name, value.shape, shape)
+    out[name] = np.ascontiguousarray(value)
+  return out
+
+
+def hf_config(config, tokenizer) -> dict:
+  """config.json of the exported model: Qwen2 when it has q/k/v biases, else Llama."""
+  qwen = config.qkv_bias
+  eos = list(tokenizer.eos_ids)
+  return {
+      'architectures': ['Qwen2ForCausalLM' if qwen else 'LlamaForCausalLM'],
+      'model_type': 'qwen2' if qwen else 'llama',
+      'vocab_size': config.vocab_size, 'hidden_size': config.d_model,
+      'intermediate_size': config.mlp_dim, 'num_hidden_layers': config.num_layers,
+      'num_attention_heads': config.num_heads, 'num_key_value_heads': config.num_kv_heads,
+      'head_dim': config.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': config.norm_eps,
+      'rope_theta': config.rope_theta,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': config.rope_theta},
+      'tie_word_embeddings': config.tie_embeddings, 'attention_bias': False, 'mlp_bias': False,
+      'max_position_embeddings': 4096, 'torch_dtype': config.param_dtype,
+      'bos_token_id': tokenizer.bos_id, 'eos_token_id': eos[0] if len(eos) == 1 else eos,
+      'pad_token_id': tokenizer.pad_id,
+  }
+
+
+def read_tokenizer(directory: str, hf: dict, vocab_size: int):
+  from training import tokenizers
+  path = os.path.join(directory, 'tokenizer.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{directory} has no tokenizer.json (the tokenizers-library file '
+                            'saved with the model).')
+  eos = hf.get('eos_token_id')
+  eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+  with open(path) as f:
+    return tokenizers.HuggingFaceTokenizer(f.read(), vocab_size, hf.get('bos_token_id'), eos,
+                                           hf.get('pad_token_id'))
