@@ -19,6 +19,9 @@ def get_config(arg: str | None = None):
   # speculative: '' = chain, '3,2,1' a static tree, 'dynamic:TOP_K,DEPTH,BUDGET' EAGLE-2
   config.trees = ('', '3,2,1', 'dynamic:4,5,24')
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
+  config.heads_workdir = 'workdirs/medusa_small'  # Medusa heads for `medusa`
+  config.medusa_tree = '4,2,2'                  # medusa: head d's top-b_d at depth d
+  config.medusa_typical = True                  # medusa: also run typical acceptance (lossy)
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call
   config.temperatures = (0.0, 1.0)              # 0 = greedy

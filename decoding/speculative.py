@@ -222,17 +222,19 @@ def _draft_dynamic_tree(draft_model, draft_params, state: State, config: Specula
   return node_tokens, parents, depths, cache.replace(lengths=state.lengths), spec.depth
 
 
-def _commit(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
+def _commit(state, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
   tokens, lengths, done = base.commit(state.tokens, state.lengths, state.limits, state.done,
                                       candidates, count, eos_ids)
   return state.replace(tokens=tokens, lengths=lengths, done=done)
 
 
-def _finish_round(state: State, accepted_tokens, num_accepted, next_token, target_cache,
-                  draft_cache, rng, draft_calls, eos_ids) -> State:
-  """Commits each row's accepted tokens and the target's token, keeps [last, accepted]
-  in the target cache, and books the round.
+def finish_round(state, accepted_tokens, num_accepted, next_token, target_cache, eos_ids,
+                 **updates):
+  """The round driver's end, for every draft-and-verify method: commits each row's
+  accepted tokens and the target's token, keeps [last, accepted] in the target cache,
+  books the round, and sets the method's own `updates` fields.
 
+  state: any flax struct with tokens, lengths, limits, done, target_calls, histogram.
   accepted_tokens: [B, M] the accepted chain or tree path in order (entries past
   num_accepted [B] are ignored); next_token: [B] the replacement or bonus token.
   """
@@ -242,9 +244,9 @@ def _finish_round(state: State, accepted_tokens, num_accepted, next_token, targe
   committed = _commit(state, candidates, num_accepted + 1, eos_ids)
   return committed.replace(
       target_cache=target_cache.replace(lengths=state.lengths + num_accepted),
-      draft_cache=draft_cache, rng=rng, target_calls=state.target_calls + 1,
-      draft_calls=state.draft_calls + draft_calls,
-      histogram=state.histogram.at[num_accepted].add((~state.done).astype(jnp.int32)))
+      target_calls=state.target_calls + 1,
+      histogram=state.histogram.at[num_accepted].add((~state.done).astype(jnp.int32)),
+      **updates)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'draft_model', 'config'))
@@ -300,15 +302,13 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
     path, num_accepted, next_token = verify.tree_accept(
         verify_key, node_tokens, jnp.asarray(parents), target_logp, spec.depth,
         spec.max_children, draft_logp, config.sampling.greedy)
-    # Move the accepted path's keys/values from their node slots into sequence order.
-    depth = jnp.arange(1, spec.depth + 1)[None]
-    source = root[:, None] + path[:, 1:]
-    target = jnp.where(depth <= num_accepted[:, None], root[:, None] + depth, cache_size)
+    source, target = trees.path_slots(root, path, num_accepted, cache_size)
     if not dynamic:  # The static tree's draft cache holds its nodes of depth < D.
       draft_cache = draft_cache.move_slots(source, target)
-    return _finish_round(state, node_tokens[rows[:, None], path[:, 1:]], num_accepted,
-                         next_token, out.cache.move_slots(source, target), draft_cache,
-                         rng, calls, config.eos_ids)
+    return finish_round(state, node_tokens[rows[:, None], path[:, 1:]], num_accepted,
+                        next_token, out.cache.move_slots(source, target), config.eos_ids,
+                        draft_cache=draft_cache, rng=rng,
+                        draft_calls=state.draft_calls + calls)
 
   def chain_round(state: State) -> State:
     rng, draft_key, verify_key = jax.random.split(state.rng, 3)
@@ -320,8 +320,8 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
     target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, K + 1, V]
     num_accepted, next_token = verify.chain_accept(verify_key, d.tokens, d.logp, target_logp,
                                                    d.num_drafted)
-    return _finish_round(state, d.tokens, num_accepted, next_token, out.cache, d.cache, rng,
-                         d.calls, config.eos_ids)
+    return finish_round(state, d.tokens, num_accepted, next_token, out.cache, config.eos_ids,
+                        draft_cache=d.cache, rng=rng, draft_calls=state.draft_calls + d.calls)
 
   round_ = chain_round if config.tree is None else tree_round
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)

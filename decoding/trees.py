@@ -172,6 +172,17 @@ def tree_mask(ancestors: jax.Array, root_slots: jax.Array, capacity: int) -> jax
   return (relative < 0)[:, None, :] | (tree_part & in_tree[:, None, :])
 
 
+def path_slots(root_slots: jax.Array, path: jax.Array, num_accepted: jax.Array,
+               capacity: int) -> tuple[jax.Array, jax.Array]:
+  """(source, target) [B, D] cache slots that move an accepted path's keys/values from
+  their node slots (root + node) into sequence order (root + depth); slots past the
+  accepted depth target `capacity`, i.e. are dropped (KVCache.move_slots)."""
+  depth = jnp.arange(1, path.shape[1])[None]
+  source = root_slots[:, None] + path[:, 1:]
+  target = jnp.where(depth <= num_accepted[:, None], root_slots[:, None] + depth, capacity)
+  return source, target
+
+
 def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores: jax.Array,
                       expand: Callable, carry):
   """EAGLE-2 expansion and reranking, for any drafter.

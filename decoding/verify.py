@@ -131,3 +131,48 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
   next_token = jnp.where(alive, bonus, next_token)
   num_accepted = jnp.sum(jnp.stack(path[1:], axis=1) > 0, axis=1).astype(jnp.int32)
   return jnp.stack(path, axis=1), num_accepted, next_token
+
+
+def typical_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
+                   target_logp: jax.Array, depth: int, max_children: int,
+                   epsilon: float, delta: float):
+  """LOSSY: Medusa's typical acceptance (Cai et al. 2024). Not distributed as the target.
+
+  Walks the tree from the root, taking the first child x (in order) whose target
+  probability clears p(x) > min(epsilon, delta * exp(-H(p))), H the entropy of the
+  target's processed distribution p at the parent; where no child does, or at a leaf,
+  the next token is drawn from p. It accepts more than the lossless rule when p is
+  flat, at the price of favouring the heads' guesses. Same arguments and returns as
+  tree_accept (children given by `parents`).
+  """
+  batch, num_nodes = node_tokens.shape
+  rows = jnp.arange(batch)
+  parents = jnp.broadcast_to(parents, (batch, num_nodes))
+  keys = jax.random.split(rng, depth + 1)
+  current = jnp.zeros((batch,), jnp.int32)
+  alive = jnp.ones((batch,), bool)
+  next_token = jnp.zeros((batch,), jnp.int32)
+  path = [current]
+  for d in range(depth):
+    logp = target_logp[rows, current]                                       # [B, V]
+    p = jnp.exp(logp)
+    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+    threshold = jnp.minimum(epsilon, delta * jnp.exp(-entropy))             # [B]
+    is_child = (parents == current[:, None]) & (jnp.arange(num_nodes) > 0)
+    rank = jnp.cumsum(is_child, axis=1) - 1
+    found, chosen = jnp.zeros((batch,), bool), current
+    for j in range(max_children):
+      slot = is_child & (rank == j)
+      exists, child = jnp.any(slot, axis=1), jnp.argmax(slot, axis=1).astype(jnp.int32)
+      take = exists & (p[rows, node_tokens[rows, child]] > threshold) & ~found & alive
+      chosen = jnp.where(take, child, chosen)
+      found = found | take
+    drawn = jax.random.categorical(keys[d], logp).astype(jnp.int32)
+    next_token = jnp.where(alive & ~found, drawn, next_token)
+    alive = alive & found
+    current = jnp.where(found, chosen, current)
+    path.append(jnp.where(found, chosen, 0))
+  bonus = jax.random.categorical(keys[depth], target_logp[rows, current]).astype(jnp.int32)
+  next_token = jnp.where(alive, bonus, next_token)
+  num_accepted = jnp.sum(jnp.stack(path[1:], axis=1) > 0, axis=1).astype(jnp.int32)
+  return jnp.stack(path, axis=1), num_accepted, next_token

@@ -123,6 +123,11 @@ def run(config, workdir: str) -> list[dict]:
     if not config.draft_workdir:
       raise ValueError('The speculative method needs config.draft_workdir.')
     draft = checkpoints.restore_model(config.draft_workdir)
+  heads = None
+  if 'medusa' in config.methods:
+    if not config.get('heads_workdir', ''):
+      raise ValueError('The medusa method needs config.heads_workdir.')
+    heads = checkpoints.restore_model(config.heads_workdir)
   unknown = [m for m in config.methods if m not in generation.METHODS]
   if unknown:
     raise ValueError(f'Unknown methods {unknown}; known: {", ".join(generation.METHODS)}.')
@@ -130,10 +135,12 @@ def run(config, workdir: str) -> list[dict]:
   machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
              'cpu_count': os.cpu_count(), 'jax': jax.__version__}
-  # (method, tree) pairs; speculative runs once per entry of config.trees.
+  # (method, variant) pairs: speculative runs once per entry of config.trees; medusa
+  # with the exact rule and, if config.medusa_typical, with typical acceptance (lossy).
+  variants = {'speculative': config.trees,
+              'medusa': ('', 'typical') if config.get('medusa_typical') else ('',)}
   methods = [('autoregressive', '')] + [
-      (m, tree) for m in config.methods if m != 'autoregressive'
-      for tree in (config.trees if m == 'speculative' else ('',))]
+      (m, v) for m in config.methods if m != 'autoregressive' for v in variants.get(m, ('',))]
   groups = [(b, t) for b in config.batch_sizes for t in config.temperatures]
   bar = tqdm.tqdm(total=len(groups) * len(methods), desc='bench', dynamic_ncols=True)
   records = []
@@ -141,18 +148,25 @@ def run(config, workdir: str) -> list[dict]:
     options = generation.DecodeOptions(
         max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
         batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
-        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
+        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
+        medusa_tree=config.get('medusa_tree', '4,2,2'))
     ar = None
-    for method, tree in methods:
-      bar.set_postfix(method=method + tree, batch=batch_size, temperature=temperature)
+    for method, variant in methods:
+      bar.set_postfix(method=method + variant, batch=batch_size, temperature=temperature)
+      if method == 'medusa':
+        method_options = dataclasses.replace(options, typical=variant == 'typical')
+        name = 'medusa' + ('_typical' if variant else '') + f'({options.medusa_tree})'
+      else:
+        method_options = dataclasses.replace(options, tree=variant)
+        name = method + (f'_tree({variant})' if variant else '')
       completions, stats = generation.decode_tokens(
-          restored, prompts, method, dataclasses.replace(options, tree=tree), draft,
+          restored, prompts, method, method_options, heads if method == 'medusa' else draft,
           repeats=config.repeats)
       bar.update(1)
       ar = ar or (completions, stats)
-      lossless = generation.LOSSLESS[method]
+      lossless = generation.lossless(method, method_options)
       records.append(dict(
-          method=method + (f'_tree({tree})' if tree else ''), lossless=lossless,
+          method=name, lossless=lossless,
           batch_size=batch_size, temperature=temperature,
           mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
           draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],

@@ -40,9 +40,9 @@ def _imported(workdir: str, directory: str):
   """(restored model on the weights read back from its export, transformers model)."""
   import torch
   import transformers
-  from launch import convert
+  from launch import conversion
   from training import checkpoints, hf
-  convert.export_hf(workdir, directory)
+  conversion.export_hf(workdir, directory)
   restored = checkpoints.restore_model(workdir)
   restored = dataclasses.replace(restored, params=hf.load_params(directory,
                                                                  restored.model.config))

@@ -5,6 +5,8 @@
   python -m launch.decode --workdir=TARGET --method=speculative --draft_workdir=DRAFT \
       --num_draft=4 [--adaptive_threshold=0.3 | --tree=static --tree_spec=3,2,1
                      | --tree=dynamic --dynamic_tree=4,5,24]
+  python -m launch.decode --workdir=TARGET --method=medusa --heads_workdir=HEADS \
+      [--medusa_tree=4,2,2 --typical]
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
@@ -46,6 +48,10 @@ _DYNAMIC_TREE = flags.DEFINE_string('dynamic_tree', '4,5,24',
                                     'speculative --tree=dynamic: TOP_K,DEPTH,BUDGET (EAGLE-2: '
                                     'expand the top_k best nodes per level into top_k children '
                                     'each, DEPTH levels, verify the BUDGET best nodes).')
+_HEADS = flags.DEFINE_string('heads_workdir', None, 'medusa: the heads\' training workdir.')
+_MEDUSA_TREE = flags.DEFINE_string('medusa_tree', '4,2,2',
+                                   'medusa: tokens per depth from head d (a static tree).')
+_TYPICAL = flags.DEFINE_bool('typical', False, 'medusa: typical acceptance (LOSSY).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -71,12 +77,16 @@ def main(argv):
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
         num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value,
         tree={'chain': '', 'static': _TREE_SPEC.value,
-              'dynamic': f'dynamic:{_DYNAMIC_TREE.value}'}[_TREE.value])
+              'dynamic': f'dynamic:{_DYNAMIC_TREE.value}'}[_TREE.value],
+        medusa_tree=_MEDUSA_TREE.value, typical=_TYPICAL.value)
     options.sampling()
     if _METHOD.value == 'speculative' and not _DRAFT.value:
       raise ValueError('--method=speculative needs --draft_workdir=DIR (a trained draft).')
+    if _METHOD.value == 'medusa' and not _HEADS.value:
+      raise ValueError('--method=medusa needs --heads_workdir=DIR (trained Medusa heads).')
     restored = checkpoints.restore_model(_WORKDIR.value)
-    draft = checkpoints.restore_model(_DRAFT.value) if _DRAFT.value else None
+    second = _HEADS.value if _METHOD.value == 'medusa' else _DRAFT.value
+    draft = checkpoints.restore_model(second) if second else None
     result = generation.decode_texts(restored, texts, _METHOD.value, options, draft)
   if _JSON.value:
     print(json.dumps(result))

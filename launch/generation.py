@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import autoregressive, base, speculative, trees
+from decoding import autoregressive, base, medusa, speculative, trees
 from decoding.sampling import SamplingConfig
 from models import sharding
 
@@ -37,6 +37,8 @@ class DecodeOptions:
   adaptive_threshold: float = 0.0  # speculative: stop drafting after an unsure token
   tree: str = ''                # speculative: '' = chain, a static tree like '3,2,1', or
                                 # an EAGLE-2 tree 'dynamic:TOP_K,DEPTH,BUDGET'
+  medusa_tree: str = '4,2,2'    # medusa: children per depth (head d's top-b_d tokens)
+  typical: bool = False         # medusa: typical acceptance (LOSSY)
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -63,11 +65,31 @@ def _speculative(model, draft, options, capacity, eos_ids):
           {'draft_params': draft.params})
 
 
+def _medusa(model, heads, options, capacity, eos_ids):
+  from models import MedusaHeads
+  if heads is None or not isinstance(heads.model, MedusaHeads):
+    raise ValueError('The medusa method needs a Medusa heads workdir (--heads_workdir), '
+                     'trained with configs/medusa.py.')
+  config = medusa.MedusaConfig(
+      max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
+      tree=trees.parse(options.medusa_tree), sampling=options.sampling(), eos_ids=eos_ids,
+      typical=options.typical)
+  extra = {'heads_params': heads.params['heads']}
+  if 'base' in heads.params:  # Medusa-2: the target trained with its heads is the model.
+    extra['params'] = heads.params['base']
+  return medusa.generate, {'model': model, 'heads': heads.model, 'config': config}, extra
+
+
 # name -> builder of (jitted generate, its static keyword arguments, extra dynamic
-# parameter trees). The other dynamic arguments are always params, prompts,
-# prompt_lengths and rng.
-METHODS = {'autoregressive': _autoregressive, 'speculative': _speculative}
-LOSSLESS = {'autoregressive': True, 'speculative': True}
+# parameter trees, which may replace `params`). The other dynamic arguments are always
+# params, prompts, prompt_lengths and rng. The second model (a draft, or heads) is
+# passed as `draft`.
+METHODS = {'autoregressive': _autoregressive, 'speculative': _speculative, 'medusa': _medusa}
+LOSSLESS = {'autoregressive': True, 'speculative': True, 'medusa': True}
+
+
+def lossless(method: str, options: DecodeOptions) -> bool:
+  return LOSSLESS[method] and not (method == 'medusa' and options.typical)
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -139,8 +161,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
 
   fn, static, extra = METHODS[method](model, draft, options, capacity, tokenizer.eos_ids)
   if draft is not None and extra:
-    extra = {name: jax.device_put(tree, sharding.param_shardings(draft.model, mesh))
-             for name, tree in extra.items()}
+    extra = {name: jax.device_put(tree, sharding.param_shardings(
+        model if name == 'params' else draft.model, mesh)) for name, tree in extra.items()}
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
   histogram, draft_calls = None, 0
   compiled = None
@@ -150,7 +172,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
       dynamic = dict(params=params, prompts=jax.device_put(padded[fill], rows),
                      prompt_lengths=jax.device_put(lengths[fill], row_lengths),
-                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start), **extra)
+                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start))
+      dynamic.update(extra)
       if compiled is None:  # One compilation for every batch: they share one shape.
         t0 = time.perf_counter()
         compiled = fn.lower(**static, **dynamic).compile()

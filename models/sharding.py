@@ -74,5 +74,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def param_shardings(model: nn.Module, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for `model`'s parameters (the unboxed 'params' tree)."""
   tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)['params']
+  inputs = model.example_inputs() if hasattr(model, 'example_inputs') else (tokens, tokens)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)['params']
   return logical_to_shardings(boxed, mesh, rules)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from launch import convert, generation  # noqa: E402
+from launch import conversion, generation  # noqa: E402
 from decoding import base, speculative  # noqa: E402
 from training import hf, tokenizers  # noqa: E402
 
@@ -88,7 +88,7 @@ def _reference_greedy(model, prompts, max_new, eos):
 def test_imported_model_equals_the_reference(name, tokenizer_json, tmp_path):
   reference = _save_reference(name, tmp_path / 'hf', tokenizer_json)
   assert os.path.exists(tmp_path / 'hf' / hf.INDEX_FILE)
-  restored = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ours'))
+  restored = conversion.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'ours'))
 
   ids = np.random.RandomState(0).randint(0, VOCAB, (2, 24))
   with torch.no_grad():
@@ -103,12 +103,12 @@ def test_imported_model_equals_the_reference(name, tokenizer_json, tmp_path):
 
   # Export -> transformers loads it and computes the same logits; import again: the
   # same weights, bit for bit.
-  convert.export_hf(str(tmp_path / 'ours'), str(tmp_path / 'exported'))
+  conversion.export_hf(str(tmp_path / 'ours'), str(tmp_path / 'exported'))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'exported').eval()
   with torch.no_grad():
     np.testing.assert_allclose(reloaded(torch.tensor(ids)).logits.numpy(), expected, atol=1e-4,
                                rtol=0)
-  again = convert.import_hf(str(tmp_path / 'exported'), str(tmp_path / 'again'))
+  again = conversion.import_hf(str(tmp_path / 'exported'), str(tmp_path / 'again'))
   jax.tree.map(np.testing.assert_array_equal, again.params, restored.params)
   assert again.tokenizer.fingerprint() == restored.tokenizer.fingerprint()
 
@@ -119,8 +119,8 @@ def test_speculative_decoding_of_an_imported_target_with_an_imported_draft(token
                   num_hidden_layers=3)
   _save_reference('llama-gqa-untied', tmp_path / 'draft_hf', tokenizer_json, seed=2,
                   num_hidden_layers=1)
-  target = convert.import_hf(str(tmp_path / 'target_hf'), str(tmp_path / 'target'))
-  draft = convert.import_hf(str(tmp_path / 'draft_hf'), str(tmp_path / 'draft'))
+  target = conversion.import_hf(str(tmp_path / 'target_hf'), str(tmp_path / 'target'))
+  draft = conversion.import_hf(str(tmp_path / 'draft_hf'), str(tmp_path / 'draft'))
   texts = ['def f(', 'import os\n', 'class A:']
   plain = generation.decode_texts(target, texts, options=generation.DecodeOptions(
       max_new_tokens=32))
@@ -148,7 +148,7 @@ def test_tokenizer_json_backend(tokenizer_json, tmp_path):
 def test_training_starts_from_an_imported_model(tokenizer_json, tiny_config, tmp_path):
   from training import checkpoints, trainer
   _save_reference('qwen2-gqa-bias', tmp_path / 'hf', tokenizer_json)
-  imported = convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'))
+  imported = conversion.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'imported'))
   tiny_config.init_from = str(tmp_path / 'imported')
   tiny_config.num_train_steps = 2
   tiny_config.eval_every_steps = 2
@@ -181,16 +181,16 @@ def test_clear_errors(tokenizer_json, tmp_path):
     return str(target)
 
   with pytest.raises(hf.UnsupportedCheckpointError, match="'GPT2LMHeadModel'"):
-    convert.import_hf(variant('gpt2', {'architectures': ['GPT2LMHeadModel']}), str(tmp_path / 'a'))
+    conversion.import_hf(variant('gpt2', {'architectures': ['GPT2LMHeadModel']}), str(tmp_path / 'a'))
   with pytest.raises(ValueError, match=r'Tensor model.layers.0.mlp.gate_proj.weight has shape'):
-    convert.import_hf(variant('shape', {'intermediate_size': 100}), str(tmp_path / 'b'))
+    conversion.import_hf(variant('shape', {'intermediate_size': 100}), str(tmp_path / 'b'))
   with pytest.raises(FileNotFoundError, match='no tokenizer.json'):
-    convert.import_hf(variant('notok', remove='tokenizer.json'), str(tmp_path / 'c'))
+    conversion.import_hf(variant('notok', remove='tokenizer.json'), str(tmp_path / 'c'))
   with pytest.raises(FileNotFoundError, match='model-00002-of-'):
     shard = sorted(f for f in os.listdir(source) if f.startswith('model-00002'))[0]
-    convert.import_hf(variant('noshard', remove=shard), str(tmp_path / 'd'))
+    conversion.import_hf(variant('noshard', remove=shard), str(tmp_path / 'd'))
   with pytest.raises(hf.UnsupportedCheckpointError, match="rope scaling 'llama3'"):
-    convert.import_hf(variant('rope', {'rope_parameters': {'rope_type': 'llama3',
+    conversion.import_hf(variant('rope', {'rope_parameters': {'rope_type': 'llama3',
                                                            'rope_theta': 1e4}}),
                       str(tmp_path / 'e'))
   # The command line: one clear line, no traceback.

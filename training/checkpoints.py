@@ -147,7 +147,8 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
                             'python -m launch.train.')
   config = load_config(workdir)
   tokenizer = tokenizers.load(workdir)
-  model = objectives.build(config, tokenizer.vocab_size).model
+  objective = objectives.build(config, tokenizer.vocab_size)
+  model = objective.model
   manager = make_manager(workdir, save_every=1, keep=config.keep_checkpoints)
   try:
     step = manager.latest_step() if step is None else step
@@ -158,9 +159,8 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
   finally:
     manager.close()
   params = state['state']['params']
-  expected = nn.meta.unbox(jax.eval_shape(
-      model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32),
-      jnp.zeros((1, 1), jnp.int32))['params'])
+  expected = nn.meta.unbox(jax.eval_shape(objective.init, jax.random.PRNGKey(0),
+                                          objective.example_batch()))
   want, got = _shapes(expected), _shapes(params)
   if want != got:
     diffs = [f'{k}: checkpoint {got.get(k)}, config {want.get(k)}'

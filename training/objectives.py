@@ -41,6 +41,16 @@ class Objective(abc.ABC):
     """A tree of bools shaped like `params`: which leaves the optimizer updates."""
     return jax.tree.map(lambda _: True, params)
 
+  def warm_start(self, params: Params, frozen) -> Params:
+    """A fresh run's parameters after init (e.g. heads copying the target's LM head)."""
+    del frozen
+    return params
+
+  def example_batch(self) -> dict:
+    """A [1, 1] batch: enough for init to know every parameter's shape."""
+    z = jnp.zeros((1, 1), jnp.int32)
+    return {'inputs': z, 'positions': z, 'segment_ids': jnp.ones((1, 1), jnp.int32)}
+
 
 def next_token_nll(logits: jax.Array, batch: dict) -> dict:
   """Summed next-token negative log-likelihood over the batch's loss mask.
@@ -62,6 +72,9 @@ def summarize(sums: dict) -> dict:
          'bits_per_byte': float(sums['nll_sum']) / max(float(sums['bytes']), 1.0) / math.log(2)}
   if 'kl_sum' in sums:
     out['kl_to_target'] = float(sums['kl_sum']) / tokens
+  for key in sorted(sums):  # Per-head metrics of draft heads: averages per target token.
+    if key.startswith('head') and key.endswith('_sum'):
+      out[key[:-len('_sum')]] = float(sums[key]) / max(float(sums['head_tokens']), 1.0)
   return out
 
 
@@ -116,7 +129,79 @@ class DistillationObjective(LanguageModelObjective):
     return sums['kl_sum'] / jnp.maximum(sums['tokens'], 1.0), sums
 
 
-FAMILIES = ('ar_lm', 'distill')
+class MedusaObjective(Objective):
+  """Medusa heads on a target LM (Cai et al. 2024).
+
+  Head k (1-based) at position t is trained with cross-entropy on token t + k + 1
+  (inside the same document), weighted 0.8^k as in the paper. Medusa-1 (joint=False):
+  the target is frozen (passed as `frozen`) and only the heads train; parameters are
+  {'heads'}. Medusa-2 (joint=True): parameters are {'base', 'heads'}, the base starts
+  from the target and trains too, with its next-token loss kept in the objective so
+  its own predictions stay good. Either way each head's LM projection starts from the
+  target's LM head.
+  """
+  HEAD_DECAY = 0.8
+
+  def __init__(self, model_config: TransformerConfig, num_heads: int, target, target_params,
+               joint: bool = False):
+    from models import MedusaHeads
+    if target.config != model_config:
+      raise ValueError('Medusa heads read the target\'s hidden states: config.model must be the '
+                       'target\'s model (configs/medusa.py copies it from target_workdir).')
+    self.base = target
+    self.model = MedusaHeads(model_config, num_heads)
+    self.num_heads, self.joint = num_heads, joint
+    self.frozen_model, self.frozen_params = target, target_params
+
+  def init(self, rng, batch):
+    hidden = jnp.zeros(batch['inputs'].shape + (self.base.config.d_model,), jnp.float32)
+    params = {'heads': self.model.init(rng, hidden)['params']}  # boxed: logical axes
+    if self.joint:
+      params['base'] = self.base.init(rng, batch['inputs'], batch['positions'])['params']
+    return params
+
+  def warm_start(self, params, frozen):
+    from models.heads import lm_head_matrix
+    import flax
+    params = flax.core.unfreeze(params)
+    head = lm_head_matrix(frozen, self.base.config)
+    params['heads']['lm_head'] = jnp.broadcast_to(
+        head, params['heads']['lm_head'].shape).astype(params['heads']['lm_head'].dtype)
+    if self.joint:
+      params['base'] = jax.tree.map(lambda t, p: t.astype(p.dtype), frozen, params['base'])
+    return params
+
+  def loss(self, params, batch, rng, step, frozen=None):
+    del rng, step
+    base_params = params['base'] if self.joint else frozen
+    out = self.base.apply({'params': base_params}, batch['inputs'], batch['positions'],
+                          masks.packed_causal_mask(batch['segment_ids']))
+    hidden = out.hidden if self.joint else jax.lax.stop_gradient(out.hidden)
+    head_logits = self.model.apply({'params': params['heads']}, hidden)     # [B, T, K, V]
+    sums = next_token_nll(out.logits, batch)
+    vocab = self.base.config.vocab_size
+    length = batch['targets'].shape[1]
+    heads_loss = 0.0
+    mask0 = batch['loss_mask'].astype(jnp.float32)
+    sums['head_tokens'] = jnp.sum(mask0)
+    for k in range(1, self.num_heads + 1):
+      # Head k at t predicts targets[t + k] (= token t + k + 1), in the same document.
+      shift = lambda x: jnp.pad(x[:, k:], ((0, 0), (0, k)))
+      targets = shift(batch['targets'])
+      valid = (shift(batch['loss_mask']) > 0) & (shift(batch['segment_ids'])
+                                                  == batch['segment_ids']) & (mask0 > 0)
+      valid &= jnp.arange(length)[None] < length - k
+      logp = jax.nn.log_softmax(head_logits[:, :, k - 1, :vocab], axis=-1)
+      nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      valid = valid.astype(jnp.float32)
+      sums[f'head{k}_nll_sum'] = jnp.sum(nll * valid)
+      sums[f'head{k}_top1_sum'] = jnp.sum((jnp.argmax(logp, -1) == targets) * valid)
+      heads_loss += self.HEAD_DECAY ** k * sums[f'head{k}_nll_sum']
+    total = heads_loss + (sums['nll_sum'] if self.joint else 0.0)
+    return total / jnp.maximum(sums['tokens'], 1.0), sums
+
+
+FAMILIES = ('ar_lm', 'distill', 'medusa')
 
 
 def build(config, vocab_size: int) -> Objective:
@@ -132,4 +217,11 @@ def build(config, vocab_size: int) -> Objective:
       raise ValueError('Distillation needs config.target_workdir (the trained target).')
     target = checkpoints.restore_model(target_workdir)
     return DistillationObjective(model_config, target.model, target.params)
+  if config.family == 'medusa':
+    from training import checkpoints
+    if not config.get('target_workdir', ''):
+      raise ValueError('Medusa heads need config.target_workdir (the trained target).')
+    target = checkpoints.restore_model(config.target_workdir)
+    return MedusaObjective(model_config, config.medusa.num_heads, target.model, target.params,
+                           joint=config.medusa.joint)
   raise ValueError(f'Unknown model family {config.family!r}; known: {", ".join(FAMILIES)}.')

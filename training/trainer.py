@@ -95,8 +95,8 @@ def build(config, objective: objectives.Objective, example_batch: dict,
   if objective.frozen_params is not None:
     frozen_shardings = sharding.param_shardings(objective.frozen_model, mesh, rules)
 
-  def init_state():
-    params = nn.meta.unbox(objective.init(rng, example_batch))
+  def init_state(frozen):
+    params = objective.warm_start(nn.meta.unbox(objective.init(rng, example_batch)), frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=jax.random.fold_in(rng, 1))
 
@@ -117,7 +117,8 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     return objective.loss(params, batch, rng, jnp.zeros((), jnp.int32), frozen)[1]
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jit_init = jax.jit(init_state, out_shardings=state_shardings)
+    jit_init = jax.jit(init_state, in_shardings=(frozen_shardings,),
+                       out_shardings=state_shardings)
     jit_train = jax.jit(train_step,
                         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
@@ -128,7 +129,7 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     frozen = jax.device_put(objective.frozen_params, frozen_shardings)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(init_state), state_shardings)
+      jax.eval_shape(init_state, frozen), state_shardings)
 
   def under_rules(fn):
     """Calls (and `.lower`s) `fn` with the mesh and the logical rules in scope, which
@@ -140,7 +141,8 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     return call
 
   return Setup(objective, optimizer, mesh, state_shardings, abstract_state, batch_shardings,
-               under_rules(jit_init), under_rules(jit_train), under_rules(jit_eval), frozen)
+               under_rules(lambda: jit_init(frozen)), under_rules(jit_train),
+               under_rules(jit_eval), frozen)
 
 
 def to_device(batch: dict, shardings) -> dict:
@@ -208,12 +210,15 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
   if checkpoints.has_checkpoint(workdir) and checkpoints.load_config(workdir).get('imported_from'):
     raise ValueError(f'{workdir} holds imported weights without optimizer state; train in a '
                      f'new workdir with --config.init_from={workdir}.')
-  if config.get('init_from', ''):  # The initial parameters fix the model and tokenizer.
-    source = checkpoints.load_config(config.init_from)
+  # The initial parameters fix the model and tokenizer; draft heads read their target's.
+  model_source = config.get('init_from', '') or (
+      config.get('target_workdir', '') if config.family == 'medusa' else '')
+  if model_source:
+    source = checkpoints.load_config(model_source)
     with config.unlocked():
       config.model = source.model
       config.tokenizer = source.tokenizer
-    log.info('init_from=%s: model and tokenizer config taken from there', config.init_from)
+    log.info('Model and tokenizer config taken from %s', model_source)
   checkpoints.check_and_save_config(workdir, config)
   sources = data.load_sources(config.data)
   tokenizer = prepare_tokenizer(config, workdir, sources['train'])

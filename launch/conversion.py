@@ -1,0 +1,53 @@
+"""The library behind launch.convert (and launch.compare_hf): Hugging Face directory <->
+workdir. The tensor mapping and checks live in training/hf.py."""
+import json
+import os
+import shutil
+
+
+def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32'):
+  """HF directory -> workdir (config.json, tokenizer, parameters-only checkpoint)."""
+  import ml_collections
+  from configs import ar_lm
+  from training import checkpoints, hf, objectives
+  if checkpoints.has_checkpoint(workdir):
+    raise ValueError(f'{workdir} already holds a checkpoint; import into a new workdir.')
+  hf_config = hf.read_config(hf_dir)
+  block = hf.model_config(hf_config, dtype)
+  tokenizer = hf.read_tokenizer(hf_dir, hf_config, hf_config['vocab_size'])
+  config = ar_lm.get_config('size=tiny')
+  config.model = ml_collections.ConfigDict(block)
+  config.tokenizer.kind = 'hf'
+  config.tokenizer.vocab_size = tokenizer.vocab_size
+  config.imported_from = os.path.abspath(hf_dir)
+  params = hf.load_params(hf_dir, objectives.transformer_config(config, tokenizer.vocab_size))
+  checkpoints.check_and_save_config(workdir, config)
+  tokenizer.save(workdir)
+  checkpoints.save_params(workdir, params)
+  return checkpoints.restore_model(workdir)
+
+
+def export_hf(workdir: str, hf_dir: str) -> None:
+  """Workdir -> HF directory (config.json, model.safetensors, tokenizer.json if ours is
+  an imported one)."""
+  import jax.numpy as jnp
+  from safetensors.flax import save_file
+  from training import checkpoints, hf, tokenizers
+  restored = checkpoints.restore_model(workdir)
+  from models import Transformer
+  if type(restored.model) is not Transformer:  # ar_lm and distilled drafts are plain LMs
+    raise ValueError(f'{workdir} holds a {restored.config.family!r} model; only autoregressive '
+                     'LMs export to the Llama layout.')
+  config = restored.model.config
+  os.makedirs(hf_dir, exist_ok=True)
+  tensors = hf.export_tensors(restored.params, config)
+  save_file({name: jnp.asarray(value) for name, value in tensors.items()},
+            os.path.join(hf_dir, hf.SINGLE_FILE), metadata={'format': 'pt'})
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    json.dump(hf.hf_config(config, restored.tokenizer), f, indent=2)
+  if isinstance(restored.tokenizer, tokenizers.HuggingFaceTokenizer):
+    shutil.copy(os.path.join(workdir, tokenizers.HuggingFaceTokenizer.FILE),
+                os.path.join(hf_dir, 'tokenizer.json'))
+  else:
+    print(f'Note: the {type(restored.tokenizer).__name__} of {workdir} has no tokenizer.json '
+          'form; the exported model takes the same ids (bos/eos/pad in config.json).')
