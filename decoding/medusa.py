@@ -108,14 +108,10 @@ def generate(model, params, heads, heads_params, prompts: jax.Array, prompt_leng
                       root[:, None] + jnp.asarray(spec.depths)[None],
                       trees.tree_mask(spec.ancestors, root, cache_size), state.target_cache)
     target_logp = log_probs(out.logits, config.sampling, vocab)             # [B, N, V]
-    if config.typical:
-      path, num_accepted, next_token = verify.typical_accept(
-          key, node_tokens, spec.parents, target_logp, spec.depth, spec.max_children,
-          config.typical_epsilon, config.typical_delta)
-    else:
-      path, num_accepted, next_token = verify.tree_accept(
-          key, node_tokens, spec.parents, target_logp, spec.depth, spec.max_children,
-          greedy=config.sampling.greedy)
+    path, num_accepted, next_token = verify.tree_accept(
+        key, node_tokens, spec.parents, target_logp, spec.depth, spec.max_children,
+        greedy=config.sampling.greedy,
+        typical=(config.typical_epsilon, config.typical_delta) if config.typical else None)
     last_node = path[rows, num_accepted]
     head_logits = heads.apply({'params': heads_params}, out.hidden[rows, last_node][:, None])
     source, target = trees.path_slots(root, path, num_accepted, cache_size)

@@ -60,7 +60,8 @@ def chain_accept(rng: jax.Array, draft_tokens: jax.Array, draft_logp: jax.Array,
 
 def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
                 target_logp: jax.Array, depth: int, max_children: int,
-                draft_logp: Optional[jax.Array] = None, greedy: bool = False):
+                draft_logp: Optional[jax.Array] = None, greedy: bool = False,
+                typical: Optional[tuple[float, float]] = None):
   """Verifies one draft tree per row (decoding/trees.py), static or dynamic.
 
   node_tokens: [B, N] (node 0 = the last committed token); parents: [N] or [B, N]
@@ -82,6 +83,12 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
   leaf, the bonus token from p. Greedy (point-mass p): descend to the child equal to
   the target's argmax while there is one.
 
+  typical=(epsilon, delta): LOSSY, Medusa's typical acceptance (Cai et al. 2024), not
+  distributed as the target. Take the first child x whose target probability clears
+  p(x) > min(epsilon, delta * exp(-H(p))), H the entropy of p at the parent; where no
+  child does, or at a leaf, draw the next token from p. It accepts more than the exact
+  rule when p is flat, at the price of favouring the drafter's guesses.
+
   Returns (path [B, depth + 1] node indices with path[:, 0] = 0 and entries past the
   accepted depth 0, num_accepted [B] int32, next_token [B] int32).
   """
@@ -96,6 +103,9 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
   key_index = 0
   for _ in range(depth):
     p = target_logp[rows, current]                                          # [B, V]
+    if typical is not None:
+      entropy = -jnp.sum(jnp.where(p > -jnp.inf, jnp.exp(p) * p, 0.0), axis=-1)
+      threshold = jnp.minimum(typical[0], typical[1] * jnp.exp(-entropy))   # [B]
     is_child = (parents == current[:, None]) & (jnp.arange(num_nodes) > 0)  # [B, N]
     rank = jnp.cumsum(is_child, axis=1) - 1
     found, chosen = jnp.zeros((batch,), bool), current
@@ -106,6 +116,8 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
       p_x = p[rows, x]
       if greedy:
         ok = p_x == 0.0  # log p(x) = 0: x is the target's argmax
+      elif typical is not None:
+        ok = jnp.exp(p_x) > threshold
       else:
         if draft_logp is None:
           q = jnp.where(jnp.arange(p.shape[-1]) == x[:, None], 0.0, -jnp.inf)
@@ -117,7 +129,7 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
       take = ok & exists & ~found & alive
       chosen = jnp.where(take, child, chosen)
       found = found | take
-      if not greedy:  # Rows that tried this child and rejected it move to the residual.
+      if not greedy and typical is None:  # Rows that rejected this child: the residual.
         rejected = exists & ~found & alive
         p = jnp.where(rejected[:, None], residual_log_probs(p, q), p)
     stop = alive & ~found
@@ -132,47 +144,3 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
   num_accepted = jnp.sum(jnp.stack(path[1:], axis=1) > 0, axis=1).astype(jnp.int32)
   return jnp.stack(path, axis=1), num_accepted, next_token
 
-
-def typical_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
-                   target_logp: jax.Array, depth: int, max_children: int,
-                   epsilon: float, delta: float):
-  """LOSSY: Medusa's typical acceptance (Cai et al. 2024). Not distributed as the target.
-
-  Walks the tree from the root, taking the first child x (in order) whose target
-  probability clears p(x) > min(epsilon, delta * exp(-H(p))), H the entropy of the
-  target's processed distribution p at the parent; where no child does, or at a leaf,
-  the next token is drawn from p. It accepts more than the lossless rule when p is
-  flat, at the price of favouring the heads' guesses. Same arguments and returns as
-  tree_accept (children given by `parents`).
-  """
-  batch, num_nodes = node_tokens.shape
-  rows = jnp.arange(batch)
-  parents = jnp.broadcast_to(parents, (batch, num_nodes))
-  keys = jax.random.split(rng, depth + 1)
-  current = jnp.zeros((batch,), jnp.int32)
-  alive = jnp.ones((batch,), bool)
-  next_token = jnp.zeros((batch,), jnp.int32)
-  path = [current]
-  for d in range(depth):
-    logp = target_logp[rows, current]                                       # [B, V]
-    p = jnp.exp(logp)
-    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
-    threshold = jnp.minimum(epsilon, delta * jnp.exp(-entropy))             # [B]
-    is_child = (parents == current[:, None]) & (jnp.arange(num_nodes) > 0)
-    rank = jnp.cumsum(is_child, axis=1) - 1
-    found, chosen = jnp.zeros((batch,), bool), current
-    for j in range(max_children):
-      slot = is_child & (rank == j)
-      exists, child = jnp.any(slot, axis=1), jnp.argmax(slot, axis=1).astype(jnp.int32)
-      take = exists & (p[rows, node_tokens[rows, child]] > threshold) & ~found & alive
-      chosen = jnp.where(take, child, chosen)
-      found = found | take
-    drawn = jax.random.categorical(keys[d], logp).astype(jnp.int32)
-    next_token = jnp.where(alive & ~found, drawn, next_token)
-    alive = alive & found
-    current = jnp.where(found, chosen, current)
-    path.append(jnp.where(found, chosen, 0))
-  bonus = jax.random.categorical(keys[depth], target_logp[rows, current]).astype(jnp.int32)
-  next_token = jnp.where(alive, bonus, next_token)
-  num_accepted = jnp.sum(jnp.stack(path[1:], axis=1) > 0, axis=1).astype(jnp.int32)
-  return jnp.stack(path, axis=1), num_accepted, next_token
