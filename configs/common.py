@@ -39,6 +39,7 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
       qkv_bias=False,          # bias on q/k/v projections (Qwen-style)
       dtype='float32',         # activations: float32 | bfloat16
       param_dtype='float32',   # stored parameters
+      mtp_heads=1,             # output heads, head i predicting token t + i (configs/mtp.py)
   )
   model.update(MODEL_SIZES[size])
   model.update(overrides)  # e.g. a draft's smaller trunk

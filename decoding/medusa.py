@@ -1,4 +1,7 @@
-"""Medusa decoding (Cai et al. 2024): draft heads on the target's own hidden state.
+"""Medusa decoding (Cai et al. 2024): draft heads on the target's own hidden state;
+and multi-token prediction self-speculation (Gloeckle et al. 2024), the same loop with
+the heads built into the model (heads=None: the model's future_logits, head i + 1
+predicting token t + i + 1, draft depth i).
 
 Each round of one `lax.while_loop`:
   1. candidates: head d's top-b_d tokens fill depth d of a static tree (TreeSpec
@@ -24,11 +27,16 @@ from decoding.sampling import SamplingConfig, log_probs
 from models import KVCache
 
 
+# Medusa's 4,2,2 suits heads whose accuracy falls with depth: most width where the
+# first head is unsure. Chosen on the validation split of the small target (README).
+DEFAULT_TREE = (4, 2, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class MedusaConfig:
   max_new_tokens: int
   cache_capacity: int
-  tree: trees.TreeSpec = trees.TreeSpec((4, 2, 2))
+  tree: trees.TreeSpec = trees.TreeSpec(DEFAULT_TREE)
   sampling: SamplingConfig = SamplingConfig()
   eos_ids: tuple[int, ...] = (2,)
   typical: bool = False          # LOSSY typical acceptance instead of the exact rule
@@ -71,12 +79,21 @@ def generate(model, params, heads, heads_params, prompts: jax.Array, prompt_leng
              config: MedusaConfig, rng: jax.Array) -> base.Output:
   """Medusa decoding of right-padded prompts [B, P] with lengths [B].
 
-  model: the target (models.Transformer); heads: models.MedusaHeads on its hidden states.
+  model: the target (models.Transformer); heads: models.MedusaHeads on its hidden states,
+  or None for a multi-token prediction model's own heads (heads_params unused).
   """
   spec = config.tree
-  if spec.depth > heads.num_heads:
-    raise ValueError(f'The tree is {spec.depth} deep but there are only {heads.num_heads} '
-                     'Medusa heads.')
+  num_heads = model.config.mtp_heads - 1 if heads is None else heads.num_heads
+  if spec.depth > num_heads:
+    raise ValueError(f'The tree is {spec.depth} deep but there are only {num_heads} '
+                     'draft heads.')
+
+  def read_heads(out, nodes):
+    """[B, K, V] the heads' logits at node nodes[b] of each row's forward output."""
+    if heads is None:
+      return out.future_logits[rows, nodes]
+    return heads.apply({'params': heads_params}, out.hidden[rows, nodes][:, None])[:, 0]
+
   batch, prompt_len = prompts.shape
   capacity, vocab = config.cache_capacity, model.config.vocab_size
   cache_size = capacity + spec.num_nodes
@@ -87,7 +104,7 @@ def generate(model, params, heads, heads_params, prompts: jax.Array, prompt_leng
   last = prompt_lengths - 1
   rng, key = jax.random.split(rng)
   first = jax.random.categorical(key, log_probs(out.logits[rows, last], config.sampling, vocab))
-  head_logits = heads.apply({'params': heads_params}, out.hidden[rows, last][:, None])[:, 0]
+  head_logits = read_heads(out, last)
   tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts)
   tokens = jnp.where(jnp.arange(capacity) < prompt_lengths[:, None], tokens, 0)
   state = State(tokens=tokens, lengths=prompt_lengths,
@@ -112,13 +129,12 @@ def generate(model, params, heads, heads_params, prompts: jax.Array, prompt_leng
         key, node_tokens, spec.parents, target_logp, spec.depth, spec.max_children,
         greedy=config.sampling.greedy,
         typical=(config.typical_epsilon, config.typical_delta) if config.typical else None)
-    last_node = path[rows, num_accepted]
-    head_logits = heads.apply({'params': heads_params}, out.hidden[rows, last_node][:, None])
+    head_logits = read_heads(out, path[rows, num_accepted])
     source, target = trees.path_slots(root, path, num_accepted, cache_size)
     return speculative.finish_round(
         state, node_tokens[rows[:, None], path[:, 1:]], num_accepted, next_token,
         out.cache.move_slots(source, target), config.eos_ids, rng=rng,
-        head_logits=head_logits[:, 0])
+        head_logits=head_logits)
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   return base.Output(tokens=state.tokens, lengths=state.lengths, prompt_lengths=prompt_lengths,

@@ -181,6 +181,15 @@ def _draft_tree(draft_model, draft_params, state: State, config: SpeculativeConf
   return node_tokens, logp, cache, spec.depth
 
 
+def draft_scores(logits: jax.Array, sampling, vocab: int) -> jax.Array:
+  """A drafter's ranking of dynamic-tree candidates, [..., V] -> [..., vocab]: raw
+  log-probabilities under greedy (the processed ones are a point mass), else the
+  processed distribution the target's samples will be drawn from."""
+  if sampling.greedy:
+    return jax.nn.log_softmax(logits[..., :vocab].astype(jnp.float32), axis=-1)
+  return log_probs(logits, sampling, vocab)[..., :vocab]
+
+
 def _draft_dynamic_tree(draft_model, draft_params, state: State, config: SpeculativeConfig):
   """Grows an EAGLE-2 dynamic tree with the draft model: one call to catch the draft
   cache up with the committed tokens, then one call per expanded level.
@@ -202,14 +211,10 @@ def _draft_dynamic_tree(draft_model, draft_params, state: State, config: Specula
                           state.tokens[rows[:, None], jnp.minimum(window, state.tokens.shape[1] - 1)],
                           window, cache=state.draft_cache)
 
-  def scores(logits):  # The draft's ranking: raw log-probabilities under greedy (the
-    # processed ones are a point mass), else the processed distribution the target's
-    # samples will be drawn from.
-    if sampling.greedy:
-      return jax.nn.log_softmax(logits[..., :vocab].astype(jnp.float32), axis=-1)
-    return log_probs(logits, sampling, vocab)[..., :vocab]
+  scores = lambda logits: draft_scores(logits, sampling, vocab)
 
-  def expand(cache, level, tokens, ancestors):
+  def expand(cache, level, tokens, ancestors, parent):
+    del parent  # The draft model's state is its cache: nothing per node to carry.
     start = root + 1 + (level - 1) * spec.top_k
     out = draft_model.apply({'params': draft_params}, tokens,
                             jnp.broadcast_to((root + level)[:, None], tokens.shape),

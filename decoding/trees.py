@@ -189,11 +189,13 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
 
   root_token: [B] the last committed token; root_scores: [B, V] the drafter's
   log-probabilities for the first level (only real vocabulary ids, V = vocab size).
-  expand(carry, level, tokens [B, k], ancestors [B, k, R]) -> (carry, scores [B, k, V])
-  feeds the k frontier nodes of depth `level` (1 .. depth - 1) to the drafter and
-  returns their children's log-probabilities. Frontier node j of depth d sits in the
-  drafter's slot root + 1 + (d - 1) * k + j; `ancestors` marks, over those R =
-  spec.expanded_slots slots (root first), what each fed node may attend to.
+  expand(carry, level, tokens [B, k], ancestors [B, k, R], parent [B, k]) ->
+  (carry, scores [B, k, V]) feeds the k frontier nodes of depth `level` (1 .. depth - 1)
+  to the drafter and returns their children's log-probabilities. Frontier node j of
+  depth d sits in the drafter's slot root + 1 + (d - 1) * k + j; `ancestors` marks, over
+  those R = spec.expanded_slots slots (root first), what each fed node may attend to;
+  `parent` is each fed node's parent among the previous call's fed nodes (0, the root,
+  at level 1), for drafters that carry a state per node (EAGLE's features).
 
   Returns (carry, node_tokens [B, N], parents [B, N] (-1 for the root), depths [B, N]),
   N = budget + 1, nodes in topological order.
@@ -203,12 +205,13 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
   pool_scores, pool_tokens = [scores], [tokens]
   pool_parents = [jnp.full((batch, k), -1, jnp.int32)]                      # pool index
   frontier = jnp.broadcast_to(jnp.arange(k), (batch, k))                   # pool index
+  parent = jnp.zeros((batch, k), jnp.int32)                                  # in the last feed
   slots = 1 + jnp.arange(k)
   ancestors = jnp.broadcast_to(jax.nn.one_hot(0, spec.expanded_slots, dtype=bool)
                                | jax.nn.one_hot(slots, spec.expanded_slots, dtype=bool),
                                (batch, k, spec.expanded_slots))
   for level in range(1, spec.depth):
-    carry, child_scores = expand(carry, level, tokens, ancestors)          # [B, k, V]
+    carry, child_scores = expand(carry, level, tokens, ancestors, parent)  # [B, k, V]
     top_scores, top_tokens = jax.lax.top_k(child_scores, k)                # [B, k, k]
     # A path's score is its cumulative log-probability; adding a log-probability <= 0
     # never raises it, so a child never outranks its parent.
@@ -222,7 +225,8 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
       scores, chosen = jax.lax.top_k(candidate_scores, k)                  # [B, k]
       tokens = jnp.take_along_axis(candidate_tokens, chosen, axis=1)
       frontier = offset + chosen
-      parent_rows = jnp.take_along_axis(ancestors, (chosen // k)[:, :, None], axis=1)
+      parent = (chosen // k).astype(jnp.int32)
+      parent_rows = jnp.take_along_axis(ancestors, parent[:, :, None], axis=1)
       slots = 1 + level * k + jnp.arange(k)
       ancestors = parent_rows | jax.nn.one_hot(slots, spec.expanded_slots, dtype=bool)[None]
 

@@ -6,7 +6,10 @@
       --num_draft=4 [--adaptive_threshold=0.3 | --tree=static --tree_spec=3,2,1
                      | --tree=dynamic --dynamic_tree=4,5,24]
   python -m launch.decode --workdir=TARGET --method=medusa --heads_workdir=HEADS \
-      [--medusa_tree=4,2,2 --typical]
+      [--heads_tree=4,2,2 --typical]
+  python -m launch.decode --workdir=TARGET --method=eagle --heads_workdir=EAGLE \
+      [--dynamic_tree=4,5,24]
+  python -m launch.decode --workdir=MTP_MODEL --method=mtp [--heads_tree=1,1,1 (a chain)]
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
@@ -45,13 +48,15 @@ _TREE = flags.DEFINE_enum('tree', 'chain', ['chain', 'static', 'dynamic'],
 _TREE_SPEC = flags.DEFINE_string('tree_spec', '3,2,1',
                                  'speculative --tree=static: children per node at each depth.')
 _DYNAMIC_TREE = flags.DEFINE_string('dynamic_tree', '4,5,24',
-                                    'speculative --tree=dynamic: TOP_K,DEPTH,BUDGET (EAGLE-2: '
+                                    'eagle, speculative --tree=dynamic: TOP_K,DEPTH,BUDGET (EAGLE-2: '
                                     'expand the top_k best nodes per level into top_k children '
                                     'each, DEPTH levels, verify the BUDGET best nodes).')
-_HEADS = flags.DEFINE_string('heads_workdir', None, 'medusa: the heads\' training workdir.')
-_MEDUSA_TREE = flags.DEFINE_string('medusa_tree', '4,2,2',
-                                   'medusa: tokens per depth from head d (a static tree).')
-_TYPICAL = flags.DEFINE_bool('typical', False, 'medusa: typical acceptance (LOSSY).')
+_HEADS = flags.DEFINE_string('heads_workdir', None,
+                              'medusa, eagle: the heads\' (drafter\'s) training workdir.')
+_HEADS_TREE = flags.DEFINE_string('heads_tree', '',
+                                  'medusa, mtp: tokens per depth from head d (a static tree); '
+                                  'default 4,2,2 cut to the number of draft heads.')
+_TYPICAL = flags.DEFINE_bool('typical', False, 'medusa, mtp: typical acceptance (LOSSY).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -78,14 +83,14 @@ def main(argv):
         num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value,
         tree={'chain': '', 'static': _TREE_SPEC.value,
               'dynamic': f'dynamic:{_DYNAMIC_TREE.value}'}[_TREE.value],
-        medusa_tree=_MEDUSA_TREE.value, typical=_TYPICAL.value)
+        heads_tree=_HEADS_TREE.value, typical=_TYPICAL.value, eagle_tree=_DYNAMIC_TREE.value)
     options.sampling()
-    if _METHOD.value == 'speculative' and not _DRAFT.value:
-      raise ValueError('--method=speculative needs --draft_workdir=DIR (a trained draft).')
-    if _METHOD.value == 'medusa' and not _HEADS.value:
-      raise ValueError('--method=medusa needs --heads_workdir=DIR (trained Medusa heads).')
+    flag = generation.SECOND_MODEL.get(_METHOD.value)
+    second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(flag)
+    if flag and not second:
+      raise ValueError(f'--method={_METHOD.value} needs --{flag}=DIR (its trained '
+                       f'{"draft" if flag == "draft_workdir" else "heads"}).')
     restored = checkpoints.restore_model(_WORKDIR.value)
-    second = _HEADS.value if _METHOD.value == 'medusa' else _DRAFT.value
     draft = checkpoints.restore_model(second) if second else None
     result = generation.decode_texts(restored, texts, _METHOD.value, options, draft)
   if _JSON.value:

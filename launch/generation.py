@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import autoregressive, base, medusa, speculative, trees
+from decoding import autoregressive, base, eagle, medusa, speculative, trees
 from decoding.sampling import SamplingConfig
 from models import sharding
 
@@ -37,8 +37,10 @@ class DecodeOptions:
   adaptive_threshold: float = 0.0  # speculative: stop drafting after an unsure token
   tree: str = ''                # speculative: '' = chain, a static tree like '3,2,1', or
                                 # an EAGLE-2 tree 'dynamic:TOP_K,DEPTH,BUDGET'
-  medusa_tree: str = '4,2,2'    # medusa: children per depth (head d's top-b_d tokens)
-  typical: bool = False         # medusa: typical acceptance (LOSSY)
+  heads_tree: str = ''          # medusa, mtp: children per depth (head d's top-b_d tokens);
+                                # '' = 4,2,2 cut to the number of draft heads
+  typical: bool = False         # medusa, mtp: typical acceptance (LOSSY)
+  eagle_tree: str = '4,5,24'    # eagle: EAGLE-2 tree TOP_K,DEPTH,BUDGET
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -65,31 +67,65 @@ def _speculative(model, draft, options, capacity, eos_ids):
           {'draft_params': draft.params})
 
 
+def _heads_config(options, capacity, eos_ids, num_heads: int) -> medusa.MedusaConfig:
+  tree = (trees.parse(options.heads_tree) if options.heads_tree
+          else trees.TreeSpec(medusa.DEFAULT_TREE[:num_heads]))
+  if not isinstance(tree, trees.TreeSpec):
+    raise ValueError(f'Draft heads fill a static tree (like "4,2,2"); got {options.heads_tree!r}.')
+  return medusa.MedusaConfig(
+      max_new_tokens=options.max_new_tokens, cache_capacity=capacity, tree=tree,
+      sampling=options.sampling(), eos_ids=eos_ids, typical=options.typical)
+
+
 def _medusa(model, heads, options, capacity, eos_ids):
   from models import MedusaHeads
   if heads is None or not isinstance(heads.model, MedusaHeads):
     raise ValueError('The medusa method needs a Medusa heads workdir (--heads_workdir), '
                      'trained with configs/medusa.py.')
-  config = medusa.MedusaConfig(
-      max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
-      tree=trees.parse(options.medusa_tree), sampling=options.sampling(), eos_ids=eos_ids,
-      typical=options.typical)
+  config = _heads_config(options, capacity, eos_ids, heads.model.num_heads)
   extra = {'heads_params': heads.params['heads']}
   if 'base' in heads.params:  # Medusa-2: the target trained with its heads is the model.
     extra['params'] = heads.params['base']
   return medusa.generate, {'model': model, 'heads': heads.model, 'config': config}, extra
 
 
+def _mtp(model, second, options, capacity, eos_ids):
+  del second
+  if model.config.mtp_heads < 2:
+    raise ValueError('The mtp method needs a multi-token prediction model (trained with '
+                     'configs/mtp.py: mtp_heads >= 2); this model predicts one token.')
+  config = _heads_config(options, capacity, eos_ids, model.config.mtp_heads - 1)
+  return (medusa.generate, {'model': model, 'heads': None, 'config': config},
+          {'heads_params': None})
+
+
+def _eagle(model, drafter, options, capacity, eos_ids):
+  from models import EagleDrafter
+  if drafter is None or not isinstance(drafter.model, EagleDrafter):
+    raise ValueError('The eagle method needs an EAGLE drafter workdir (--heads_workdir), '
+                     'trained with configs/eagle.py.')
+  spec = options.eagle_tree
+  tree = trees.parse(spec if spec.startswith('dynamic:') else f'dynamic:{spec}')
+  config = eagle.EagleConfig(max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
+                             tree=tree, sampling=options.sampling(), eos_ids=eos_ids)
+  return (eagle.generate, {'model': model, 'drafter': drafter.model, 'config': config},
+          {'drafter_params': drafter.params})
+
+
 # name -> builder of (jitted generate, its static keyword arguments, extra dynamic
 # parameter trees, which may replace `params`). The other dynamic arguments are always
 # params, prompts, prompt_lengths and rng. The second model (a draft, or heads) is
 # passed as `draft`.
-METHODS = {'autoregressive': _autoregressive, 'speculative': _speculative, 'medusa': _medusa}
-LOSSLESS = {'autoregressive': True, 'speculative': True, 'medusa': True}
+METHODS = {'autoregressive': _autoregressive, 'speculative': _speculative, 'medusa': _medusa,
+           'eagle': _eagle, 'mtp': _mtp}
+# The methods that decode with a second workdir: the flag naming it.
+SECOND_MODEL = {'speculative': 'draft_workdir', 'medusa': 'heads_workdir',
+                'eagle': 'heads_workdir'}
 
 
 def lossless(method: str, options: DecodeOptions) -> bool:
-  return LOSSLESS[method] and not (method == 'medusa' and options.typical)
+  """Every method reproduces the target exactly except typical acceptance (LOSSY)."""
+  return not (method in ('medusa', 'mtp') and options.typical)
 
 
 def read_prompt_file(path: str) -> list[str]:

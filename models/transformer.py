@@ -39,11 +39,15 @@ class TransformerConfig:
   param_dtype: str = 'float32'
   norm_eps: float = 1e-6
   vocab_multiple: int = 128    # pad the logits so the vocab axis shards evenly
+  mtp_heads: int = 1           # multi-token prediction: output heads, head i predicting
+                               # token t + i (1 = a plain next-token LM)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}.')
+    if self.mtp_heads < 1:
+      raise ValueError(f'mtp_heads={self.mtp_heads}; a model needs at least one output head.')
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f'{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}.')
@@ -56,6 +60,11 @@ class TransformerConfig:
   @property
   def activation_dtype(self):
     return _DTYPES[self.dtype]
+
+  @property
+  def cache_layers(self) -> int:
+    """Attention layers holding KV: the blocks plus the extra heads' blocks."""
+    return self.num_layers + self.mtp_heads - 1
 
 
 @flax.struct.dataclass
@@ -72,7 +81,7 @@ class KVCache:
 
   @classmethod
   def empty(cls, config: TransformerConfig, batch_size: int, capacity: int) -> 'KVCache':
-    shape = (config.num_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+    shape = (config.cache_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
     dtype = config.activation_dtype
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch_size,), jnp.int32))
@@ -98,6 +107,8 @@ class ForwardOutput:
   hidden: jax.Array               # [B, T, D] final hidden states (after the final norm)
   cache: Optional[KVCache]        # the updated cache, None when called without one
   layer_hidden: Optional[tuple] = None  # L x [B, T, D] block outputs, when requested
+  future_logits: Optional[jax.Array] = None  # [B, T, n - 1, V] float32 heads 2 .. n of a
+                                             # multi-token prediction model (t + 2 .. t + n)
 
 
 def _init(stddev: float, axes: tuple):
@@ -222,6 +233,13 @@ class Transformer(nn.Module):
   """Token embedding, L blocks, final norm and LM head: the autoregressive LM.
 
   Other families reuse this trunk and add heads or a different mask rule.
+
+  Multi-token prediction (Gloeckle et al. 2024; config.mtp_heads = n > 1): blocks
+  0 .. L-2 are the shared trunk, block L-1 is head 1 (next token) and n - 1 more
+  blocks `future_i` read the trunk's output in parallel, head i predicting token
+  t + i; all heads share the final norm and the unembedding. Head 1 alone is exactly
+  an L-layer LM, so every decoding method decodes an MTP model as its head 1, and
+  the extra heads only draft (self-speculation in decoding/medusa.py).
   """
   config: TransformerConfig
 
@@ -231,6 +249,7 @@ class Transformer(nn.Module):
     self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
                                 (c.padded_vocab_size, c.d_model), pdtype)
     self.blocks = [Block(c, name=f'block_{i}') for i in range(c.num_layers)]
+    self.future_blocks = [Block(c, name=f'future_{i}') for i in range(2, c.mtp_heads + 1)]
     self.final_norm = RMSNorm(c.norm_eps, c.activation_dtype, pdtype, name='final_norm')
     if not c.tie_embeddings:
       self.lm_head = self.param('lm_head', _init(c.d_model ** -0.5, ('embed', 'vocab')),
@@ -271,16 +290,45 @@ class Transformer(nn.Module):
 
     x = nn.with_logical_constraint(self.embed(tokens), ('batch', 'length', 'embed'))
     new_k, new_v, layer_hidden = [], [], []
-    for i, block in enumerate(self.blocks):
-      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+    trunk = x
+
+    def run(block, layer, x):
+      cache_kv = None if cache is None else (cache.k[layer], cache.v[layer])
       x, kv = block(x, positions, attention_mask, cache_kv, write_slots)
-      layer_hidden.append(x)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
+      return x
+
+    for i, block in enumerate(self.blocks):
+      trunk = x  # the input of the last block: what every MTP head reads
+      x = run(block, i, x)
+      layer_hidden.append(x)
     hidden = self.final_norm(x)
+    future_logits = None
+    if self.future_blocks:
+      future = [self.final_norm(run(block, self.config.num_layers + j, trunk))
+                for j, block in enumerate(self.future_blocks)]
+      future_logits = jnp.stack([self.logits(h) for h in future], axis=2)      # [B, T, n-1, V]
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), lengths=cache.lengths + length)
     return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
-                         layer_hidden=tuple(layer_hidden) if return_layer_hidden else None)
+                         layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
+                         future_logits=future_logits)
+
+  # The two halves of a multi-token prediction forward, for the sequential head
+  # backward of training (no cache): trunk(...) -> z, then head_logits(i, z, ...).
+
+  def trunk(self, tokens, positions, attention_mask) -> jax.Array:
+    """[B, T] tokens -> [B, T, D] the shared trunk's output (the last block's input)."""
+    x = self.embed(tokens)
+    for block in self.blocks[:-1]:
+      x, _ = block(x, positions, attention_mask, None, None)
+    return x
+
+  def head_logits(self, head: int, trunk, positions, attention_mask) -> jax.Array:
+    """Head `head` (1 = next token, i = token t + i) on the trunk's output -> [B, T, V]."""
+    block = self.blocks[-1] if head == 1 else self.future_blocks[head - 2]
+    x, _ = block(trunk, positions, attention_mask, None, None)
+    return self.logits(self.final_norm(x))

@@ -93,7 +93,7 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, tfds_dir, tmp_path):
   texts = ['import os\nimport sys\n', 'def __init__(self', 'class Foo(object):\n    ',
            '    return self.', 'for i in range(', '        if not ']
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
-  options = generation.DecodeOptions(max_new_tokens=48, medusa_tree='3,2,2')
+  options = generation.DecodeOptions(max_new_tokens=48, heads_tree='3,2,2')
   plain, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive', options)
   taus = {}
   untrained = jax.tree.map(lambda x: x, trained.params)
@@ -112,7 +112,7 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, tfds_dir, tmp_path):
 
   done = subprocess.run(
       [sys.executable, '-m', 'launch.decode', f'--workdir={trained_tiny.workdir}',
-       '--method=medusa', f'--heads_workdir={workdir}', '--medusa_tree=3,2,2',
+       '--method=medusa', f'--heads_workdir={workdir}', '--heads_tree=3,2,2',
        '--prompt=import os\nimport sys\n', '--max_new_tokens=48', '--json'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -140,7 +140,7 @@ def test_medusa2_trains_the_target_with_its_heads(trained_tiny, tfds_dir, tmp_pa
       joint.params['base'], trained_tiny.params))
   assert 0 < max(change) <= 2.5 * config.learning_rate * 2   # started from the target
   prompts = [[1, *trained_tiny.tokenizer.encode('import os\n')]]
-  options = generation.DecodeOptions(max_new_tokens=16, medusa_tree='2,2')
+  options = generation.DecodeOptions(max_new_tokens=16, heads_tree='2,2')
   out, _ = generation.decode_tokens(trained_tiny, prompts, 'medusa', options, joint)
   tuned = checkpoints.RestoredModel(trained_tiny.config, trained_tiny.tokenizer,
                                     trained_tiny.model, joint.params['base'], 2, '')

@@ -384,8 +384,8 @@ def test_hand_built_dynamic_tree_growth_and_reranking():
               3: [-9., -9., log(.7), -9., log(.2)]}
   fed = []
 
-  def expand(carry, level, tokens, ancestors):
-    fed.append((level, np.asarray(tokens), np.asarray(ancestors)))
+  def expand(carry, level, tokens, ancestors, parent):
+    fed.append((level, np.asarray(tokens), np.asarray(ancestors), np.asarray(parent)))
     return carry, jnp.asarray([[children[int(t)] for t in row] for row in tokens])
 
   _, node_tokens, parents, depths = trees.grow_dynamic_tree(spec, jnp.asarray([0]), root,
@@ -394,6 +394,8 @@ def test_hand_built_dynamic_tree_growth_and_reranking():
   assert [f[0] for f in fed] == [1, 2]
   np.testing.assert_array_equal(fed[1][1], [[3, 3]])
   np.testing.assert_array_equal(fed[1][2][0].astype(int), [[1, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
+  np.testing.assert_array_equal(fed[0][3], [[0, 0]])  # both children of the root
+  np.testing.assert_array_equal(fed[1][3], [[0, 1]])  # 1->3 under fed node 0, 2->3 under 1
   # Scores: 1 .6, 2 .3, 1->3 .54, 2->3 .15, 2->4 .12, 1->3->2 .378, 1->3->4 .108 ...
   np.testing.assert_array_equal(node_tokens, [[0, 1, 2, 3, 3, 2]])
   np.testing.assert_array_equal(parents, [[-1, 0, 0, 1, 2, 3]])

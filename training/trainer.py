@@ -102,8 +102,8 @@ def build(config, objective: objectives.Objective, example_batch: dict,
 
   def train_step(state: TrainState, batch: dict, frozen):
     step_rng = jax.random.fold_in(state.rng, state.step)
-    loss_fn = lambda p: objective.loss(p, batch, step_rng, state.step, frozen)
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, sums), grads = objective.loss_and_grad(state.params, batch, step_rng, state.step,
+                                                  frozen)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -212,7 +212,7 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
                      f'new workdir with --config.init_from={workdir}.')
   # The initial parameters fix the model and tokenizer; draft heads read their target's.
   model_source = config.get('init_from', '') or (
-      config.get('target_workdir', '') if config.family == 'medusa' else '')
+      config.get('target_workdir', '') if config.family in objectives.HEADS_FAMILIES else '')
   if model_source:
     source = checkpoints.load_config(model_source)
     with config.unlocked():
