@@ -14,7 +14,8 @@ def get_config(arg: str | None = None):
   config = ml_collections.ConfigDict()
   config.target_workdir = 'workdirs/ar_small'  # trained target (launch.train workdir)
   config.draft_workdir = 'workdirs/draft_small'  # draft for `speculative` (same tokenizer)
-  config.methods = ('autoregressive', 'speculative')  # autoregressive always runs first
+  # autoregressive always runs first; also: medusa, eagle, mtp
+  config.methods = ('autoregressive', 'speculative')
   config.num_draft = 4                          # speculative chain: K
   # speculative: '' = chain, '3,2,1' a static tree, 'dynamic:TOP_K,DEPTH,BUDGET' EAGLE-2
   config.trees = ('', '3,2,1', 'dynamic:4,5,24')
@@ -22,6 +23,12 @@ def get_config(arg: str | None = None):
   config.heads_workdir = 'workdirs/medusa_small'  # Medusa heads for `medusa`
   config.medusa_tree = '4,2,2'                  # medusa: head d's top-b_d at depth d
   config.medusa_typical = True                  # medusa: also run typical acceptance (lossy)
+  config.eagle_workdir = 'workdirs/eagle_small'  # EAGLE drafter for `eagle`
+  config.eagle_trees = ('4,5,24',)              # eagle: EAGLE-2 trees TOP_K,DEPTH,BUDGET
+  # `mtp`: a multi-token prediction model (configs/mtp.py), benchmarked against its own
+  # autoregressive decoding: a chain of its heads' top-1 and a tree.
+  config.mtp_workdir = 'workdirs/mtp_small'
+  config.mtp_trees = ('1,1,1', '4,2,2')
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call
   config.temperatures = (0.0, 1.0)              # 0 = greedy

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from decoding import medusa
+
 
 
 def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list[int]]:
@@ -113,71 +115,98 @@ def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict
               matches_ar=completions == ar_completions)
 
 
+def _method_variants(config) -> list[tuple[str, str]]:
+  """(method, variant) pairs for the target: speculative once per entry of config.trees,
+  medusa with the exact rule and (config.medusa_typical) typical acceptance, eagle once
+  per entry of config.eagle_trees."""
+  variants = {'speculative': tuple(config.trees),
+              'medusa': ('', 'typical') if config.get('medusa_typical') else ('',),
+              'eagle': tuple(config.get('eagle_trees', ('4,5,24',)))}
+  return [('autoregressive', '')] + [
+      (m, v) for m in config.methods if m not in ('autoregressive', 'mtp')
+      for v in variants.get(m, ('',))]
+
+
+def _options_and_name(options, method: str, variant: str, config):
+  if method == 'medusa':
+    options = dataclasses.replace(options, typical=variant == 'typical',
+                                  heads_tree=config.get('medusa_tree', ''))
+    tree = options.heads_tree or ','.join(map(str, medusa.DEFAULT_TREE))
+    return options, 'medusa' + ('_typical' if variant else '') + f'({tree})'
+  if method == 'eagle':
+    return dataclasses.replace(options, eagle_tree=variant), f'eagle({variant})'
+  if method == 'mtp':
+    return dataclasses.replace(options, heads_tree=variant), f'mtp({variant})'
+  return (dataclasses.replace(options, tree=variant),
+          method + (f'_tree({variant})' if variant else ''))
+
+
 def run(config, workdir: str) -> list[dict]:
-  """One record per method x batch size x temperature, AR first in each group."""
+  """One record per model x method x batch size x temperature, each model's AR first:
+  the target with every method that decodes it, then (if 'mtp' is in config.methods)
+  the multi-token prediction model with its own AR and its self-speculation."""
   from launch import generation
   from training import checkpoints
-  restored = checkpoints.restore_model(config.target_workdir)
-  draft = None
-  if 'speculative' in config.methods:
-    if not config.draft_workdir:
-      raise ValueError('The speculative method needs config.draft_workdir.')
-    draft = checkpoints.restore_model(config.draft_workdir)
-  heads = None
-  if 'medusa' in config.methods:
-    if not config.get('heads_workdir', ''):
-      raise ValueError('The medusa method needs config.heads_workdir.')
-    heads = checkpoints.restore_model(config.heads_workdir)
   unknown = [m for m in config.methods if m not in generation.METHODS]
   if unknown:
     raise ValueError(f'Unknown methods {unknown}; known: {", ".join(generation.METHODS)}.')
-  prompts = validation_prompts(restored, config.num_prompts, config.prompt_len)
+  restored = checkpoints.restore_model(config.target_workdir)
+  second = {}
+  for method, key in (('speculative', 'draft_workdir'), ('medusa', 'heads_workdir'),
+                      ('eagle', 'eagle_workdir'), ('mtp', 'mtp_workdir')):
+    if method in config.methods:
+      if not config.get(key, ''):
+        raise ValueError(f'The {method} method needs config.{key}.')
+      second[method] = checkpoints.restore_model(config[key])
+  # (model, its label, [(method, variant)]): speedups are against that model's own AR.
+  suites = [(restored, '', _method_variants(config))]
+  if 'mtp' in config.methods:
+    mtp_model = second.pop('mtp')
+    suites.append((mtp_model, 'mtp model', [('autoregressive', '')] + [
+        ('mtp', tree) for tree in config.get('mtp_trees', ('1,1,1', '4,2,2'))]))
+  # The same validation texts for every model, in each model's own tokens.
+  prompts = {id(model): validation_prompts(model, config.num_prompts, config.prompt_len)
+             for model, _, _ in suites}
   machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
              'cpu_count': os.cpu_count(), 'jax': jax.__version__}
-  # (method, variant) pairs: speculative runs once per entry of config.trees; medusa
-  # with the exact rule and, if config.medusa_typical, with typical acceptance (lossy).
-  variants = {'speculative': config.trees,
-              'medusa': ('', 'typical') if config.get('medusa_typical') else ('',)}
-  methods = [('autoregressive', '')] + [
-      (m, v) for m in config.methods if m != 'autoregressive' for v in variants.get(m, ('',))]
   groups = [(b, t) for b in config.batch_sizes for t in config.temperatures]
-  bar = tqdm.tqdm(total=len(groups) * len(methods), desc='bench', dynamic_ncols=True)
+  bar = tqdm.tqdm(total=len(groups) * sum(len(s[2]) for s in suites), desc='bench',
+                  dynamic_ncols=True)
   records = []
   for batch_size, temperature in groups:
     options = generation.DecodeOptions(
         max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
         batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
-        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
-        medusa_tree=config.get('medusa_tree', '4,2,2'))
-    ar = None
-    for method, variant in methods:
-      bar.set_postfix(method=method + variant, batch=batch_size, temperature=temperature)
-      if method == 'medusa':
-        method_options = dataclasses.replace(options, typical=variant == 'typical')
-        name = 'medusa' + ('_typical' if variant else '') + f'({options.medusa_tree})'
-      else:
-        method_options = dataclasses.replace(options, tree=variant)
-        name = method + (f'_tree({variant})' if variant else '')
-      completions, stats = generation.decode_tokens(
-          restored, prompts, method, method_options, heads if method == 'medusa' else draft,
-          repeats=config.repeats)
-      bar.update(1)
-      ar = ar or (completions, stats)
-      lossless = generation.lossless(method, method_options)
-      records.append(dict(
-          method=name, lossless=lossless,
-          batch_size=batch_size, temperature=temperature,
-          mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
-          draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
-          wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
-          speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
-          compile_s=stats['compile_s'],
-          matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
-          **machine))
+        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
+    for model, label, methods in suites:
+      ar = None
+      for method, variant in methods:
+        bar.set_postfix(method=method + variant, batch=batch_size, temperature=temperature)
+        method_options, name = _options_and_name(options, method, variant, config)
+        if method == 'autoregressive' and label:
+          name += f'({label})'
+        completions, stats = generation.decode_tokens(
+            model, prompts[id(model)], method, method_options, second.get(method),
+            repeats=config.repeats)
+        bar.update(1)
+        ar = ar or (completions, stats)
+        lossless = generation.lossless(method, method_options)
+        records.append(dict(
+            method=name, lossless=lossless,
+            batch_size=batch_size, temperature=temperature,
+            mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
+            draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
+            wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
+            speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
+            compile_s=stats['compile_s'],
+            matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
+            **machine))
+      if model is restored:
+        target_ar = ar
     if config.naive_reference and temperature == 0:
-      naive = _naive_record(restored, prompts, config, batch_size, ar[0])
-      naive['speedup_vs_ar'] = naive['tokens_per_s'] / ar[1]['tokens_per_s']
+      naive = _naive_record(restored, prompts[id(restored)], config, batch_size, target_ar[0])
+      naive['speedup_vs_ar'] = naive['tokens_per_s'] / target_ar[1]['tokens_per_s']
       records.append(dict(naive, batch_size=batch_size, temperature=temperature, **machine))
   bar.close()
   os.makedirs(workdir, exist_ok=True)

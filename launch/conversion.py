@@ -39,6 +39,10 @@ def export_hf(workdir: str, hf_dir: str) -> None:
     raise ValueError(f'{workdir} holds a {restored.config.family!r} model; only autoregressive '
                      'LMs export to the Llama layout.')
   config = restored.model.config
+  if config.mtp_heads > 1:
+    print(f'Note: the Llama layout has no place for heads 2..{config.mtp_heads} of this '
+          'multi-token prediction model; the export is its next-token model (head 1), '
+          'which generates exactly what the MTP model generates.')
   os.makedirs(hf_dir, exist_ok=True)
   tensors = hf.export_tensors(restored.params, config)
   save_file({name: jnp.asarray(value) for name, value in tensors.items()},
