@@ -21,14 +21,15 @@ def get_config(arg: str | None = None):
   config.trees = ('', '3,2,1', 'dynamic:4,5,24')
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.heads_workdir = 'workdirs/medusa_small'  # Medusa heads for `medusa`
-  config.medusa_tree = '4,2,2'                  # medusa: head d's top-b_d at depth d
-  config.medusa_typical = True                  # medusa: also run typical acceptance (lossy)
+  # medusa: head d's top-b_d at depth d, or '' = the tree launch.tune_tree saved
+  config.medusa_trees = ('4,2,2', '')
+  config.medusa_typical = True                  # medusa: also typical acceptance (lossy)
   config.eagle_workdir = 'workdirs/eagle_small'  # EAGLE drafter for `eagle`
   config.eagle_trees = ('4,5,24',)              # eagle: EAGLE-2 trees TOP_K,DEPTH,BUDGET
   # `mtp`: a multi-token prediction model (configs/mtp.py), benchmarked against its own
   # autoregressive decoding: a chain of its heads' top-1 and a tree.
   config.mtp_workdir = 'workdirs/mtp_small'
-  config.mtp_trees = ('1,1,1', '4,2,2')
+  config.mtp_trees = ('1,1,1', '4,2,2', '')      # '' = its tuned tree (launch.tune_tree)
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call
   config.temperatures = (0.0, 1.0)              # 0 = greedy

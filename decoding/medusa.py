@@ -4,9 +4,10 @@ the heads built into the model (heads=None: the model's future_logits, head i + 
 predicting token t + i + 1, draft depth i).
 
 Each round of one `lax.while_loop`:
-  1. candidates: head d's top-b_d tokens fill depth d of a static tree (TreeSpec
-     branching b_1 .. b_D, D <= number of heads); every node at depth d takes the same
-     b_d tokens, so the tree is their Cartesian product, as in Medusa's dense trees;
+  1. candidates: a node at depth d of rank r among its siblings takes head d's r-th
+     best token, in a static tree: a TreeSpec (branching b_1 .. b_D, the Cartesian
+     product of the heads' top-b_d) or a SparseTree (any shape, e.g. tuned on
+     validation data by launch.tune_tree, as Medusa builds its trees); D <= heads;
   2. the target scores the whole tree in one call (tree mask, tree positions);
   3. `verify.tree_accept` walks it. The children of a node are distinct tokens chosen
      deterministically, so the rule is the point-mass one: lossless under greedy and
@@ -27,8 +28,8 @@ from decoding.sampling import SamplingConfig, log_probs
 from models import KVCache
 
 
-# Medusa's 4,2,2 suits heads whose accuracy falls with depth: most width where the
-# first head is unsure. Chosen on the validation split of the small target (README).
+# The tree when none is given and the heads have no tuned one (launch.tune_tree):
+# most width where the first head is unsure, as the heads' accuracy falls with depth.
 DEFAULT_TREE = (4, 2, 2)
 
 
@@ -36,7 +37,7 @@ DEFAULT_TREE = (4, 2, 2)
 class MedusaConfig:
   max_new_tokens: int
   cache_capacity: int
-  tree: trees.TreeSpec = trees.TreeSpec(DEFAULT_TREE)
+  tree: trees.TreeSpec | trees.SparseTree = trees.TreeSpec(DEFAULT_TREE)
   sampling: SamplingConfig = SamplingConfig()
   eos_ids: tuple[int, ...] = (2,)
   typical: bool = False          # LOSSY typical acceptance instead of the exact rule
@@ -61,17 +62,13 @@ class State:
   head_logits: jax.Array   # [B, K, V] heads at the last accepted node: tokens after the root
 
 
-def candidates(spec: trees.TreeSpec, head_logits: jax.Array, root_token: jax.Array,
-               vocab: int) -> jax.Array:
-  """[B, N] node tokens: the root, then each depth's nodes (parent-major) cycling
-  through head d's top-b_d tokens. head_logits: [B, K, V]; root_token: [B]."""
+def candidates(spec, head_logits: jax.Array, root_token: jax.Array, vocab: int) -> jax.Array:
+  """[B, N] node tokens: the root, then node i takes head (depth_i - 1)'s token of rank
+  rank_i (a TreeSpec or SparseTree). head_logits: [B, K, V]; root_token: [B]."""
   masked = jnp.where(jnp.arange(head_logits.shape[-1]) < vocab, head_logits, -jnp.inf)
-  levels, width = [root_token[:, None]], 1
-  for d, b in enumerate(spec.branching):
-    top = jax.lax.top_k(masked[:, d], b)[1].astype(jnp.int32)               # [B, b]
-    levels.append(jnp.tile(top, (1, width)))
-    width *= b
-  return jnp.concatenate(levels, axis=1)
+  top = jax.lax.top_k(masked[:, :spec.depth], int(spec.ranks.max()) + 1)[1]  # [B, D, R]
+  nodes = top[:, spec.depths[1:] - 1, spec.ranks[1:]].astype(jnp.int32)       # [B, N - 1]
+  return jnp.concatenate([root_token[:, None].astype(jnp.int32), nodes], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'heads', 'config'))

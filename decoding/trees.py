@@ -8,9 +8,12 @@ In a cache, node i sits in slot root_slot + i and at position root_slot + depth(
 it attends to the committed prefix (slots < root_slot) and to its ancestors,
 itself included (the tree attention mask of SpecInfer / Medusa).
 
-Two kinds of tree:
+Three kinds of tree:
   TreeSpec         static: every node at depth d has branching[d] children, the same
                    shape every round (node j's children are a contiguous range).
+  SparseTree       static, any shape: nodes named by their paths of sibling ranks
+                   (Medusa's "choices"; (0, 1) is the best first-level candidate's
+                   second-best child), e.g. tuned on validation data (launch.tune_tree).
   DynamicTreeSpec  EAGLE-2 (Li et al. 2024): the draft expands, level by level, the
                    top_k nodes of highest cumulative draft log-probability, each into
                    its top_k children; then the `budget` best nodes of everything drafted
@@ -33,6 +36,9 @@ class TreeSpec:
   def __post_init__(self):
     if not self.branching or min(self.branching) < 1:
       raise ValueError(f'A tree needs >= 1 level and >= 1 child per node; got {self.branching}.')
+
+  def __str__(self) -> str:
+    return ','.join(map(str, self.branching))
 
   @property
   def depth(self) -> int:
@@ -78,10 +84,77 @@ class TreeSpec:
   @functools.cached_property
   def ancestors(self) -> np.ndarray:
     """[N, N] bool: ancestors[i, j] iff j is i or an ancestor of i."""
-    out = np.eye(self.num_nodes, dtype=bool)
-    for i in range(1, self.num_nodes):
-      out[i] |= out[self.parents[i]]
-    return out
+    return _ancestors(self.parents)
+
+  @functools.cached_property
+  def ranks(self) -> np.ndarray:
+    """[N] int: each node's rank among its siblings (root 0): a top-k index."""
+    ranks = [0]
+    for d, b in enumerate(self.branching):
+      ranks += [r for _ in range(self.level_starts[d], self.level_starts[d + 1]) for r in range(b)]
+    return np.asarray(ranks, np.int32)
+
+
+def _ancestors(parents: np.ndarray) -> np.ndarray:
+  out = np.eye(len(parents), dtype=bool)
+  for i in range(1, len(parents)):
+    out[i] |= out[parents[i]]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTree:
+  """A static tree of any shape: each non-root node is its path of sibling ranks from
+  the root, e.g. ((0,), (1,), (0, 0)): the two best first-level candidates and the best
+  child of the first. Every prefix of a path must be a node too. Nodes are ordered by
+  depth, then path, so parents come first."""
+  paths: tuple[tuple[int, ...], ...]
+
+  def __post_init__(self):
+    paths = set(self.paths)
+    if not paths or len(paths) != len(self.paths) or () in paths:
+      raise ValueError(f'A sparse tree needs distinct, non-empty node paths; got {self.paths}.')
+    for path in paths:
+      if min(path) < 0 or (len(path) > 1 and path[:-1] not in paths):
+        raise ValueError(f'Sparse tree node {path}: ranks must be >= 0 and its parent '
+                         f'{path[:-1]} must be a node too.')
+    object.__setattr__(self, 'paths', tuple(sorted(paths, key=lambda p: (len(p), p))))
+
+  def __str__(self) -> str:
+    return 'paths:' + ';'.join('.'.join(map(str, p)) for p in self.paths)
+
+  @property
+  def depth(self) -> int:
+    return len(self.paths[-1])
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.paths) + 1
+
+  @property
+  def cache_slots(self) -> int:
+    return self.num_nodes
+
+  @property
+  def max_children(self) -> int:
+    return int(np.max(np.bincount(self.parents[1:])))
+
+  @functools.cached_property
+  def parents(self) -> np.ndarray:
+    index = {p: i + 1 for i, p in enumerate(self.paths)}
+    return np.asarray([-1] + [index.get(p[:-1], 0) for p in self.paths])
+
+  @functools.cached_property
+  def depths(self) -> np.ndarray:
+    return np.asarray([0] + [len(p) for p in self.paths], np.int32)
+
+  @functools.cached_property
+  def ranks(self) -> np.ndarray:
+    return np.asarray([0] + [p[-1] for p in self.paths], np.int32)
+
+  @functools.cached_property
+  def ancestors(self) -> np.ndarray:
+    return _ancestors(self.parents)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +172,9 @@ class DynamicTreeSpec:
     if not 1 <= self.budget <= self.pool_size:
       raise ValueError(f'Dynamic tree budget must be in [1, {self.pool_size}] (the nodes '
                        f'top_k={self.top_k} and depth={self.depth} draft); got {self.budget}.')
+
+  def __str__(self) -> str:
+    return f'dynamic:{self.top_k},{self.depth},{self.budget}'
 
   @property
   def max_children(self) -> int:
@@ -129,17 +205,28 @@ class DynamicTreeSpec:
                                           for _ in range(self.top_k ** 2)], np.int32)
 
 
+def label(spec: str) -> str:
+  """A short name of a tree spec string for tables: sparse trees by their size."""
+  if spec.startswith('paths:'):
+    return f'tuned, {spec.count(";") + 1} nodes'
+  return spec
+
+
 def parse(spec: str):
   """'3,2,1' -> TreeSpec((3, 2, 1)); 'dynamic:8,5,48' -> DynamicTreeSpec(top_k=8,
-  depth=5, budget=48)."""
+  depth=5, budget=48); 'paths:0;1;0.0' -> SparseTree(((0,), (1,), (0, 0)))."""
   try:
+    if spec.startswith('paths:'):
+      return SparseTree(tuple(tuple(int(r) for r in path.split('.'))
+                              for path in spec[len('paths:'):].split(';')))
     if spec.startswith('dynamic:'):
       top_k, depth, budget = (int(x) for x in spec[len('dynamic:'):].split(','))
       return DynamicTreeSpec(top_k, depth, budget)
     return TreeSpec(tuple(int(x) for x in spec.split(',')))
   except ValueError as e:
     raise ValueError(f'Bad tree spec {spec!r}: expected children per level, like "3,2,1", '
-                     f'or "dynamic:TOP_K,DEPTH,BUDGET", like "dynamic:8,5,48". ({e})') from e
+                     f'"dynamic:TOP_K,DEPTH,BUDGET", like "dynamic:8,5,48", or sparse node '
+                     f'paths, like "paths:0;1;0.0". ({e})') from e
 
 
 def ancestors_from_parents(parents: jax.Array, depth: int) -> jax.Array:

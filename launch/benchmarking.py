@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from decoding import medusa
+from decoding import trees
 
 
 
@@ -116,29 +116,38 @@ def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict
 
 
 def _method_variants(config) -> list[tuple[str, str]]:
-  """(method, variant) pairs for the target: speculative once per entry of config.trees,
-  medusa with the exact rule and (config.medusa_typical) typical acceptance, eagle once
-  per entry of config.eagle_trees."""
+  """(method, variant) pairs for the target: speculative once per entry of config.trees;
+  medusa once per entry of config.medusa_trees ('' = the heads' tuned tree), and with
+  typical acceptance (lossy) on the last one if config.medusa_typical; eagle once per
+  entry of config.eagle_trees."""
+  medusa_trees = tuple(config.get('medusa_trees', ('4,2,2',)))
   variants = {'speculative': tuple(config.trees),
-              'medusa': ('', 'typical') if config.get('medusa_typical') else ('',),
+              'medusa': medusa_trees + (('typical:' + medusa_trees[-1],)
+                                        if config.get('medusa_typical') else ()),
               'eagle': tuple(config.get('eagle_trees', ('4,5,24',)))}
   return [('autoregressive', '')] + [
       (m, v) for m in config.methods if m not in ('autoregressive', 'mtp')
       for v in variants.get(m, ('',))]
 
 
-def _options_and_name(options, method: str, variant: str, config):
-  if method == 'medusa':
-    options = dataclasses.replace(options, typical=variant == 'typical',
-                                  heads_tree=config.get('medusa_tree', ''))
-    tree = options.heads_tree or ','.join(map(str, medusa.DEFAULT_TREE))
-    return options, 'medusa' + ('_typical' if variant else '') + f'({tree})'
+def _options(options, method: str, variant: str):
+  if method in ('medusa', 'mtp'):
+    typical = variant.startswith('typical:')
+    return dataclasses.replace(options, typical=typical,
+                               heads_tree=variant[len('typical:'):] if typical else variant)
   if method == 'eagle':
-    return dataclasses.replace(options, eagle_tree=variant), f'eagle({variant})'
-  if method == 'mtp':
-    return dataclasses.replace(options, heads_tree=variant), f'mtp({variant})'
-  return (dataclasses.replace(options, tree=variant),
-          method + (f'_tree({variant})' if variant else ''))
+    return dataclasses.replace(options, eagle_tree=variant)
+  return dataclasses.replace(options, tree=variant)
+
+
+def _name(method: str, options, stats: dict) -> str:
+  """The table's name of a record: the method and the tree it used."""
+  tree = trees.label(stats['tree']) if 'tree' in stats else ''
+  if method in ('medusa', 'mtp'):
+    return method + ('_typical' if options.typical else '') + f'({tree})'
+  if method == 'eagle':
+    return f'eagle({tree[len("dynamic:"):]})'
+  return method + (f'_tree({tree})' if tree else '')
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -183,12 +192,12 @@ def run(config, workdir: str) -> list[dict]:
       ar = None
       for method, variant in methods:
         bar.set_postfix(method=method + variant, batch=batch_size, temperature=temperature)
-        method_options, name = _options_and_name(options, method, variant, config)
-        if method == 'autoregressive' and label:
-          name += f'({label})'
+        method_options = _options(options, method, variant)
         completions, stats = generation.decode_tokens(
             model, prompts[id(model)], method, method_options, second.get(method),
             repeats=config.repeats)
+        name = _name(method, method_options, stats) + (
+            f'({label})' if method == 'autoregressive' and label else '')
         bar.update(1)
         ar = ar or (completions, stats)
         lossless = generation.lossless(method, method_options)

@@ -19,6 +19,7 @@ import numpy as np
 
 from decoding import autoregressive, base, eagle, medusa, speculative, trees
 from decoding.sampling import SamplingConfig
+from launch import tree_tuning
 from models import sharding
 
 
@@ -37,8 +38,9 @@ class DecodeOptions:
   adaptive_threshold: float = 0.0  # speculative: stop drafting after an unsure token
   tree: str = ''                # speculative: '' = chain, a static tree like '3,2,1', or
                                 # an EAGLE-2 tree 'dynamic:TOP_K,DEPTH,BUDGET'
-  heads_tree: str = ''          # medusa, mtp: children per depth (head d's top-b_d tokens);
-                                # '' = 4,2,2 cut to the number of draft heads
+  heads_tree: str = ''          # medusa, mtp: children per depth (head d's top-b_d tokens)
+                                # or sparse 'paths:...'; '' = the heads' tuned tree
+                                # (launch.tune_tree), else 4,2,2 cut to the heads
   typical: bool = False         # medusa, mtp: typical acceptance (LOSSY)
   eagle_tree: str = '4,5,24'    # eagle: EAGLE-2 tree TOP_K,DEPTH,BUDGET
 
@@ -70,8 +72,9 @@ def _speculative(model, draft, options, capacity, eos_ids):
 def _heads_config(options, capacity, eos_ids, num_heads: int) -> medusa.MedusaConfig:
   tree = (trees.parse(options.heads_tree) if options.heads_tree
           else trees.TreeSpec(medusa.DEFAULT_TREE[:num_heads]))
-  if not isinstance(tree, trees.TreeSpec):
-    raise ValueError(f'Draft heads fill a static tree (like "4,2,2"); got {options.heads_tree!r}.')
+  if not isinstance(tree, (trees.TreeSpec, trees.SparseTree)):
+    raise ValueError(f'Draft heads fill a static tree (like "4,2,2" or "paths:0;1;0.0"); '
+                     f'got {options.heads_tree!r}.')
   return medusa.MedusaConfig(
       max_new_tokens=options.max_new_tokens, cache_capacity=capacity, tree=tree,
       sampling=options.sampling(), eos_ids=eos_ids, typical=options.typical)
@@ -195,11 +198,18 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   params = jax.device_put(restored.params, sharding.param_shardings(model, mesh))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
 
+  if method in ('medusa', 'mtp') and not options.heads_tree:
+    # The tree tuned on validation data for these heads (launch.tune_tree), if any.
+    tuned = tree_tuning.load_tuned_tree((draft or restored).workdir)
+    if tuned:
+      options = dataclasses.replace(options, heads_tree=tuned)
   fn, static, extra = METHODS[method](model, draft, options, capacity, tokenizer.eos_ids)
   if draft is not None and extra:
     extra = {name: jax.device_put(tree, sharding.param_shardings(
         model if name == 'params' else draft.model, mesh)) for name, tree in extra.items()}
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
+  if getattr(static['config'], 'tree', None) is not None:
+    stats['tree'] = str(static['config'].tree)
   histogram, draft_calls = None, 0
   compiled = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):

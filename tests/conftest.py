@@ -50,3 +50,43 @@ def trained_tiny(tfds_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('trained_tiny'))
   trainer.train(config, workdir, progress=False)
   return checkpoints.restore_model(workdir)
+
+
+def _train_briefly(config, tfds_dir, workdir, steps=150):
+  """A few hundred steps (or `steps`) of any family on the embedded corpus, restored."""
+  from training import checkpoints, trainer
+  config.data.data_dir = tfds_dir
+  config.num_train_steps = steps
+  config.seq_len = 64
+  config.warmup_steps = 10
+  config.learning_rate = 1e-2
+  config.eval_every_steps = config.checkpoint_every_steps = steps
+  config.eval_batches = 1
+  result = trainer.train(config, workdir, progress=False)
+  return result.eval_metrics, checkpoints.restore_model(workdir)
+
+
+@pytest.fixture(scope='session')
+def trained_medusa(trained_tiny, tfds_dir, tmp_path_factory):
+  """(eval metrics, restored) Medusa-1 heads, 3 of them, on the trained tiny target."""
+  from configs import medusa
+  config = medusa.get_config('size=tiny,num_heads=3')
+  config.target_workdir = trained_tiny.workdir
+  return _train_briefly(config, tfds_dir, str(tmp_path_factory.mktemp('medusa')))
+
+
+@pytest.fixture(scope='session')
+def trained_eagle(trained_tiny, tfds_dir, tmp_path_factory):
+  """(eval metrics, restored) EAGLE drafter on the trained tiny target."""
+  from configs import eagle
+  config = eagle.get_config('size=tiny')
+  config.target_workdir = trained_tiny.workdir
+  return _train_briefly(config, tfds_dir, str(tmp_path_factory.mktemp('eagle')))
+
+
+@pytest.fixture(scope='session')
+def trained_mtp(tfds_dir, tmp_path_factory):
+  """(eval metrics, restored) a tiny 3-head MTP model trained from scratch."""
+  from configs import mtp
+  return _train_briefly(mtp.get_config('size=tiny,heads=3'), tfds_dir,
+                        str(tmp_path_factory.mktemp('mtp')))

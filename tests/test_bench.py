@@ -39,3 +39,34 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
       assert r['mean_accepted'] == 4.0 and r['draft_calls'] > 0
     if r['method'] == tree:
       assert r['mean_accepted'] == 3.0
+
+
+def test_bench_with_heads_and_an_mtp_model(trained_tiny, trained_medusa, trained_eagle,
+                                           trained_mtp, tmp_path):
+  """medusa (two trees + typical), eagle and mtp rows: the MTP model against its own AR."""
+  config = bench_config.get_config()
+  config.target_workdir = trained_tiny.workdir
+  config.methods = ('autoregressive', 'medusa', 'eagle', 'mtp')
+  config.heads_workdir = trained_medusa[1].workdir
+  config.medusa_trees = ('2,2', '1,1,1')
+  config.eagle_workdir = trained_eagle[1].workdir
+  config.eagle_trees = ('2,3,6',)
+  config.mtp_workdir = trained_mtp[1].workdir
+  config.mtp_trees = ('1,1', '2,2')
+  config.batch_sizes = (2,)
+  config.temperatures = (0.0,)
+  config.naive_reference = False
+  config.num_prompts = 2
+  config.prompt_len = 12
+  config.max_new_tokens = 12
+  config.repeats = 1
+  records = benchmarking.run(config, str(tmp_path))
+  assert [(r['method'], r['lossless']) for r in records] == [
+      ('autoregressive', True), ('medusa(2,2)', True), ('medusa(1,1,1)', True),
+      ('medusa_typical(1,1,1)', False), ('eagle(2,3,6)', True),
+      ('autoregressive(mtp model)', True), ('mtp(1,1)', True), ('mtp(2,2)', True)]
+  assert all(r['matches_ar'] is True for r in records if r['lossless'])
+  mtp_ar = records[5]
+  assert all(r['speedup_vs_ar'] == r['tokens_per_s'] / mtp_ar['tokens_per_s']
+             for r in records[5:])
+  assert all(r['mean_accepted'] >= 1.0 for r in records)

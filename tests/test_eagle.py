@@ -93,28 +93,17 @@ def _offline_depth1_acceptances(target, drafter, prompt, completion):
   return accepted
 
 
-def test_trained_drafter_reads_the_right_features_and_beats_a_random_one(trained_tiny, tfds_dir,
-                                                                        tmp_path):
+def test_trained_drafter_reads_the_right_features_and_beats_a_random_one(trained_tiny,
+                                                                        trained_eagle):
   """EAGLE on the trained tiny target, 150 steps. (1) With a depth-1 tree, the rounds
   that accept are exactly those an offline, teacher-forced run of the drafter predicts
   (the catch-up feeds the right features at the right slots). (2) With an EAGLE-2
   tree, greedy tau beats a random drafter's, outputs equal to plain greedy. (3) The
   command line decodes with it."""
-  from configs import eagle as eagle_config
-  from training import checkpoints, trainer
-  config = eagle_config.get_config('size=tiny')
-  config.target_workdir = trained_tiny.workdir
-  config.data.data_dir = tfds_dir
-  config.num_train_steps = 150
-  config.seq_len = 64
-  config.warmup_steps = 10
-  config.learning_rate = 1e-2
-  config.eval_every_steps = config.checkpoint_every_steps = 150
-  config.eval_batches = 1
-  workdir = str(tmp_path / 'eagle')
-  result = trainer.train(config, workdir, progress=False)
-  assert result.eval_metrics['head1_agree'] > 0.2, result.eval_metrics
-  trained = checkpoints.restore_model(workdir)
+  from training import checkpoints
+  metrics, trained = trained_eagle
+  workdir = trained.workdir
+  assert metrics['head1_agree'] > 0.2, metrics
   assert isinstance(trained.model, EagleDrafter)
 
   tok = trained_tiny.tokenizer

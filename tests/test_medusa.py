@@ -37,7 +37,8 @@ def _medusa(target, heads, prompts, max_new, capacity, seed=0, **kw):
 
 @pytest.mark.parametrize('tree,batch', [(trees.TreeSpec((2, 2)), 4),
                                         (trees.TreeSpec((3, 2, 1)), 1),
-                                        (trees.TreeSpec((1, 1, 1)), 4)], ids=str)
+                                        (trees.parse('paths:0;1;2;0.0;0.1;1.0;0.0.0'), 4)],
+                         ids=str)
 def test_greedy_equals_plain_greedy(tree, batch):
   prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
   ar = _ar(*TARGET, prompts, 17, 30)
@@ -46,6 +47,26 @@ def test_greedy_equals_plain_greedy(tree, batch):
                   typical=typical)
     np.testing.assert_array_equal(out.tokens, ar.tokens)
     np.testing.assert_array_equal(out.lengths, ar.lengths)
+
+
+def test_sparse_trees_and_greedy_tree_growth():
+  tree = trees.parse('paths:1;0;0.1;0.0;0.0.0')
+  assert str(tree) == 'paths:0;1;0.0;0.1;0.0.0'   # nodes by depth, then path
+  np.testing.assert_array_equal(tree.parents, [-1, 0, 0, 1, 1, 3])
+  np.testing.assert_array_equal(tree.ranks, [0, 0, 1, 0, 1, 0])
+  np.testing.assert_array_equal(tree.depths, [0, 1, 1, 2, 2, 3])
+  assert tree.max_children == 2
+  for bad in ('paths:0.1', 'paths:0;0', 'paths:-1'):
+    with pytest.raises(ValueError):
+      trees.parse(bad)
+  # Candidates: node i takes head (depth - 1)'s rank-r token.
+  head_logits = jnp.asarray([[[0., 5., 4., 1.], [3., 0., 1., 2.], [1., 2., 3., 0.]]])
+  np.testing.assert_array_equal(medusa.candidates(tree, head_logits, jnp.asarray([9]), 4),
+                                [[9, 1, 2, 0, 3, 2]])
+  # Greedy growth (Medusa): node scores are products of per-(head, rank) accuracies.
+  from launch import tree_tuning
+  grown, tau = tree_tuning.grow_tree(np.asarray([[.5, .2], [.6, .1]]), budget=3)
+  assert str(grown) == 'paths:0;1;0.0' and tau == pytest.approx(1 + .5 + .3 + .2)
 
 
 def test_exact_rule_is_lossless_and_typical_acceptance_is_not():
@@ -68,25 +89,14 @@ def test_exact_rule_is_lossless_and_typical_acceptance_is_not():
   assert _g_test(samples, exact) < 1e-3  # LOSSY, and the test can tell.
 
 
-def test_trained_heads_beat_untrained_heads(trained_tiny, tfds_dir, tmp_path):
+def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):
   """Medusa-1 on the trained tiny target: 150 steps; greedy tau on validation-like
   prompts beats both random heads and the untrained initialisation (every head a copy
-  of the LM head). Then the command line decodes with them, equal to plain greedy."""
-  from configs import medusa as medusa_config
-  from training import checkpoints, trainer
-  config = medusa_config.get_config('size=tiny,num_heads=3')
-  config.target_workdir = trained_tiny.workdir
-  config.data.data_dir = tfds_dir
-  config.num_train_steps = 150
-  config.seq_len = 64
-  config.warmup_steps = 10
-  config.learning_rate = 1e-2
-  config.eval_every_steps = config.checkpoint_every_steps = 150
-  config.eval_batches = 1
-  workdir = str(tmp_path / 'medusa')
-  result = trainer.train(config, workdir, progress=False)
-  assert result.eval_metrics['head1_top1'] > 0.1
-  trained = checkpoints.restore_model(workdir)
+  of the LM head). Then a tree tuned on validation data, and the command line."""
+  from training import checkpoints
+  metrics, trained = trained_medusa
+  workdir = trained.workdir
+  assert metrics['head1_top1'] > 0.1
   assert set(trained.params) == {'heads'}
 
   tok = trained_tiny.tokenizer
@@ -109,6 +119,18 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, tfds_dir, tmp_path):
     assert out == plain, name
     taus[name] = stats['mean_accepted']
   assert taus['trained'] > taus['untrained'] + 0.1 and taus['trained'] > taus['random'] + 0.2, taus
+
+  # A tree tuned on validation data (launch.tune_tree) is what decoding then uses.
+  done = subprocess.run(
+      [sys.executable, '-m', 'launch.tune_tree', f'--workdir={trained_tiny.workdir}',
+       f'--heads_workdir={workdir}', '--budget=12', '--num_batches=1'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  tuned = trees.parse(open(os.path.join(workdir, 'heads_tree.txt')).read().strip())
+  assert tuned.num_nodes == 13
+  out, stats = generation.decode_tokens(trained_tiny, prompts, 'medusa',
+                                        generation.DecodeOptions(max_new_tokens=48), trained)
+  assert out == plain and stats['tree'] == str(tuned) and stats['mean_accepted'] > 1.2
 
   done = subprocess.run(
       [sys.executable, '-m', 'launch.decode', f'--workdir={trained_tiny.workdir}',

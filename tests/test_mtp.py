@@ -110,24 +110,14 @@ def test_self_speculative_sampling_is_lossless():
   assert _g_test(np.asarray(out.tokens[:, len(prompt):]), exact) > 1e-3
 
 
-def test_trained_mtp_heads_beat_random_heads(tfds_dir, tmp_path):
+def test_trained_mtp_heads_beat_random_heads(trained_mtp):
   """configs/mtp.py trained from scratch (tiny, 3 heads, 150 steps): self-speculative
   tau beats the same model with its extra heads re-initialised at random, outputs equal
   to the model's own greedy decoding; then the command line (chain and tree)."""
-  from configs import mtp as mtp_config
-  from training import checkpoints, trainer
-  config = mtp_config.get_config('size=tiny,heads=3')
-  config.data.data_dir = tfds_dir
-  config.num_train_steps = 150
-  config.seq_len = 64
-  config.warmup_steps = 10
-  config.learning_rate = 1e-2
-  config.eval_every_steps = config.checkpoint_every_steps = 150
-  config.eval_batches = 1
-  workdir = str(tmp_path / 'mtp')
-  result = trainer.train(config, workdir, progress=False)
-  assert result.eval_metrics['head2_top1'] > 0.1, result.eval_metrics
-  trained = checkpoints.restore_model(workdir)
+  from training import checkpoints
+  metrics, trained = trained_mtp
+  workdir = trained.workdir
+  assert metrics['head2_top1'] > 0.1, metrics
   assert trained.model.config.mtp_heads == 3
 
   tok = trained.tokenizer
