@@ -1,17 +1,22 @@
 """Static draft trees for Medusa heads and MTP heads, tuned on the validation split.
 
-Medusa (Cai et al. 2024, sec. 2.1.2 / appendix) builds its sparse tree from a
-calibration set: measure how often head k's rank-r token is the one decoding will
-accept (acc[k, r]); take a node's chance of acceptance to be the product of acc along
-its path (heads treated as independent), so the expected tokens per round is
-1 + the sum of that product over the tree's nodes; and grow the tree greedily, adding
-the candidate node of highest chance. Because every acc <= 1, a child never beats
-its parent, so greedy growth is optimal for each size under that model.
+Medusa (Cai et al. 2024) builds its sparse tree from calibration data: estimate each
+node's chance of being accepted, and grow the tree greedily by adding the candidate
+node with the highest chance (the expected tokens per round is 1 + the sum of the
+chances of the tree's nodes; a child never beats its parent, so greedy growth is
+optimal for each size). Medusa estimates a node's chance as the product of per-head
+top-k accuracies along its path, treating the heads as independent.
 
-"Accepted" here is greedy acceptance: head k at position t (drafting depth k, token
-t + k + 1) is right when its token equals the target's argmax at position t + k,
-teacher-forced on validation text.
+We measure the chance of every path directly instead, because the heads are far from
+independent (when head 1 is right, head 2 usually is too: on the small MTP model the
+product estimate ranked a 4,2,2 tree below its tuned tree, and measured tau said the
+opposite). On the target's own greedy continuations of validation prompts, teacher
+forced (which is exactly what greedy decoding sees), each position t yields the ranks
+rho_1, rho_2, ... of the tokens s[t+2], s[t+3], ... in heads 1, 2, ...'s top-R lists,
+up to the first miss; a node (r_1 .. r_d) is accepted at t iff (r_1 .. r_d) is a prefix
+of that rank sequence. Its chance is the fraction of positions where it is.
 """
+import collections
 import dataclasses
 import os
 
@@ -19,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import trees
-from models import masks
+from decoding import autoregressive, base, trees
 
 TUNED_TREE_FILE = 'heads_tree.txt'   # in the heads' workdir (MTP: the model's)
 
@@ -28,74 +32,112 @@ TUNED_TREE_FILE = 'heads_tree.txt'   # in the heads' workdir (MTP: the model's)
 @dataclasses.dataclass
 class TunedTree:
   tree: trees.SparseTree
-  expected_tau: float        # 1 + sum over nodes of the product of accuracies on the path
-  accuracy: np.ndarray       # [K, R] acc[k, r]: head k + 1's rank-r token accepted
-  positions: int             # validation positions measured
+  expected_tau: float        # 1 + the sum of the tree's measured node chances
+  accuracy: np.ndarray       # [K, R] head k + 1's rank-r token right (marginal, for show)
+  positions: int             # positions measured
 
 
-def head_accuracy(target, heads, num_batches: int = 4, max_rank: int = 8,
-                  batch_size: int = 8, seq_len: int = 256) -> tuple[np.ndarray, int]:
-  """acc [K, R] of each draft head's rank-r token against the target's greedy token.
+def acceptance_ranks(target, heads, prompts: list[list[int]], max_new_tokens: int = 128,
+                     max_rank: int = 8) -> np.ndarray:
+  """[M, K] per measured position, the rank (< max_rank) of the token each draft head
+  should propose in its top list, -1 where it is not in it (or past the sequence).
 
   target: checkpoints.RestoredModel of the target (or of an MTP model, heads=None);
   heads: RestoredModel of Medusa heads, or None for the MTP model's own heads.
   """
-  from training import data
   model, params = target.model, target.params
-  sources = data.load_sources(target.config.data)
   vocab = model.config.vocab_size
+  padded, lengths = base.pad_prompts(prompts, target.tokenizer.pad_id)
+  capacity = padded.shape[1] + max_new_tokens
+  config = autoregressive.AutoregressiveConfig(max_new_tokens, capacity, eos_ids=())
+  out = autoregressive.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+                                config, jax.random.PRNGKey(0))
+  sequences = out.tokens                                                  # [B, S] greedy
 
   @jax.jit
-  def counts(batch):
-    out = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                      masks.packed_causal_mask(batch['segment_ids']))
+  def ranks(tokens, lengths):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    forward = model.apply({'params': params}, tokens, positions)
     if heads is None:
-      head_logits = out.future_logits                                       # [B, T, K, V]
+      head_logits = forward.future_logits                                 # [B, S, K, V]
     else:
-      head_logits = heads.model.apply({'params': heads.params['heads']}, out.hidden)
-    greedy = jnp.argmax(out.logits[..., :vocab], axis=-1)                   # [B, T]
-    top = jax.lax.top_k(head_logits[..., :vocab], max_rank)[1]              # [B, T, K, R]
-    length, num_heads = greedy.shape[1], head_logits.shape[2]
-    hits, valid = [], []
-    for k in range(1, num_heads + 1):  # head k at t drafts the target's greedy at t + k
-      shift = lambda x: jnp.pad(x[:, k:], ((0, 0), (0, k)))
-      ok = ((shift(batch['segment_ids']) == batch['segment_ids']) & (batch['segment_ids'] > 0)
-            & (jnp.arange(length)[None] < length - k))
-      hits.append(jnp.sum((top[:, :, k - 1] == shift(greedy)[..., None]) & ok[..., None], (0, 1)))
-      valid.append(jnp.sum(ok))
-    return jnp.stack(hits), jnp.stack(valid)
+      head_logits = heads.model.apply({'params': heads.params['heads']}, forward.hidden)
+    top = jax.lax.top_k(head_logits[..., :vocab], max_rank)[1]            # [B, S, K, R]
+    num_heads, length = head_logits.shape[2], tokens.shape[1]
+    # Head k at t proposes token t + 1 + k (the root is token t + 1).
+    wanted = jnp.stack([jnp.pad(tokens[:, 1 + k:], ((0, 0), (0, 1 + k)))
+                        for k in range(1, num_heads + 1)], axis=2)        # [B, S, K]
+    hit = top == wanted[..., None]
+    rank = jnp.where(hit.any(-1), jnp.argmax(hit, -1), -1)
+    wanted_at = jnp.arange(length)[:, None] + 1 + jnp.arange(1, num_heads + 1)[None]  # [S, K]
+    return jnp.where(wanted_at[None] < lengths[:, None, None], rank, -1)
 
-  hits, valid = 0, 0
-  for batch in data.eval_batches(sources['validation'], target.tokenizer, batch_size=batch_size,
-                                 seq_len=seq_len, num_batches=num_batches):
-    h, v = counts({k: jnp.asarray(x) for k, x in batch.items()})
-    hits, valid = hits + np.asarray(h), valid + np.asarray(v)
-  if np.min(valid) == 0:
-    raise ValueError('The validation split gave no positions to measure the heads on.')
-  return hits / valid[:, None], int(valid[0])
+  rank = np.asarray(ranks(sequences, out.lengths))                        # [B, S, K]
+  # Positions whose root token t + 1 was generated by the target (not the prompt's).
+  t = np.arange(rank.shape[1])[None]
+  generated = (t + 1 >= np.asarray(lengths)[:, None]) & (t + 1 < np.asarray(out.lengths)[:, None])
+  return rank[generated]
 
 
-def grow_tree(accuracy: np.ndarray, budget: int) -> tuple[trees.SparseTree, float]:
-  """Greedy tree of `budget` nodes (root excluded) maximising the expected accepted
-  length under acc[depth - 1, rank] independence; -> (tree, expected tau)."""
-  num_heads, max_rank = accuracy.shape
+def path_chances(ranks: np.ndarray) -> dict:
+  """{path: fraction of positions where the path is accepted}, from acceptance_ranks."""
+  counts = collections.Counter()
+  for row in ranks:
+    path = ()
+    for r in row:
+      if r < 0:
+        break
+      path += (int(r),)
+      counts[path] += 1
+  return {path: n / len(ranks) for path, n in counts.items()}
+
+
+def grow_tree(chances: dict, budget: int) -> tuple[trees.SparseTree, float]:
+  """Greedy tree of `budget` nodes (root excluded) maximising the sum of its nodes'
+  chances (a path's chance never exceeds its parent's); -> (tree, expected tau)."""
   if budget < 1:
     raise ValueError(f'budget={budget}: a tree needs at least one node.')
-  chosen, score = {}, {(): 1.0}
-  frontier = {(r,): accuracy[0, r] for r in range(max_rank)}
-  while len(chosen) < budget and frontier:
-    path = max(frontier, key=lambda p: (frontier[p], -len(p), tuple(-r for r in p)))
-    chosen[path] = score[path] = frontier.pop(path)
-    if len(path) < num_heads:
-      frontier.update({path + (r,): score[path] * accuracy[len(path), r]
-                       for r in range(max_rank)})
-  return trees.SparseTree(tuple(chosen)), 1.0 + float(sum(chosen.values()))
+  # Shallower first among equal chances, then lower ranks: parents precede children.
+  order = sorted(chances, key=lambda p: (-chances[p], len(p), p))
+  chosen = []
+  for path in order:
+    if len(chosen) == budget:
+      break
+    if len(path) == 1 or path[:-1] in chosen:
+      chosen.append(path)
+  for rank in range(budget):  # Too few accepted paths seen: pad with first-level nodes.
+    if len(chosen) < budget and (rank,) not in chosen:
+      chosen.append((rank,))
+  return trees.SparseTree(tuple(chosen)), 1.0 + sum(chances.get(p, 0.0) for p in chosen)
 
 
-def tune(target, heads, budget: int = 24, num_batches: int = 4) -> TunedTree:
-  accuracy, positions = head_accuracy(target, heads, num_batches)
-  tree, tau = grow_tree(accuracy, budget)
-  return TunedTree(tree, tau, accuracy, positions)
+def calibration_prompts(target, num_prompts: int, prompt_len: int,
+                        stride: int = 512) -> list[list[int]]:
+  """[bos] + prompt_len - 1 tokens from every `stride` tokens of the validation
+  documents: several prompts per document, so a small split still gives many."""
+  from training import data
+  tok, prompts = target.tokenizer, []
+  body = prompt_len - len(tok.bos_prefix)
+  for text in data.load_sources(target.config.data)['validation'].texts():
+    ids = tok.encode(text).tolist()
+    for start in range(0, len(ids) - body + 1, stride):
+      prompts.append([*tok.bos_prefix, *ids[start:start + body]])
+      if len(prompts) == num_prompts:
+        return prompts
+  if not prompts:
+    raise ValueError(f'The validation split has no document of {prompt_len} tokens.')
+  return prompts
+
+
+def tune(target, heads, budget: int = 24, num_prompts: int = 64, prompt_len: int = 64,
+         max_new_tokens: int = 128) -> TunedTree:
+  prompts = calibration_prompts(target, num_prompts, prompt_len)
+  ranks = acceptance_ranks(target, heads, prompts, max_new_tokens)
+  if not len(ranks):
+    raise ValueError('No positions to measure the heads on.')
+  tree, tau = grow_tree(path_chances(ranks), budget)
+  accuracy = np.stack([(ranks[:, k, None] == np.arange(8)).mean(0) for k in range(ranks.shape[1])])
+  return TunedTree(tree, tau, accuracy, len(ranks))
 
 
 def tuned_tree_path(workdir: str) -> str:

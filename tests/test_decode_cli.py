@@ -73,3 +73,14 @@ def test_library_errors_are_clear(trained_tiny, tmp_path):
   done = _run_decode(f'--workdir={tmp_path}', '--prompt=x')
   assert done.returncode != 0 and 'has no checkpoint' in done.stderr
   assert 'Traceback' not in done.stderr
+
+
+def test_heads_methods_name_what_is_missing(trained_tiny):
+  prompts = [[1, 5, 6]]
+  options = generation.DecodeOptions(max_new_tokens=4)
+  with pytest.raises(ValueError, match='needs a multi-token prediction model'):
+    generation.decode_tokens(trained_tiny, prompts, 'mtp', options)
+  with pytest.raises(ValueError, match='needs an EAGLE drafter workdir'):
+    generation.decode_tokens(trained_tiny, prompts, 'eagle', options)
+  with pytest.raises(ValueError, match='needs a Medusa heads workdir'):
+    generation.decode_tokens(trained_tiny, prompts, 'medusa', options, draft=trained_tiny)

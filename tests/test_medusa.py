@@ -63,9 +63,12 @@ def test_sparse_trees_and_greedy_tree_growth():
   head_logits = jnp.asarray([[[0., 5., 4., 1.], [3., 0., 1., 2.], [1., 2., 3., 0.]]])
   np.testing.assert_array_equal(medusa.candidates(tree, head_logits, jnp.asarray([9]), 4),
                                 [[9, 1, 2, 0, 3, 2]])
-  # Greedy growth (Medusa): node scores are products of per-(head, rank) accuracies.
+  # Tuning: a path's chance is how often it is a prefix of the heads' ranks of the
+  # target's greedy tokens (-1: not in the top list); greedy growth by chance.
   from launch import tree_tuning
-  grown, tau = tree_tuning.grow_tree(np.asarray([[.5, .2], [.6, .1]]), budget=3)
+  chances = tree_tuning.path_chances(np.asarray([[0, 0, -1], [0, 1, 0], [1, -1, 0], [-1, 0, 0]]))
+  assert chances == {(0,): .5, (0, 0): .25, (0, 1): .25, (0, 1, 0): .25, (1,): .25}
+  grown, tau = tree_tuning.grow_tree({(0,): .5, (1,): .2, (0, 0): .3, (0, 1): .05}, budget=3)
   assert str(grown) == 'paths:0;1;0.0' and tau == pytest.approx(1 + .5 + .3 + .2)
 
 
@@ -123,7 +126,7 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):
   # A tree tuned on validation data (launch.tune_tree) is what decoding then uses.
   done = subprocess.run(
       [sys.executable, '-m', 'launch.tune_tree', f'--workdir={trained_tiny.workdir}',
-       f'--heads_workdir={workdir}', '--budget=12', '--num_batches=1'],
+       f'--heads_workdir={workdir}', '--budget=12', '--num_prompts=4'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   tuned = trees.parse(open(os.path.join(workdir, 'heads_tree.txt')).read().strip())
