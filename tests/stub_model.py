@@ -22,6 +22,10 @@ class StubConfig:
   head_dim: int = 1
   activation_dtype: type = jnp.float32
 
+  @property
+  def cache_layers(self) -> int:
+    return self.num_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class StubModel:

@@ -190,6 +190,8 @@ def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
   hist = np.asarray(out.stats['accepted_histogram'])
   assert hist[0] > 0 and hist[1:].sum() > 0, 'the draft is neither always right nor wrong'
   assert _g_test(samples, exact) > 1e-3
+  if sampling.top_k:  # The power check below runs once per acceptance rule (CI time).
+    return
   # Power: resampling from p instead of norm(max(p - q, 0)) after a rejection is wrong
   # (for top-k candidates: not renormalising p after a rejected sibling).
   jax.clear_caches()
@@ -302,9 +304,8 @@ DYNAMIC = [trees.DynamicTreeSpec(3, 4, 12), trees.DynamicTreeSpec(2, 3, 10),
            trees.DynamicTreeSpec(1, 4, 4)]
 
 
-@pytest.mark.parametrize('tree,batch', [(TREES[0], 4), (TREES[1], 1), (TREES[2], 4),
-                                        (TREES[3], 4), (DYNAMIC[0], 4), (DYNAMIC[1], 1),
-                                        (DYNAMIC[2], 4)], ids=str)
+@pytest.mark.parametrize('tree,batch', [(TREES[1], 1), (TREES[2], 4), (DYNAMIC[0], 4),
+                                        (DYNAMIC[1], 1), (DYNAMIC[2], 4)], ids=str)
 def test_tree_greedy_equals_plain_greedy(tree, batch):
   prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
   ar = _ar(*TARGET, prompts, 17, 30)
