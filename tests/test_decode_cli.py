@@ -50,18 +50,29 @@ def test_command_line_json(trained_tiny, tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (['--method=telepathy'], "Unknown decoding method 'telepathy'"),
-    (['--max_new_tokens=0'], 'max_new_tokens must be > 0'),
-    (['--temperature=-1'], 'temperature must be >= 0'),
     (['--top_p=0'], r'top_p must be in (0, 1]'),
-    (['--top_k=-2'], 'top_k must be an integer >= 0'),
-    (['--min_p=2'], 'min_p must be in [0, 1]'),
     (['--max_context=4'], 'longer than the context (4 tokens)'),
-    (['--max_context=10'], 'fills the context (10 tokens): it leaves no room'),
 ])
 def test_command_line_errors_are_clear(trained_tiny, args, message):
+  """One message per kind of check (method, sampling settings, prompt vs context) through
+  the command line, which prints it without a traceback; the rest via the library."""
   done = _run_decode(f'--workdir={trained_tiny.workdir}', '--prompt=123456789', *args)
   assert done.returncode != 0
   assert message in done.stderr and 'Traceback' not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize('options,message', [
+    (dict(max_new_tokens=0), 'max_new_tokens must be > 0'),
+    (dict(temperature=-1), 'temperature must be >= 0'),
+    (dict(top_k=-2), 'top_k must be an integer >= 0'),
+    (dict(min_p=2), 'min_p must be in [0, 1]'),
+    (dict(max_context=10), 'fills the context (10 tokens): it leaves no room'),
+])
+def test_option_errors_are_clear(trained_tiny, options, message):
+  with pytest.raises(ValueError) as error:
+    generation.decode_texts(trained_tiny, ['123456789'],
+                            options=generation.DecodeOptions(**options))
+  assert message in str(error.value)
 
 
 def test_library_errors_are_clear(trained_tiny, tmp_path):

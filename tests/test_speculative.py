@@ -47,7 +47,6 @@ PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11, 12, 13], [1, 20, 21]]
 
 @pytest.mark.parametrize('batch,kw', [
     (4, dict(num_draft=1)), (1, dict(num_draft=3)), (4, dict(num_draft=6)),
-    (1, dict(num_draft=4, adaptive_threshold=0.05)),
     (4, dict(num_draft=4, adaptive_threshold=0.05))])
 def test_greedy_equals_plain_greedy(batch, kw):
   prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
@@ -165,14 +164,13 @@ VOCAB6_DRAFT = _tiny(6, vocab=6, num_layers=1, d_model=32, num_heads=2, num_kv_h
 
 @pytest.mark.parametrize('sampling,kw', [
     (SamplingConfig(temperature=1.0), dict(num_draft=2)),
-    (SamplingConfig(temperature=0.7, top_k=4, top_p=0.9), dict(num_draft=3)),
     (SamplingConfig(temperature=1.3), dict(num_draft=3, adaptive_threshold=0.3)),
     (SamplingConfig(temperature=1.0), dict(tree=TreeSpec((3, 2)))),
     (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), dict(tree=TreeSpec((2, 2, 1)))),
     (SamplingConfig(temperature=1.0), dict(tree=trees.DynamicTreeSpec(2, 3, 6))),
     (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9),
      dict(tree=trees.DynamicTreeSpec(3, 2, 5))),
-], ids=['chain', 'chain-topk-topp', 'adaptive', 'tree', 'tree-topk-topp', 'dynamic',
+], ids=['chain', 'adaptive', 'tree', 'tree-topk-topp', 'dynamic',
         'dynamic-topk-topp'])
 def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
   rows, steps, prompt = 20_000, 3, [1, 3]
@@ -251,8 +249,8 @@ def test_cache_after_a_rejection_equals_plain_decoding_of_the_kept_tokens():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('kw', [dict(num_draft=3), dict(tree=TreeSpec((2, 2))),
-                                dict(tree=trees.DynamicTreeSpec(3, 3, 8))], ids=str)
+@pytest.mark.parametrize('kw', [dict(num_draft=3), dict(tree=trees.DynamicTreeSpec(3, 3, 8))],
+                         ids=str)
 def test_eight_devices_give_the_tokens_of_one(kw):
   prompts = PROMPTS * 2
   single = _spec(TARGET, DRAFT, prompts, 10, 24, **kw)
@@ -305,7 +303,7 @@ DYNAMIC = [trees.DynamicTreeSpec(3, 4, 12), trees.DynamicTreeSpec(2, 3, 10),
 
 
 @pytest.mark.parametrize('tree,batch', [(TREES[1], 1), (TREES[2], 4), (DYNAMIC[0], 4),
-                                        (DYNAMIC[1], 1), (DYNAMIC[2], 4)], ids=str)
+                                        (DYNAMIC[2], 4)], ids=str)
 def test_tree_greedy_equals_plain_greedy(tree, batch):
   prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]
   ar = _ar(*TARGET, prompts, 17, 30)
