@@ -75,6 +75,13 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
+def token_buffer(prompts: jax.Array, prompt_lengths: jax.Array, capacity: int) -> jax.Array:
+  """[B, capacity] int32 buffer holding each row's prompt, zeros past its length."""
+  batch, prompt_len = prompts.shape
+  tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts)
+  return jnp.where(jnp.arange(capacity) < prompt_lengths[:, None], tokens, 0)
+
+
 def row_limits(prompt_lengths: jax.Array, max_new_tokens: int, capacity: int) -> jax.Array:
   """[B] the buffer length at which each row stops: prompt + max_new_tokens, or full."""
   return jnp.minimum(prompt_lengths + max_new_tokens, capacity)

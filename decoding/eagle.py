@@ -107,9 +107,8 @@ def generate(model, params, drafter, drafter_params, prompts: jax.Array,
   features = jnp.zeros((batch, width, model.config.d_model), out.hidden.dtype)
   rng, key = jax.random.split(rng)
   first = jax.random.categorical(key, log_probs(out.logits[rows, last], sampling, vocab))
-  tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts)
-  tokens = jnp.where(jnp.arange(capacity) < prompt_lengths[:, None], tokens, 0)
-  state = State(tokens=tokens, lengths=prompt_lengths,
+  state = State(tokens=base.token_buffer(prompts, prompt_lengths, capacity),
+                lengths=prompt_lengths,
                 limits=base.row_limits(prompt_lengths, config.max_new_tokens, capacity),
                 target_cache=out.cache.replace(lengths=prompt_lengths),
                 drafter_cache=drafter_cache.replace(lengths=last),

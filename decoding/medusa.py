@@ -102,9 +102,8 @@ def generate(model, params, heads, heads_params, prompts: jax.Array, prompt_leng
   rng, key = jax.random.split(rng)
   first = jax.random.categorical(key, log_probs(out.logits[rows, last], config.sampling, vocab))
   head_logits = read_heads(out, last)
-  tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts)
-  tokens = jnp.where(jnp.arange(capacity) < prompt_lengths[:, None], tokens, 0)
-  state = State(tokens=tokens, lengths=prompt_lengths,
+  state = State(tokens=base.token_buffer(prompts, prompt_lengths, capacity),
+                lengths=prompt_lengths,
                 limits=base.row_limits(prompt_lengths, config.max_new_tokens, capacity),
                 target_cache=out.cache.replace(lengths=prompt_lengths),
                 done=jnp.zeros((batch,), bool), rng=rng, target_calls=jnp.ones((), jnp.int32),

@@ -275,8 +275,7 @@ def generate(model, params, draft_model, draft_params, prompts: jax.Array,
   rng, key = jax.random.split(rng)
   first = jax.random.categorical(
       key, log_probs(target.logits[rows, prompt_lengths - 1], config.sampling, vocab))
-  tokens = jnp.where(jnp.arange(capacity) < prompt_lengths[:, None],
-                     jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts), 0)
+  tokens = base.token_buffer(prompts, prompt_lengths, capacity)
   state = State(tokens=tokens, lengths=prompt_lengths,
                 limits=base.row_limits(prompt_lengths, config.max_new_tokens, capacity),
                 target_cache=target.cache.replace(lengths=prompt_lengths),
