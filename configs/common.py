@@ -63,7 +63,7 @@ def data_config() -> ml_collections.ConfigDict:
 def train_config() -> ml_collections.ConfigDict:
   """Top-level fields every training config has, whatever its family."""
   config = ml_collections.ConfigDict()
-  config.family = 'ar_lm'             # which objective trains (training/objectives.py)
+  config.family = 'ar_lm'             # models/families.py, training/objectives/
   config.seed = 0                     # init, data order and step rngs
   config.num_train_steps = 2000       # optimizer steps in total (raise it to continue a run)
   config.batch_size = 16              # sequences per step, over all devices

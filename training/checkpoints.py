@@ -15,10 +15,11 @@ import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from models import families
+from training import tokenizers
 
 CONFIG_FILE = 'config.json'
 # Config blocks that define the parameters; a workdir's checkpoint only fits these.
@@ -139,16 +140,19 @@ class RestoredModel:
 
 
 def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
-  """Restores the parameters of the latest (or `step`) checkpoint and the tokenizer."""
-  from training import objectives, tokenizers  # objectives -> models; no cycle at import
+  """Restores the parameters of the latest (or `step`) checkpoint and the tokenizer.
+
+  The module comes from the family map (models/families.py), not from the objective:
+  a Medusa or EAGLE workdir restores its heads alone, never its target. The checkpoint's
+  parameter shapes are checked against those its config.json describes.
+  """
   if not has_checkpoint(workdir):
     raise FileNotFoundError(f'Workdir {workdir} has no checkpoint (expected '
                             f'{checkpoint_dir(workdir)}/<step>/). Train first with '
                             'python -m launch.train.')
   config = load_config(workdir)
   tokenizer = tokenizers.load(workdir)
-  objective = objectives.build(config, tokenizer.vocab_size)
-  model = objective.model
+  model = families.build_module(config, tokenizer.vocab_size)
   manager = make_manager(workdir, save_every=1, keep=config.keep_checkpoints)
   try:
     step = manager.latest_step() if step is None else step
@@ -159,9 +163,8 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
   finally:
     manager.close()
   params = state['state']['params']
-  expected = nn.meta.unbox(jax.eval_shape(objective.init, jax.random.PRNGKey(0),
-                                          objective.example_batch()))
-  want, got = _shapes(expected), _shapes(params)
+  want = _shapes(families.abstract_params(config, tokenizer.vocab_size))
+  got = _shapes(params)
   if want != got:
     diffs = [f'{k}: checkpoint {got.get(k)}, config {want.get(k)}'
              for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import tqdm
 
-from models import sharding
+from models import families, sharding
 from training import checkpoints, data, objectives, tokenizers
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
                      f'new workdir with --config.init_from={workdir}.')
   # The initial parameters fix the model and tokenizer; draft heads read their target's.
   model_source = config.get('init_from', '') or (
-      config.get('target_workdir', '') if config.family in objectives.HEADS_FAMILIES else '')
+      config.get('target_workdir', '') if config.family in families.HEADS_FAMILIES else '')
   if model_source:
     source = checkpoints.load_config(model_source)
     with config.unlocked():

@@ -1,0 +1,103 @@
+"""The family map: a training config's `family` -> the Flax module it trains.
+
+Checkpoints (to restore a workdir) and objectives (to train one) both build their
+module and its parameter tree here, so a workdir restores without the objective and
+without its target. A config is duck-typed (an ml_collections ConfigDict, or anything
+with the same fields): `family`, `model` (models.TransformerConfig fields but
+vocab_size; `.to_dict()`) and, for Medusa, `medusa.num_heads` and `medusa.joint`.
+This module imports nothing from training/ or configs/.
+
+  family    module                        parameters
+  ar_lm     Transformer(config.model)     the Transformer's
+  distill   Transformer(config.model)     the draft's (the teacher is not state)
+  mtp       Transformer(config.model)     the Transformer's (model.mtp_heads >= 2)
+  medusa    MedusaHeads(target, K)        {'heads'}; Medusa-2 (medusa.joint): {'heads', 'base'},
+                                          'base' shaped as the target Transformer
+  eagle     EagleDrafter(target)          the drafter's one layer (+ fc)
+
+For the heads families (medusa, eagle) config.model is the target's model block: the
+trainer copies it from target_workdir, and the heads read the target's hidden states.
+"""
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import EagleDrafter, MedusaHeads, Transformer, TransformerConfig, masks
+
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp')
+HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
+                                      # and tokenizer they take
+
+# family -> (training config, the trunk's TransformerConfig) -> the module it trains.
+_MODULES = {
+    'ar_lm': lambda config, trunk: Transformer(trunk),
+    'distill': lambda config, trunk: Transformer(trunk),
+    'mtp': lambda config, trunk: Transformer(trunk),
+    'medusa': lambda config, trunk: MedusaHeads(trunk, config.medusa.num_heads),
+    'eagle': lambda config, trunk: EagleDrafter(trunk),
+}
+
+
+def transformer_config(config, vocab_size: int) -> TransformerConfig:
+  """The trunk's static config from the `model` block of a training config."""
+  return TransformerConfig(vocab_size=vocab_size, **config.model.to_dict())
+
+
+def _check_family(family: str) -> None:
+  if family not in _MODULES:
+    raise ValueError(f'Unknown model family {family!r}; known: {", ".join(FAMILIES)}.')
+
+
+def build_module(config, vocab_size: int) -> nn.Module:
+  """The Flax module a workdir of `config` holds the parameters of (what decoding runs)."""
+  _check_family(config.family)
+  return _MODULES[config.family](config, transformer_config(config, vocab_size))
+
+
+def base_module(config, vocab_size: int) -> Optional[Transformer]:
+  """The target trunk whose parameters train with the heads, as params['base']
+  (Medusa-2: family medusa with medusa.joint); None for every other config."""
+  if config.family == 'medusa' and config.medusa.joint:
+    return Transformer(transformer_config(config, vocab_size))
+  return None
+
+
+def example_batch() -> dict:
+  """A [1, 1] batch (inputs, positions, segment_ids): enough for `init_params` to know
+  every parameter's shape."""
+  z = jnp.zeros((1, 1), jnp.int32)
+  return {'inputs': z, 'positions': z, 'segment_ids': jnp.ones((1, 1), jnp.int32)}
+
+
+def init_params(module: nn.Module, rng: jax.Array, batch: dict,
+                base: Optional[Transformer] = None) -> Any:
+  """A family module's parameters (boxed with logical axis names) for a batch of this
+  shape (inputs, positions, segment_ids [B, T]).
+
+  module: Transformer (ar_lm, distill, mtp), MedusaHeads or EagleDrafter. The heads
+  read [B, T, D] hidden states (zeros here); Medusa's parameters are {'heads'} plus,
+  when `base` (the target Transformer, Medusa-2) is given, {'base'}: both from `rng`.
+  """
+  if isinstance(module, MedusaHeads):
+    hidden = jnp.zeros(batch['inputs'].shape + (module.config.d_model,), jnp.float32)
+    params = {'heads': module.init(rng, hidden)['params']}
+    if base is not None:
+      params['base'] = base.init(rng, batch['inputs'], batch['positions'])['params']
+    return params
+  if base is not None:
+    raise ValueError(f'Only Medusa heads train with a base; got {type(module).__name__}.')
+  if isinstance(module, EagleDrafter):
+    z = jnp.zeros(batch['inputs'].shape + (module.config.d_model,), jnp.float32)
+    return module.init(rng, z, z, batch['positions'])['params']
+  return module.init(rng, batch['inputs'], batch['positions'],
+                     masks.packed_causal_mask(batch['segment_ids']))['params']
+
+
+def abstract_params(config, vocab_size: int) -> Any:
+  """The parameter tree a checkpoint of `config` holds, as unboxed ShapeDtypeStructs
+  (for checking a checkpoint against its config.json). Builds no target."""
+  module, base = build_module(config, vocab_size), base_module(config, vocab_size)
+  return nn.meta.unbox(jax.eval_shape(lambda rng: init_params(module, rng, example_batch(), base),
+                                      jax.random.PRNGKey(0)))
