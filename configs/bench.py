@@ -13,23 +13,25 @@ def get_config(arg: str | None = None):
   del arg
   config = ml_collections.ConfigDict()
   config.target_workdir = 'workdirs/ar_small'  # trained target (launch.train workdir)
-  config.draft_workdir = 'workdirs/draft_small'  # draft for `speculative` (same tokenizer)
-  # autoregressive always runs first; also: medusa, eagle, mtp
+  # autoregressive always runs first; any method of decoding/registry.py (speculative,
+  # medusa, eagle, mtp, and those the plugins register)
   config.methods = ('autoregressive', 'speculative')
+  config.plugins = ()                           # modules registering more methods
+  # Each method's second workdir: the draft, the heads / drafter, or (mtp) the method's
+  # own model, which is then benchmarked against its own autoregressive decoding.
+  config.workdirs = ml_collections.ConfigDict(dict(
+      speculative='workdirs/draft_small', medusa='workdirs/medusa_small',
+      eagle='workdirs/eagle_small', mtp='workdirs/mtp_small'))
+  # The trees each method runs with, one record each ('' = the method's default:
+  # speculative a chain of num_draft, medusa / mtp the tree launch.tune_tree saved,
+  # eagle dynamic:4,5,24). Children per depth '3,2,1', sparse 'paths:...', or EAGLE-2
+  # 'dynamic:TOP_K,DEPTH,BUDGET'.
+  config.trees = ml_collections.ConfigDict(dict(
+      speculative=('', '3,2,1', 'dynamic:4,5,24'), medusa=('4,2,2', ''),
+      eagle=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
+  config.typical = ('medusa',)                  # also typical acceptance (LOSSY), last tree
   config.num_draft = 4                          # speculative chain: K
-  # speculative: '' = chain, '3,2,1' a static tree, 'dynamic:TOP_K,DEPTH,BUDGET' EAGLE-2
-  config.trees = ('', '3,2,1', 'dynamic:4,5,24')
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
-  config.heads_workdir = 'workdirs/medusa_small'  # Medusa heads for `medusa`
-  # medusa: head d's top-b_d at depth d, or '' = the tree launch.tune_tree saved
-  config.medusa_trees = ('4,2,2', '')
-  config.medusa_typical = True                  # medusa: also typical acceptance (lossy)
-  config.eagle_workdir = 'workdirs/eagle_small'  # EAGLE drafter for `eagle`
-  config.eagle_trees = ('4,5,24',)              # eagle: EAGLE-2 trees TOP_K,DEPTH,BUDGET
-  # `mtp`: a multi-token prediction model (configs/mtp.py), benchmarked against its own
-  # autoregressive decoding: a chain of its heads' top-1 and a tree.
-  config.mtp_workdir = 'workdirs/mtp_small'
-  config.mtp_trees = ('1,1,1', '4,2,2', '')      # '' = its tuned tree (launch.tune_tree)
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call
   config.temperatures = (0.0, 1.0)              # 0 = greedy

@@ -2,7 +2,8 @@
 
 The drafter (models.EagleDrafter) works on the target's features f_t (its final hidden
 state): drafter slot t holds the entry (f_t, x_{t+1}) and predicts f^_{t+1}, whose
-logits under the target's LM head propose x_{t+2}. Each round of one `lax.while_loop`:
+logits under the target's LM head propose x_{t+2}. The EAGLE proposer for the round
+driver (decoding/driver.py), each round:
 
   1. catch-up: the committed tokens whose target features the last verification
      produced are fed to the drafter, one window call of depth + 1 entries from its
@@ -24,26 +25,22 @@ predictable from features than the next token from tokens, and feeding the sampl
 token's embedding resolves which branch of the sampling the drafter is on.
 """
 import dataclasses
-import functools
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from decoding import base, speculative, trees, verify
-from decoding.sampling import SamplingConfig, log_probs
-from models import KVCache
+from decoding import driver, speculative, trees
+from decoding.proposal import Proposal, Proposer
+from models import KVCache, masks
 
 
 @dataclasses.dataclass(frozen=True)
-class EagleConfig:
-  max_new_tokens: int
-  cache_capacity: int
+class EagleConfig(driver.DecodeConfig):
+  """Static settings (hashable: a static argument of jit)."""
   # EAGLE-2's tree. The paper's 7B default is top_k 10, depth 6, 60 nodes; a small model
   # on CPU pays per verified node, so a smaller tree is the default here.
   tree: trees.DynamicTreeSpec = trees.DynamicTreeSpec(4, 5, 24)
-  sampling: SamplingConfig = SamplingConfig()
-  eos_ids: tuple[int, ...] = (2,)
 
   def __post_init__(self):
     if not isinstance(self.tree, trees.DynamicTreeSpec):
@@ -54,122 +51,89 @@ class EagleConfig:
   def max_accepted(self) -> int:
     return self.tree.depth
 
+  def proposer(self, model, drafter) -> 'EagleProposer':
+    if drafter is None:
+      raise ValueError('The eagle method needs an EAGLE drafter (--heads_workdir).')
+    return EagleProposer(self, model, drafter)
+
 
 @flax.struct.dataclass
-class State:
-  tokens: jax.Array         # [B, S] int32 buffer: prompt then committed tokens
-  lengths: jax.Array        # [B] int32
-  limits: jax.Array         # [B] int32
-  target_cache: KVCache     # holds tokens[:, :lengths - 1]
-  drafter_cache: KVCache    # one layer; true entries in slots < drafter_cache.lengths
+class EagleState:
+  cache: KVCache            # the drafter's one layer; true entries in slots < cache.lengths
   features: jax.Array       # [B, depth + 1, D] target features f_t for the drafter slots
-                            # t = drafter_cache.lengths + j (the next catch-up's inputs)
-  done: jax.Array           # [B] bool
-  rng: jax.Array
-  target_calls: jax.Array   # [] int32
-  draft_calls: jax.Array    # [] int32
-  histogram: jax.Array      # [depth + 1] int32 row-rounds by accepted depth
+                            # t = cache.lengths + j (the next catch-up's inputs)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'drafter', 'config'))
-def generate(model, params, drafter, drafter_params, prompts: jax.Array,
-             prompt_lengths: jax.Array, config: EagleConfig, rng: jax.Array) -> base.Output:
-  """EAGLE decoding of right-padded prompts [B, P] with lengths [B].
+class EagleProposer(Proposer):
+  """models.EagleDrafter on the target's features, with the target's embedding and LM
+  head (the target's parameters, params.target)."""
 
-  model: the target (models.Transformer); drafter: models.EagleDrafter on its features,
-  using the target's embedding and LM head.
-  """
-  spec, sampling = config.tree, config.sampling
-  batch, prompt_len = prompts.shape
-  capacity, vocab = config.cache_capacity, model.config.vocab_size
-  k, width = spec.top_k, spec.depth + 1
-  cache_size = capacity + spec.cache_slots
-  rows = jnp.arange(batch)
+  def __init__(self, config: EagleConfig, model, drafter):
+    self.config, self.model, self.drafter = config, model, drafter
+    self.max_depth, self.cache_slots = config.tree.depth, config.tree.cache_slots
 
-  def draft(features, tokens, positions, mask, cache):
+  def _draft(self, params, features, tokens, positions, mask, cache, write_slots=None):
     """The drafter on entries (features, tokens) -> (predicted features, cache)."""
-    embedded = model.apply({'params': params}, tokens, method=model.embed)
-    return drafter.apply({'params': drafter_params}, features, embedded, positions, mask, cache)
+    embedded = self.model.apply({'params': params.target}, tokens, method=self.model.embed)
+    return self.drafter.apply({'params': params.drafter}, features, embedded, positions, mask,
+                              cache, write_slots=write_slots)
 
-  def scores(features):  # [B, T, D] predicted features -> [B, T, vocab] ranking log-probs
-    logits = model.apply({'params': params}, features, method=model.logits)
-    return speculative.draft_scores(logits, sampling, vocab)
+  def _scores(self, params, features):
+    """[B, T, D] predicted features -> [B, T, vocab] ranking log-probs."""
+    logits = self.model.apply({'params': params.target}, features, method=self.model.logits)
+    return speculative.draft_scores(logits, self.config.sampling, self.model.config.vocab_size)
 
-  positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-  out = model.apply({'params': params}, prompts, positions,
-                    cache=KVCache.empty(model.config, batch, cache_size))
-  last = prompt_lengths - 1
-  # The drafter's prefill: entries (f_t, x_{t+1}) for t < P - 1 (each row keeps its
-  # first prompt_length - 1; the rest are overwritten by the first catch-up).
-  next_tokens = jnp.pad(prompts[:, 1:], ((0, 0), (0, 1)))
-  _, drafter_cache = draft(out.hidden, next_tokens, positions, None,
-                           KVCache.empty(drafter.layer_config, batch, cache_size))
-  features = jnp.zeros((batch, width, model.config.d_model), out.hidden.dtype)
-  rng, key = jax.random.split(rng)
-  first = jax.random.categorical(key, log_probs(out.logits[rows, last], sampling, vocab))
-  state = State(tokens=base.token_buffer(prompts, prompt_lengths, capacity),
-                lengths=prompt_lengths,
-                limits=base.row_limits(prompt_lengths, config.max_new_tokens, capacity),
-                target_cache=out.cache.replace(lengths=prompt_lengths),
-                drafter_cache=drafter_cache.replace(lengths=last),
-                features=features.at[:, 0].set(out.hidden[rows, last]),
-                done=jnp.zeros((batch,), bool), rng=rng, target_calls=jnp.ones((), jnp.int32),
-                draft_calls=jnp.ones((), jnp.int32),
-                histogram=jnp.zeros((spec.depth + 1,), jnp.int32))
-  tokens, lengths, done = base.commit(state.tokens, state.lengths, state.limits, state.done,
-                                      first.astype(jnp.int32)[:, None],
-                                      jnp.ones((batch,), jnp.int32), config.eos_ids)
-  state = state.replace(tokens=tokens, lengths=lengths, done=done)
+  def start(self, params, prefill, prompts, prompt_lengths, cache_size):
+    """The drafter's prefill: entries (f_t, x_{t+1}) for t < P - 1 (each row keeps its
+    first prompt_length - 1; the rest are overwritten by the first catch-up)."""
+    batch, prompt_len = prompts.shape
+    rows, last = jnp.arange(batch), prompt_lengths - 1
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+    next_tokens = jnp.pad(prompts[:, 1:], ((0, 0), (0, 1)))
+    _, cache = self._draft(params, prefill.hidden, next_tokens, positions, None,
+                           KVCache.empty(self.drafter.layer_config, batch, cache_size))
+    features = jnp.zeros((batch, self.config.tree.depth + 1, self.model.config.d_model),
+                         prefill.hidden.dtype)
+    return (EagleState(cache=cache.keep(last),
+                       features=features.at[:, 0].set(prefill.hidden[rows, last])),
+            jnp.ones((), jnp.int32))
 
-  def round_(state: State) -> State:
-    rng, key = jax.random.split(state.rng)
-    root = state.lengths - 1                  # the root token's slot in the target cache
-    start = state.drafter_cache.lengths       # first drafter slot to (re)write
+  def propose(self, params, eagle: EagleState, state, key):
+    del key
+    spec = self.config.tree
+    rows, root = jnp.arange(state.tokens.shape[0]), state.lengths - 1  # root: target slot
+    start, width = eagle.cache.lengths, spec.depth + 1   # first drafter slot to (re)write
     # 1. Catch-up: entries t = start .. start + depth; those past the root's entry
     # (slot root - 1) are junk the expansion overwrites or the tree mask hides.
-    window = start[:, None] + jnp.arange(width)[None]                         # [B, W]
-    window_tokens = state.tokens[rows[:, None], jnp.minimum(window + 1, capacity - 1)]
-    predicted, cache = draft(state.features, window_tokens, window, None, state.drafter_cache)
+    window = start[:, None] + jnp.arange(width)[None]                          # [B, W]
+    window_tokens = state.tokens[rows[:, None], jnp.minimum(window + 1, state.tokens.shape[1] - 1)]
+    predicted, cache = self._draft(params, eagle.features, window_tokens, window, None,
+                                   eagle.cache)
     root_entry = jnp.clip(root - 1 - start, 0, width - 1)  # (done rows: any index will do)
-    root_feature = predicted[rows, root_entry]                                 # [B, D]
+    root_feature = predicted[rows, root_entry]                                  # [B, D]
 
     # 2. Expansion. The drafter's tree root is the root token's entry, slot root - 1;
     # a node of depth d is the entry (f^ of its parent, its token) at position root - 1 + d.
     def expand(carry, level, node_tokens, ancestors, parent):
       cache, fed_features = carry                 # fed_features: [B, k', D] last feed's
       parent_features = jnp.take_along_axis(fed_features, parent[:, :, None], axis=1)
-      new_features, cache = draft(
-          parent_features, node_tokens,
+      slots = root + (level - 1) * spec.top_k
+      new_features, cache = self._draft(
+          params, parent_features, node_tokens,
           jnp.broadcast_to((root - 1 + level)[:, None], node_tokens.shape),
-          trees.tree_mask(ancestors, root - 1, cache.capacity),
-          cache.replace(lengths=root + (level - 1) * k))
-      return (cache, new_features), scores(new_features)
+          masks.tree_mask(ancestors, root - 1, cache.capacity), cache,
+          write_slots=slots[:, None] + jnp.arange(node_tokens.shape[1])[None])
+      return (cache, new_features), self._scores(params, new_features)
 
     (cache, _), node_tokens, parents, depths = trees.grow_dynamic_tree(
-        spec, state.tokens[rows, root], scores(root_feature[:, None])[:, 0], expand,
-        (cache, root_feature[:, None]))
+        spec, state.tokens[rows, root], self._scores(params, root_feature[:, None])[:, 0],
+        expand, (cache, root_feature[:, None]))
+    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths),
+            eagle.replace(cache=cache), jnp.asarray(spec.depth, jnp.int32))
 
-    # 3. Verification: the whole tree in one target call.
-    ancestors = trees.ancestors_from_parents(parents, spec.depth)
-    out = model.apply({'params': params}, node_tokens, root[:, None] + depths,
-                      trees.tree_mask(ancestors, root, cache_size), state.target_cache)
-    target_logp = log_probs(out.logits, sampling, vocab)                      # [B, N, V]
-    path, num_accepted, next_token = verify.tree_accept(
-        key, node_tokens, parents, target_logp, spec.depth, spec.max_children,
-        greedy=sampling.greedy)
-
-    # 4. The drafter keeps its true entries (slots < root); the target's features on the
-    # accepted path, root first, are the next catch-up's inputs for slots root, root + 1, ...
-    source, target = trees.path_slots(root, path, num_accepted, cache_size)
-    return speculative.finish_round(
-        state, node_tokens[rows[:, None], path[:, 1:]], num_accepted, next_token,
-        out.cache.move_slots(source, target), config.eos_ids, rng=rng,
-        drafter_cache=cache.replace(lengths=root),
-        features=out.hidden[rows[:, None], path].astype(state.features.dtype),
-        draft_calls=state.draft_calls + spec.depth)
-
-  state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
-  return base.Output(tokens=state.tokens, lengths=state.lengths, prompt_lengths=prompt_lengths,
-                     target_calls=state.target_calls,
-                     stats={'draft_calls': state.draft_calls,
-                            'accepted_histogram': state.histogram})
+  def observe(self, params, eagle: EagleState, state, verified, path, num_accepted):
+    """The drafter keeps its true entries (slots < root); the target's features on the
+    accepted path, root first, are the next catch-up's inputs for slots root, root + 1..."""
+    rows = jnp.arange(path.shape[0])
+    return EagleState(cache=eagle.cache.keep(state.lengths - 1),
+                      features=verified.hidden[rows[:, None], path].astype(eagle.features.dtype))

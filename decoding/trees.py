@@ -1,4 +1,7 @@
-"""Draft trees: static shapes, EAGLE-2 dynamic trees, attention masks and position ids.
+"""Draft trees, in one home: static shapes, EAGLE-2 dynamic growth, filling a static
+tree from ranked candidates, growing a static tree from measured acceptance (tuning),
+and the slots an accepted path moves between. (The tree attention mask is
+models.masks.tree_mask, with every other mask.)
 
 A tree has N nodes; node 0 is the root: the last committed token, whose logits
 propose the first level. Nodes are in topological order (a parent before its
@@ -20,6 +23,7 @@ Three kinds of tree:
                    are kept (reranking). The shape differs per row and per round; the
                    arrays describing it (tokens, parents, depths) have fixed sizes.
 """
+import collections
 import dataclasses
 import functools
 from typing import Callable
@@ -243,22 +247,6 @@ def ancestors_from_parents(parents: jax.Array, depth: int) -> jax.Array:
   return out
 
 
-def tree_mask(ancestors: jax.Array, root_slots: jax.Array, capacity: int) -> jax.Array:
-  """[B, T, S] mask for feeding T tree nodes into a cache whose root sits at
-  root_slots [B] and whose node i sits at root + i.
-
-  ancestors: [T, N] (one tree for every row) or [B, T, N] bool, the fed nodes' rows of
-  the ancestor matrix.
-  """
-  num_nodes = ancestors.shape[-1]
-  ancestors = jnp.broadcast_to(ancestors, (root_slots.shape[0],) + ancestors.shape[-2:])
-  relative = jnp.arange(capacity)[None] - root_slots[:, None]              # [B, S]
-  in_tree = (relative >= 0) & (relative < num_nodes)
-  tree_part = jnp.take_along_axis(
-      ancestors, jnp.clip(relative, 0, num_nodes - 1)[:, None, :], axis=2)  # [B, T, S]
-  return (relative < 0)[:, None, :] | (tree_part & in_tree[:, None, :])
-
-
 def path_slots(root_slots: jax.Array, path: jax.Array, num_accepted: jax.Array,
                capacity: int) -> tuple[jax.Array, jax.Array]:
   """(source, target) [B, D] cache slots that move an accepted path's keys/values from
@@ -331,3 +319,55 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
   depths = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
                             jnp.asarray(spec.pool_depths)[kept]], axis=1)
   return carry, node_tokens.astype(jnp.int32), parents, depths
+
+
+def from_ranked(spec, ranked: jax.Array, root_token: jax.Array) -> jax.Array:
+  """Fills a static tree (TreeSpec or SparseTree) from ranked candidate lists: node i
+  takes ranked[:, depth_i - 1, rank_i], its rank among its siblings (Medusa's
+  Cartesian-product candidates, Cai et al. 2024, section 2.1.2).
+
+  ranked: [B, D', R] int, per depth the candidates best first (D' >= depth, R > the
+  tree's largest rank); root_token: [B]. Returns node tokens [B, N] int32.
+  """
+  nodes = ranked[:, spec.depths[1:] - 1, spec.ranks[1:]].astype(jnp.int32)  # [B, N - 1]
+  return jnp.concatenate([root_token[:, None].astype(jnp.int32), nodes], axis=1)
+
+
+def path_chances(ranks: np.ndarray) -> dict:
+  """{path of sibling ranks: fraction of positions where that node is accepted}.
+
+  ranks: [M, K] per measured position the rank of the right token in each depth's
+  candidate list, -1 where it is missing (launch/tree_tuning.py measures them).
+  """
+  counts = collections.Counter()
+  for row in ranks:
+    path = ()
+    for r in row:
+      if r < 0:
+        break
+      path += (int(r),)
+      counts[path] += 1
+  return {path: n / len(ranks) for path, n in counts.items()}
+
+
+def grow_tree(chances: dict, budget: int) -> tuple[SparseTree, float]:
+  """Medusa's greedy sparse tree (Cai et al. 2024, section 2.1.2 / appendix): the
+  `budget` nodes (root excluded) of highest acceptance chance, parents before their
+  children (a path's chance never exceeds its parent's, so greedy growth is optimal
+  for each size). -> (tree, expected tau = 1 + the sum of its nodes' chances).
+  Raises ValueError for budget < 1.
+  """
+  if budget < 1:
+    raise ValueError(f'budget={budget}: a tree needs at least one node.')
+  # Shallower first among equal chances, then lower ranks: parents precede children.
+  order = sorted(chances, key=lambda p: (-chances[p], len(p), p))
+  chosen = []
+  for path in order:
+    if len(chosen) == budget:
+      break
+    if len(path) == 1 or path[:-1] in chosen:
+      chosen.append(path)
+  for rank in range(budget):  # Too few accepted paths seen: pad with first-level nodes.
+    if len(chosen) < budget and (rank,) not in chosen:
+      chosen.append((rank,))
+  return SparseTree(tuple(chosen)), 1.0 + sum(chances.get(p, 0.0) for p in chosen)

@@ -13,10 +13,50 @@ replacement is the target's argmax. One rule serves both.
 
 Shapes: B batch, K drafted tokens, V (padded) vocabulary; log-probabilities are float32.
 """
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class TypicalAcceptance:
+  """LOSSY: Medusa's typical acceptance (Cai et al. 2024, section 2.3.1); see tree_accept."""
+  epsilon: float = 0.09   # Medusa's posterior threshold
+  delta: float = 0.3      # Medusa's posterior alpha (its default: sqrt(epsilon))
+
+
+def accept(rng: jax.Array, proposal, target_logp: jax.Array, greedy: bool,
+           typical: Optional[TypicalAcceptance] = None):
+  """The one entry point of verification: the rule for any proposal.
+
+  proposal: decoding.proposal.Proposal (tokens [B, N], node 0 the root); target_logp:
+  [B, N, V] the target's processed distribution after each node's path.
+  A chain drawn from a draft distribution goes through `chain_accept` (token-level
+  rejection sampling); a tree, or a chain of deterministic candidates (draft_logp
+  None: the point-mass rule), through `tree_accept` (SpecInfer's multi-candidate rule,
+  or typical acceptance if given).
+
+  Returns (path [B, D + 1] accepted node indices, path[:, 0] = 0 and entries past the
+  accepted depth 0; num_accepted [B] int32; next_token [B] int32).
+  Raises ValueError for typical acceptance of a chain drawn from a distribution.
+  """
+  if proposal.is_chain and proposal.draft_logp is not None:
+    if typical is not None:
+      raise ValueError('Typical acceptance is a rule for deterministic candidates; this '
+                       'chain was drawn from a draft distribution.')
+    k = proposal.tokens.shape[1] - 1
+    num_drafted = (jnp.full(proposal.tokens.shape[:1], k, jnp.int32)
+                   if proposal.num_drafted is None else proposal.num_drafted)
+    num_accepted, next_token = chain_accept(rng, proposal.tokens[:, 1:],
+                                            proposal.draft_logp[:, :k], target_logp,
+                                            num_drafted)
+    index = jnp.arange(k + 1)[None]
+    return jnp.where(index <= num_accepted[:, None], index, 0), num_accepted, next_token
+  return tree_accept(rng, proposal.tokens, jnp.asarray(proposal.parents), target_logp,
+                     proposal.depth, proposal.max_children, proposal.draft_logp, greedy,
+                     None if typical is None else (typical.epsilon, typical.delta))
 
 
 def residual_log_probs(target_logp: jax.Array, draft_logp: jax.Array) -> jax.Array:
@@ -95,52 +135,60 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
   batch, num_nodes = node_tokens.shape
   rows = jnp.arange(batch)
   parents = jnp.broadcast_to(parents, (batch, num_nodes))
-  keys = jax.random.split(rng, depth * (max_children + 1) + 1)
+  keys = iter(jax.random.split(rng, depth * (max_children + 1) + 1))
   current = jnp.zeros((batch,), jnp.int32)
   alive = jnp.ones((batch,), bool)           # still descending
   next_token = jnp.zeros((batch,), jnp.int32)
   path = [current]
-  key_index = 0
   for _ in range(depth):
-    p = target_logp[rows, current]                                          # [B, V]
-    if typical is not None:
-      entropy = -jnp.sum(jnp.where(p > -jnp.inf, jnp.exp(p) * p, 0.0), axis=-1)
-      threshold = jnp.minimum(typical[0], typical[1] * jnp.exp(-entropy))   # [B]
     is_child = (parents == current[:, None]) & (jnp.arange(num_nodes) > 0)  # [B, N]
-    rank = jnp.cumsum(is_child, axis=1) - 1
-    found, chosen = jnp.zeros((batch,), bool), current
-    for j in range(max_children):
-      slot = is_child & (rank == j)
-      exists, child = jnp.any(slot, axis=1), jnp.argmax(slot, axis=1).astype(jnp.int32)
-      x = node_tokens[rows, child]
-      p_x = p[rows, x]
-      if greedy:
-        ok = p_x == 0.0  # log p(x) = 0: x is the target's argmax
-      elif typical is not None:
-        ok = jnp.exp(p_x) > threshold
-      else:
-        if draft_logp is None:
-          q = jnp.where(jnp.arange(p.shape[-1]) == x[:, None], 0.0, -jnp.inf)
-        else:
-          q = draft_logp[rows, current]
-        u = jax.random.uniform(keys[key_index], (batch,), minval=jnp.finfo(jnp.float32).tiny)
-        key_index += 1
-        ok = jnp.log(u) < p_x - q[rows, x]
-      take = ok & exists & ~found & alive
-      chosen = jnp.where(take, child, chosen)
-      found = found | take
-      if not greedy and typical is None:  # Rows that rejected this child: the residual.
-        rejected = exists & ~found & alive
-        p = jnp.where(rejected[:, None], residual_log_probs(p, q), p)
+    q_parent = None if draft_logp is None else draft_logp[rows, current]
+    found, chosen, p = _try_children(keys, node_tokens, is_child, target_logp[rows, current],
+                                     q_parent, alive, current, max_children, greedy, typical)
     stop = alive & ~found
-    drawn = jax.random.categorical(keys[key_index], p).astype(jnp.int32)
-    key_index += 1
+    drawn = jax.random.categorical(next(keys), p).astype(jnp.int32)
     next_token = jnp.where(stop, drawn, next_token)
     alive = alive & found
     current = jnp.where(found, chosen, current)
     path.append(jnp.where(found, chosen, 0))
-  bonus = jax.random.categorical(keys[key_index], target_logp[rows, current]).astype(jnp.int32)
+  bonus = jax.random.categorical(next(keys), target_logp[rows, current]).astype(jnp.int32)
   next_token = jnp.where(alive, bonus, next_token)
   num_accepted = jnp.sum(jnp.stack(path[1:], axis=1) > 0, axis=1).astype(jnp.int32)
   return jnp.stack(path, axis=1), num_accepted, next_token
 
+
+
+def _try_children(keys, node_tokens, is_child, p, q_parent, alive, current, max_children,
+                  greedy, typical):
+  """One level of tree_accept: tries the children of `current` [B] (is_child [B, N]) in
+  sibling order against p [B, V]; q_parent [B, V] the draft distribution they were drawn
+  from, or None (point masses). Uses one key of `keys` per child when sampling exactly.
+  Returns (found [B], chosen [B] node, p [B, V] after the rejected children)."""
+  batch = p.shape[0]
+  rows = jnp.arange(batch)
+  if typical is not None:
+    entropy = -jnp.sum(jnp.where(p > -jnp.inf, jnp.exp(p) * p, 0.0), axis=-1)
+    threshold = jnp.minimum(typical[0], typical[1] * jnp.exp(-entropy))     # [B]
+  rank = jnp.cumsum(is_child, axis=1) - 1
+  found, chosen = jnp.zeros((batch,), bool), current
+  for j in range(max_children):
+    slot = is_child & (rank == j)
+    exists, child = jnp.any(slot, axis=1), jnp.argmax(slot, axis=1).astype(jnp.int32)
+    x = node_tokens[rows, child]
+    p_x = p[rows, x]
+    if greedy:
+      ok = p_x == 0.0  # log p(x) = 0: x is the target's argmax
+    elif typical is not None:
+      ok = jnp.exp(p_x) > threshold
+    else:
+      q = (jnp.where(jnp.arange(p.shape[-1]) == x[:, None], 0.0, -jnp.inf)
+           if q_parent is None else q_parent)
+      u = jax.random.uniform(next(keys), (batch,), minval=jnp.finfo(jnp.float32).tiny)
+      ok = jnp.log(u) < p_x - q[rows, x]
+    take = ok & exists & ~found & alive
+    chosen = jnp.where(take, child, chosen)
+    found = found | take
+    if not greedy and typical is None:  # Rows that rejected this child: the residual.
+      rejected = exists & ~found & alive
+      p = jnp.where(rejected[:, None], residual_log_probs(p, q), p)
+  return found, chosen, p

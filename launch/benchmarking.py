@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from decoding import trees
+from decoding import registry, trees
 
 
 
@@ -38,10 +38,10 @@ def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list
 def naive_generate(model, params, prompts, lengths, max_new_tokens, capacity, eos_id):
   """Reference: the same prefill, then a Python loop calling a jitted one-token step and
   checking the stop condition on the host every token (greedy). -> (tokens [B, S], calls)."""
-  from decoding import base
+  from decoding import driver
   prefill, step = _naive_steps(model, capacity)
   cache, tokens, lengths = prefill(params, prompts, lengths)
-  limits = np.asarray(base.row_limits(lengths, max_new_tokens, capacity))
+  limits = np.asarray(driver.row_limits(lengths, max_new_tokens, capacity))
   done = np.zeros(len(limits), bool)
   calls = 1
   while True:
@@ -67,7 +67,7 @@ def _naive_steps(model, capacity):
     first = jnp.argmax(out.logits[jnp.arange(batch), lengths - 1, :model.config.vocab_size], -1)
     tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :plen].set(prompts)
     tokens = tokens.at[jnp.arange(batch), lengths].set(first)
-    return out.cache.replace(lengths=lengths), tokens, lengths + 1
+    return out.cache.keep(lengths), tokens, lengths + 1
 
   @jax.jit
   def step(params, cache, tokens, lengths, done):
@@ -76,7 +76,7 @@ def _naive_steps(model, capacity):
                       (lengths - 1)[:, None], cache=cache)
     new = jnp.argmax(out.logits[:, 0, :model.config.vocab_size], -1)
     tokens = tokens.at[rows, jnp.where(done, capacity, lengths)].set(new, mode='drop')
-    cache = out.cache.replace(lengths=jnp.where(done, cache.lengths, out.cache.lengths))
+    cache = out.cache.keep(jnp.where(done, cache.lengths, out.cache.lengths))
     return cache, tokens, lengths + (~done)
 
   return prefill, step
@@ -84,13 +84,13 @@ def _naive_steps(model, capacity):
 
 def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict:
   """The naive reference over the same prompts and batches (greedy)."""
-  from decoding import base
+  from decoding import driver
   model, params = restored.model, jax.device_put(restored.params)
   capacity = config.prompt_len + config.max_new_tokens
   eos, wall, calls, first_s, completions = restored.tokenizer.eos_id, 0.0, 0, 0.0, []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    padded, lengths = base.pad_prompts(chunk + [chunk[0]] * (batch_size - len(chunk)))
+    padded, lengths = driver.pad_prompts(chunk + [chunk[0]] * (batch_size - len(chunk)))
     run = lambda: naive_generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
                                  config.max_new_tokens, capacity, eos)
     t0 = time.perf_counter()
@@ -115,39 +115,42 @@ def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict
               matches_ar=completions == ar_completions)
 
 
-def _method_variants(config) -> list[tuple[str, str]]:
-  """(method, variant) pairs for the target: speculative once per entry of config.trees;
-  medusa once per entry of config.medusa_trees ('' = the heads' tuned tree), and with
-  typical acceptance (lossy) on the last one if config.medusa_typical; eagle once per
-  entry of config.eagle_trees."""
-  medusa_trees = tuple(config.get('medusa_trees', ('4,2,2',)))
-  variants = {'speculative': tuple(config.trees),
-              'medusa': medusa_trees + (('typical:' + medusa_trees[-1],)
-                                        if config.get('medusa_typical') else ()),
-              'eagle': tuple(config.get('eagle_trees', ('4,5,24',)))}
-  return [('autoregressive', '')] + [
-      (m, v) for m in config.methods if m not in ('autoregressive', 'mtp')
-      for v in variants.get(m, ('',))]
+def _method_variants(config, methods) -> list[tuple[str, str, bool]]:
+  """(method, tree, typical) for each run of `methods` on one model: autoregressive
+  first, then each method once per entry of config.trees.<method> ('' = the method's
+  default tree; a method with no entry runs once with ''), and methods listed in
+  config.typical once more with typical acceptance (LOSSY) on their last tree."""
+  trees_of = config.get('trees', {})
+  runs = [('autoregressive', '', False)]
+  for method in methods:
+    if method == 'autoregressive':
+      continue
+    variants = tuple(trees_of.get(method, ('',))) or ('',)
+    runs += [(method, tree, False) for tree in variants]
+    if method in config.get('typical', ()):
+      runs.append((method, variants[-1], True))
+  return runs
 
 
-def _options(options, method: str, variant: str):
-  if method in ('medusa', 'mtp'):
-    typical = variant.startswith('typical:')
-    return dataclasses.replace(options, typical=typical,
-                               heads_tree=variant[len('typical:'):] if typical else variant)
-  if method == 'eagle':
-    return dataclasses.replace(options, eagle_tree=variant)
-  return dataclasses.replace(options, tree=variant)
+def _name(method: str, typical: bool, stats: dict) -> str:
+  """The table's name of a record: the method's label, _typical, and its tree."""
+  tree = f'({trees.label(stats["tree"])})' if 'tree' in stats else ''
+  return registry.get(method).label + ('_typical' if typical else '') + tree
 
 
-def _name(method: str, options, stats: dict) -> str:
-  """The table's name of a record: the method and the tree it used."""
-  tree = trees.label(stats['tree']) if 'tree' in stats else ''
-  if method in ('medusa', 'mtp'):
-    return method + ('_typical' if options.typical else '') + f'({tree})'
-  if method == 'eagle':
-    return f'eagle({tree[len("dynamic:"):]})'
-  return method + (f'_tree({tree})' if tree else '')
+def _second_models(config) -> dict:
+  """{method: restored second model (a draft, heads, or the method's own model)}."""
+  from training import checkpoints
+  second = {}
+  for name in config.methods:
+    method = registry.get(name)
+    if method.second or method.own_model:
+      workdir = config.get('workdirs', {}).get(name, '')
+      if not workdir:
+        raise ValueError(f'The {name} method needs config.workdirs.{name} (its '
+                         f'{"model" if method.own_model else "second model"}).')
+      second[name] = checkpoints.restore_model(workdir)
+  return second
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -156,23 +159,17 @@ def run(config, workdir: str) -> list[dict]:
   the multi-token prediction model with its own AR and its self-speculation."""
   from launch import generation
   from training import checkpoints
-  unknown = [m for m in config.methods if m not in generation.METHODS]
-  if unknown:
-    raise ValueError(f'Unknown methods {unknown}; known: {", ".join(generation.METHODS)}.')
+  registry.load_plugins(config.get('plugins', ()))
+  for name in config.methods:
+    registry.get(name)  # Unknown names fail here, before any work.
   restored = checkpoints.restore_model(config.target_workdir)
-  second = {}
-  for method, key in (('speculative', 'draft_workdir'), ('medusa', 'heads_workdir'),
-                      ('eagle', 'eagle_workdir'), ('mtp', 'mtp_workdir')):
-    if method in config.methods:
-      if not config.get(key, ''):
-        raise ValueError(f'The {method} method needs config.{key}.')
-      second[method] = checkpoints.restore_model(config[key])
-  # (model, its label, [(method, variant)]): speedups are against that model's own AR.
-  suites = [(restored, '', _method_variants(config))]
-  if 'mtp' in config.methods:
-    mtp_model = second.pop('mtp')
-    suites.append((mtp_model, 'mtp model', [('autoregressive', '')] + [
-        ('mtp', tree) for tree in config.get('mtp_trees', ('1,1,1', '4,2,2'))]))
+  second = _second_models(config)
+  # (model, its label, [(method, tree, typical)]): speedups are against that model's AR.
+  on_target = [m for m in config.methods if not registry.get(m).own_model]
+  suites = [(restored, '', _method_variants(config, on_target))]
+  for name in config.methods:
+    if registry.get(name).own_model:
+      suites.append((second.pop(name), f'{name} model', _method_variants(config, [name])))
   # The same validation texts for every model, in each model's own tokens.
   prompts = {id(model): validation_prompts(model, config.num_prompts, config.prompt_len)
              for model, _, _ in suites}
@@ -187,20 +184,21 @@ def run(config, workdir: str) -> list[dict]:
     options = generation.DecodeOptions(
         max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
         batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
-        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold)
+        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
+        plugins=tuple(config.get('plugins', ())))
     for model, label, methods in suites:
       ar = None
-      for method, variant in methods:
-        bar.set_postfix(method=method + variant, batch=batch_size, temperature=temperature)
-        method_options = _options(options, method, variant)
+      for method, tree, typical in methods:
+        bar.set_postfix(method=method + tree, batch=batch_size, temperature=temperature)
+        method_options = dataclasses.replace(options, tree=tree, typical=typical)
         completions, stats = generation.decode_tokens(
             model, prompts[id(model)], method, method_options, second.get(method),
             repeats=config.repeats)
-        name = _name(method, method_options, stats) + (
+        name = _name(method, typical, stats) + (
             f'({label})' if method == 'autoregressive' and label else '')
         bar.update(1)
         ar = ar or (completions, stats)
-        lossless = generation.lossless(method, method_options)
+        lossless = stats['lossless']
         records.append(dict(
             method=name, lossless=lossless,
             batch_size=batch_size, temperature=temperature,

@@ -9,7 +9,8 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32'):
   """HF directory -> workdir (config.json, tokenizer, parameters-only checkpoint)."""
   import ml_collections
   from configs import ar_lm
-  from training import checkpoints, hf, objectives
+  from models import families
+  from training import checkpoints, hf
   if checkpoints.has_checkpoint(workdir):
     raise ValueError(f'{workdir} already holds a checkpoint; import into a new workdir.')
   hf_config = hf.read_config(hf_dir)
@@ -20,7 +21,7 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32'):
   config.tokenizer.kind = 'hf'
   config.tokenizer.vocab_size = tokenizer.vocab_size
   config.imported_from = os.path.abspath(hf_dir)
-  params = hf.load_params(hf_dir, objectives.transformer_config(config, tokenizer.vocab_size))
+  params = hf.load_params(hf_dir, families.transformer_config(config, tokenizer.vocab_size))
   checkpoints.check_and_save_config(workdir, config)
   tokenizer.save(workdir)
   checkpoints.save_params(workdir, params)

@@ -3,13 +3,18 @@
   python -m launch.decode --workdir=DIR --method=autoregressive --prompt='def main(' [--json]
   python -m launch.decode --workdir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9
   python -m launch.decode --workdir=TARGET --method=speculative --draft_workdir=DRAFT \
-      --num_draft=4 [--adaptive_threshold=0.3 | --tree=static --tree_spec=3,2,1
-                     | --tree=dynamic --dynamic_tree=4,5,24]
+      --num_draft=4 [--adaptive_threshold=0.3 | --tree=3,2,1 | --tree=dynamic:4,5,24]
   python -m launch.decode --workdir=TARGET --method=medusa --heads_workdir=HEADS \
-      [--heads_tree=4,2,2 --typical]
+      [--tree=4,2,2 --typical]
   python -m launch.decode --workdir=TARGET --method=eagle --heads_workdir=EAGLE \
-      [--dynamic_tree=4,5,24]
-  python -m launch.decode --workdir=MTP_MODEL --method=mtp [--heads_tree=1,1,1 (a chain)]
+      [--tree=dynamic:4,5,24]
+  python -m launch.decode --workdir=MTP_MODEL --method=mtp [--tree=1,1,1 (a chain)]
+  python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
+
+One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
+node paths ("paths:0;1;0.0", e.g. from launch.tune_tree), or an EAGLE-2 dynamic tree
+("dynamic:TOP_K,DEPTH,BUDGET"). Methods are the entries of decoding/registry.py;
+--plugins imports modules that register more.
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
@@ -42,20 +47,15 @@ _NUM_DRAFT = flags.DEFINE_integer('num_draft', 4, 'speculative: drafted tokens p
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
                                'speculative: stop drafting after a token the draft gives '
                                'less than this probability (0 = always K).')
-_TREE = flags.DEFINE_enum('tree', 'chain', ['chain', 'static', 'dynamic'],
-                          'speculative: draft a chain of num_draft tokens, a static tree, or '
-                          'an EAGLE-2 dynamic tree.')
-_TREE_SPEC = flags.DEFINE_string('tree_spec', '3,2,1',
-                                 'speculative --tree=static: children per node at each depth.')
-_DYNAMIC_TREE = flags.DEFINE_string('dynamic_tree', '4,5,24',
-                                    'eagle, speculative --tree=dynamic: TOP_K,DEPTH,BUDGET (EAGLE-2: '
-                                    'expand the top_k best nodes per level into top_k children '
-                                    'each, DEPTH levels, verify the BUDGET best nodes).')
+_TREE = flags.DEFINE_string(
+    'tree', '', 'The draft tree: children per depth like 3,2,1 (Medusa/MTP: head d\'s '
+    'top-b_d), sparse paths like paths:0;1;0.0, or EAGLE-2 dynamic:TOP_K,DEPTH,BUDGET. '
+    '"" = the method\'s default (speculative: a chain of --num_draft; medusa/mtp: the '
+    'tuned tree, else 4,2,2; eagle: dynamic:4,5,24).')
 _HEADS = flags.DEFINE_string('heads_workdir', None,
                               'medusa, eagle: the heads\' (drafter\'s) training workdir.')
-_HEADS_TREE = flags.DEFINE_string('heads_tree', '',
-                                  'medusa, mtp: tokens per depth from head d (a static tree); '
-                                  'default 4,2,2 cut to the number of draft heads.')
+_PLUGINS = flags.DEFINE_list('plugins', [], 'Modules that register more decoding methods '
+                             '(decoding/registry.py).')
 _TYPICAL = flags.DEFINE_bool('typical', False, 'medusa, mtp: typical acceptance (LOSSY).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
@@ -65,6 +65,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   common.setup_logging()
+  from decoding import registry
   from launch import generation
   from training import checkpoints
   with common.user_errors_as_messages():
@@ -73,23 +74,19 @@ def main(argv):
       texts += generation.read_prompt_file(_PROMPT_FILE.value)
     if not texts:
       raise ValueError('Give --prompt=TEXT or --prompt_file=FILE.')
-    if _METHOD.value not in generation.METHODS:
-      raise ValueError(f'Unknown decoding method {_METHOD.value!r}; known: '
-                       f'{", ".join(generation.METHODS)}.')
+    registry.load_plugins(_PLUGINS.value)
+    method = registry.get(_METHOD.value)
     options = generation.DecodeOptions(
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
-        num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value,
-        tree={'chain': '', 'static': _TREE_SPEC.value,
-              'dynamic': f'dynamic:{_DYNAMIC_TREE.value}'}[_TREE.value],
-        heads_tree=_HEADS_TREE.value, typical=_TYPICAL.value, eagle_tree=_DYNAMIC_TREE.value)
+        num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value,
+        typical=_TYPICAL.value, plugins=tuple(_PLUGINS.value))
     options.sampling()
-    flag = generation.SECOND_MODEL.get(_METHOD.value)
-    second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(flag)
-    if flag and not second:
-      raise ValueError(f'--method={_METHOD.value} needs --{flag}=DIR (its trained '
-                       f'{"draft" if flag == "draft_workdir" else "heads"}).')
+    second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
+    if method.second and not second:
+      raise ValueError(f'--method={method.name} needs --{method.second}=DIR (its trained '
+                       f'{"draft" if method.second == "draft_workdir" else "heads"}).')
     restored = checkpoints.restore_model(_WORKDIR.value)
     draft = checkpoints.restore_model(second) if second else None
     result = generation.decode_texts(restored, texts, _METHOD.value, options, draft)

@@ -56,9 +56,7 @@ def _train_heads(workdir: str, size: str, target_dir: str, target_steps: int,
   for heads_dir, model, heads in tuning:
     with open(tree_tuning.tuned_tree_path(heads_dir), 'w') as f:
       f.write(str(tree_tuning.tune(model, heads).tree) + '\n')
-  return dict(heads_workdir=dirs['medusa'], eagle_workdir=dirs['eagle'],
-              mtp_workdir=dirs['mtp'],
-              methods=('autoregressive', 'speculative', 'medusa', 'eagle', 'mtp'))
+  return dict(workdirs=dirs, methods=('autoregressive', 'speculative', 'medusa', 'eagle', 'mtp'))
 
 
 def run(workdir: str, size: str, target_steps: int, draft_steps: int, max_new_tokens: int,
@@ -83,10 +81,12 @@ def run(workdir: str, size: str, target_steps: int, draft_steps: int, max_new_to
   trainer.train(draft, draft_dir)
 
   config = bench_config.get_config()
-  config.target_workdir, config.draft_workdir = target_dir, draft_dir
+  config.target_workdir, config.workdirs.speculative = target_dir, draft_dir
   config.max_new_tokens = max_new_tokens
   if heads:
-    config.update(_train_heads(workdir, size, target_dir, target_steps, heads_steps))
+    more = _train_heads(workdir, size, target_dir, target_steps, heads_steps)
+    config.workdirs.update(more['workdirs'])
+    config.methods = more['methods']
   print(f'[3/3] benchmark -> {workdir}/bench', file=sys.stderr)
   records = benchmarking.run(config, os.path.join(workdir, 'bench'))
   return benchmarking.markdown_table(records)

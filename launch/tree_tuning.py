@@ -16,7 +16,6 @@ rho_1, rho_2, ... of the tokens s[t+2], s[t+3], ... in heads 1, 2, ...'s top-R l
 up to the first miss; a node (r_1 .. r_d) is accepted at t iff (r_1 .. r_d) is a prefix
 of that rank sequence. Its chance is the fraction of positions where it is.
 """
-import collections
 import dataclasses
 import os
 
@@ -24,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoding import autoregressive, base, trees
+from decoding import autoregressive, driver, trees
+from training import objectives
 
 TUNED_TREE_FILE = 'heads_tree.txt'   # in the heads' workdir (MTP: the model's)
 
@@ -47,11 +47,11 @@ def acceptance_ranks(target, heads, prompts: list[list[int]], max_new_tokens: in
   """
   model, params = target.model, target.params
   vocab = model.config.vocab_size
-  padded, lengths = base.pad_prompts(prompts, target.tokenizer.pad_id)
+  padded, lengths = driver.pad_prompts(prompts, target.tokenizer.pad_id)
   capacity = padded.shape[1] + max_new_tokens
   config = autoregressive.AutoregressiveConfig(max_new_tokens, capacity, eos_ids=())
-  out = autoregressive.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
-                                config, jax.random.PRNGKey(0))
+  out = driver.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), config,
+                        jax.random.PRNGKey(0))
   sequences = out.tokens                                                  # [B, S] greedy
 
   @jax.jit
@@ -65,7 +65,7 @@ def acceptance_ranks(target, heads, prompts: list[list[int]], max_new_tokens: in
     top = jax.lax.top_k(head_logits[..., :vocab], max_rank)[1]            # [B, S, K, R]
     num_heads, length = head_logits.shape[2], tokens.shape[1]
     # Head k at t proposes token t + 1 + k (the root is token t + 1).
-    wanted = jnp.stack([jnp.pad(tokens[:, 1 + k:], ((0, 0), (0, 1 + k)))
+    wanted = jnp.stack([objectives.shift_left(tokens, 1 + k)
                         for k in range(1, num_heads + 1)], axis=2)        # [B, S, K]
     hit = top == wanted[..., None]
     rank = jnp.where(hit.any(-1), jnp.argmax(hit, -1), -1)
@@ -77,38 +77,6 @@ def acceptance_ranks(target, heads, prompts: list[list[int]], max_new_tokens: in
   t = np.arange(rank.shape[1])[None]
   generated = (t + 1 >= np.asarray(lengths)[:, None]) & (t + 1 < np.asarray(out.lengths)[:, None])
   return rank[generated]
-
-
-def path_chances(ranks: np.ndarray) -> dict:
-  """{path: fraction of positions where the path is accepted}, from acceptance_ranks."""
-  counts = collections.Counter()
-  for row in ranks:
-    path = ()
-    for r in row:
-      if r < 0:
-        break
-      path += (int(r),)
-      counts[path] += 1
-  return {path: n / len(ranks) for path, n in counts.items()}
-
-
-def grow_tree(chances: dict, budget: int) -> tuple[trees.SparseTree, float]:
-  """Greedy tree of `budget` nodes (root excluded) maximising the sum of its nodes'
-  chances (a path's chance never exceeds its parent's); -> (tree, expected tau)."""
-  if budget < 1:
-    raise ValueError(f'budget={budget}: a tree needs at least one node.')
-  # Shallower first among equal chances, then lower ranks: parents precede children.
-  order = sorted(chances, key=lambda p: (-chances[p], len(p), p))
-  chosen = []
-  for path in order:
-    if len(chosen) == budget:
-      break
-    if len(path) == 1 or path[:-1] in chosen:
-      chosen.append(path)
-  for rank in range(budget):  # Too few accepted paths seen: pad with first-level nodes.
-    if len(chosen) < budget and (rank,) not in chosen:
-      chosen.append((rank,))
-  return trees.SparseTree(tuple(chosen)), 1.0 + sum(chances.get(p, 0.0) for p in chosen)
 
 
 def calibration_prompts(target, num_prompts: int, prompt_len: int,
@@ -135,7 +103,7 @@ def tune(target, heads, budget: int = 24, num_prompts: int = 64, prompt_len: int
   ranks = acceptance_ranks(target, heads, prompts, max_new_tokens)
   if not len(ranks):
     raise ValueError('No positions to measure the heads on.')
-  tree, tau = grow_tree(path_chances(ranks), budget)
+  tree, tau = trees.grow_tree(trees.path_chances(ranks), budget)
   accuracy = np.stack([(ranks[:, k, None] == np.arange(8)).mean(0) for k in range(ranks.shape[1])])
   return TunedTree(tree, tau, accuracy, len(ranks))
 

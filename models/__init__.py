@@ -1,4 +1,5 @@
 """Pure Flax models. Imports nothing from training/ or decoding/."""
 from models import masks
-from models.transformer import ForwardOutput, KVCache, Transformer, TransformerConfig
+from models.kv_cache import KVCache
+from models.transformer import ForwardOutput, Transformer, TransformerConfig
 from models.heads import EagleDrafter, MedusaHeads

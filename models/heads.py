@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from models import masks
-from models.transformer import _DTYPES, Block, KVCache, TransformerConfig
+from models.kv_cache import KVCache
+from models.transformer import _DTYPES, Block, TransformerConfig
 
 
 class MedusaHeads(nn.Module):
@@ -78,13 +79,14 @@ class EagleDrafter(nn.Module):
 
   @nn.compact
   def __call__(self, features: jax.Array, token_embeddings: jax.Array, positions: jax.Array,
-               attention_mask: Optional[jax.Array] = None,
-               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+               attention_mask: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+               write_slots: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
     """features: [B, T, D] f_t (the target's, or the drafter's own predictions);
     token_embeddings: [B, T, D] the target's embedding of x_{t+1}; positions: [B, T].
 
-    attention_mask / cache as in models.Transformer (None: causal). Returns the
-    predicted features f^_{t+1} [B, T, D] and the updated cache (lengths += T).
+    attention_mask / cache / write_slots as in models.Transformer (None: causal; an
+    append advances the cache's lengths by T, explicit write slots leave them). Returns
+    the predicted features f^_{t+1} [B, T, D] and the updated cache.
     """
     c = self.layer_config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
@@ -100,9 +102,11 @@ class EagleDrafter(nn.Module):
       mask = masks.causal_mask(batch, length) if attention_mask is None else attention_mask
       out, _ = Block(c, name='layer')(x, positions, mask, None, None)
       return out, None
-    write_slots = cache.lengths[:, None] + jnp.arange(length)[None, :]       # [B, T]
+    append = write_slots is None
+    write_slots = cache.append_slots(length) if append else write_slots      # [B, T]
     if attention_mask is None:
-      attention_mask = masks.cache_causal_mask(cache.lengths, length, cache.capacity)
+      attention_mask = masks.slot_causal_mask(write_slots, cache.capacity)
     out, (k, v) = Block(c, name='layer')(x, positions, attention_mask, (cache.k[0], cache.v[0]),
                                          write_slots)
-    return out, KVCache(k=k[None], v=v[None], lengths=cache.lengths + length)
+    return out, KVCache(k=k[None], v=v[None],
+                        lengths=cache.lengths + length if append else cache.lengths)

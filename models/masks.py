@@ -2,7 +2,7 @@
 
 Axis letters: B batch, T query length, S key length.
 
-Every mask rule (causal, packed documents, cached decoding, and later trees,
+Every mask rule (causal, packed documents, cached decoding, draft trees, and later
 block-causal and any-order masks) is just an array of shape [B, T, S] handed to
 the one attention code path.
 """
@@ -35,4 +35,29 @@ def cache_causal_mask(lengths: jnp.ndarray, num_queries: int, capacity: int) -> 
   lengths: [B] int, valid cache slots per row before this call.
   """
   query_slot = lengths[:, None] + jnp.arange(num_queries)[None, :]           # [B, T]
-  return jnp.arange(capacity)[None, None, :] <= query_slot[:, :, None]       # [B, T, S]
+  return slot_causal_mask(query_slot, capacity)
+
+
+def slot_causal_mask(write_slots: jnp.ndarray, capacity: int) -> jnp.ndarray:
+  """[B, T, S] causal mask over cache slots: the token written to slot
+  write_slots[b, t] sees slots 0 .. write_slots[b, t] (a contiguous sequence whose
+  slot is its position)."""
+  return jnp.arange(capacity)[None, None, :] <= write_slots[:, :, None]
+
+
+def tree_mask(ancestors: jnp.ndarray, root_slots: jnp.ndarray, capacity: int) -> jnp.ndarray:
+  """[B, T, S] mask for feeding T draft-tree nodes into a cache whose root sits at
+  root_slots [B] and whose node i sits at slot root + i: a node sees the committed
+  prefix (slots < root) and its ancestors, itself included (the tree attention of
+  SpecInfer, Miao et al. 2024, and Medusa, Cai et al. 2024).
+
+  ancestors: [T, N] (one tree for every row) or [B, T, N] bool, the fed nodes' rows of
+  the ancestor matrix (decoding/trees.py).
+  """
+  num_nodes = ancestors.shape[-1]
+  ancestors = jnp.broadcast_to(ancestors, (root_slots.shape[0],) + ancestors.shape[-2:])
+  relative = jnp.arange(capacity)[None] - root_slots[:, None]              # [B, S]
+  in_tree = (relative >= 0) & (relative < num_nodes)
+  tree_part = jnp.take_along_axis(
+      ancestors, jnp.clip(relative, 0, num_nodes - 1)[:, None, :], axis=2)  # [B, T, S]
+  return (relative < 0)[:, None, :] | (tree_part & in_tree[:, None, :])

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models import masks
+from models.kv_cache import KVCache
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -65,40 +66,6 @@ class TransformerConfig:
   def cache_layers(self) -> int:
     """Attention layers holding KV: the blocks plus the extra heads' blocks."""
     return self.num_layers + self.mtp_heads - 1
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Fixed-capacity key/value cache, passed in and returned (never mutated in place).
-
-  Row b holds valid entries in slots [0, lengths[b]); a call with T new tokens
-  writes them to slots lengths[b] .. lengths[b] + T - 1. Keeping only some of
-  them (speculative decoding) is a change of `lengths`, not a reallocation.
-  """
-  k: jax.Array         # [L, B, S, K, H]
-  v: jax.Array         # [L, B, S, K, H]
-  lengths: jax.Array   # [B] int32, valid slots per row
-
-  @classmethod
-  def empty(cls, config: TransformerConfig, batch_size: int, capacity: int) -> 'KVCache':
-    shape = (config.cache_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
-    dtype = config.activation_dtype
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch_size,), jnp.int32))
-
-  @property
-  def capacity(self) -> int:
-    return self.k.shape[2]
-
-  def move_slots(self, source: jax.Array, target: jax.Array) -> 'KVCache':
-    """Copies slots source[b, m] to target[b, m] in every layer (an accepted tree path
-    moved into place). source, target: [B, M] int; a target >= capacity is skipped.
-    All reads happen before any write."""
-    rows = jnp.arange(self.k.shape[1])[:, None]
-    moved_k = self.k[:, rows, source]                                      # [L, B, M, K, H]
-    moved_v = self.v[:, rows, source]
-    return self.replace(k=self.k.at[:, rows, target].set(moved_k, mode='drop'),
-                        v=self.v.at[:, rows, target].set(moved_v, mode='drop'))
 
 
 @flax.struct.dataclass
@@ -248,7 +215,7 @@ class Transformer(nn.Module):
     pdtype = _DTYPES[c.param_dtype]
     self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
                                 (c.padded_vocab_size, c.d_model), pdtype)
-    self.blocks = [Block(c, name=f'block_{i}') for i in range(c.num_layers)]
+    self.layers = [Block(c, name=f'block_{i}') for i in range(c.num_layers)]
     self.future_blocks = [Block(c, name=f'future_{i}') for i in range(2, c.mtp_heads + 1)]
     self.final_norm = RMSNorm(c.norm_eps, c.activation_dtype, pdtype, name='final_norm')
     if not c.tie_embeddings:
@@ -268,51 +235,95 @@ class Transformer(nn.Module):
       out = jnp.einsum('BTD,DV->BTV', hidden, self.lm_head.astype(c.activation_dtype))
     return out.astype(jnp.float32)
 
+  def head(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] the last block's output -> [B, T, V] float32 logits (final norm + LM head)."""
+    return self.logits(self.final_norm(x))
+
+  def blocks(self, x: jax.Array, positions: jax.Array, attention_mask=None,
+             cache: Optional[KVCache] = None, write_slots: Optional[jax.Array] = None,
+             start: int = 0, stop: Optional[int] = None):
+    """Runs blocks start .. stop - 1 (a range of layers: early exit, layer skipping).
+
+    x: [B, T, D] (the embedding for start = 0, else block start - 1's output);
+    positions: [B, T]; attention_mask, cache, write_slots as in __call__. Only the
+    cache layers of the range are written.
+    Returns (x [B, T, D] block stop - 1's output, the cache or None, per-layer outputs
+    (stop - start) x [B, T, D]). The cache's lengths are unchanged even for an append:
+    a range of layers is part of a forward, and the caller keeps what it decides to.
+    """
+    stop = self.config.num_layers if stop is None else stop
+    if not 0 <= start < stop <= self.config.num_layers:
+      raise ValueError(f'Block range [{start}, {stop}) is outside the {self.config.num_layers} '
+                       'blocks.')
+    attention_mask, write_slots = self._mask_and_slots(x.shape[:2], attention_mask, cache,
+                                                       write_slots)
+    new_kv, outputs = [], []
+    for layer in range(start, stop):
+      x = self._run(self.layers[layer], layer, x, positions, attention_mask, cache,
+                    write_slots, new_kv)
+      outputs.append(x)
+    if cache is not None:
+      cache = cache.replace(k=cache.k.at[start:stop].set(jnp.stack([k for k, _ in new_kv])),
+                            v=cache.v.at[start:stop].set(jnp.stack([v for _, v in new_kv])))
+    return x, cache, tuple(outputs)
+
+  def _mask_and_slots(self, shape, attention_mask, cache, write_slots):
+    """The default mask (causal; over cache slots with a cache) and write slots (an
+    append after each row's valid length)."""
+    batch, length = shape
+    if cache is None:
+      return (masks.causal_mask(batch, length) if attention_mask is None
+              else attention_mask), None
+    slots = cache.append_slots(length) if write_slots is None else write_slots
+    if attention_mask is None:
+      attention_mask = masks.slot_causal_mask(slots, cache.capacity)
+    return attention_mask, slots
+
+  @staticmethod
+  def _run(block, layer, x, positions, attention_mask, cache, write_slots, new_kv):
+    cache_kv = None if cache is None else (cache.k[layer], cache.v[layer])
+    x, kv = block(x, positions, attention_mask, cache_kv, write_slots)
+    if kv is not None:
+      new_kv.append(kv)
+    return x
+
   def __call__(self, tokens, positions, attention_mask=None, cache: Optional[KVCache] = None,
-               return_layer_hidden: bool = False) -> ForwardOutput:
+               return_layer_hidden: bool = False,
+               write_slots: Optional[jax.Array] = None) -> ForwardOutput:
     """tokens, positions: [B, T] int32.
 
     attention_mask: [B, T, S] bool, or None for causal. Without a cache, S = T and
-      keys are this call's tokens. With a cache, S is the cache capacity, keys are
-      cache slots, and this call's tokens are written at slots lengths[b] + t.
-    cache: a KVCache or None. The returned cache has lengths advanced by T; callers
-      that keep fewer tokens (padding, rejected drafts) set lengths themselves.
+      keys are this call's tokens. With a cache, S is the cache capacity and keys are
+      cache slots; None then means causal over slots (slot s <= the query's slot).
+    cache: a KVCache or None. write_slots: [B, T] the slots receiving this call's
+      keys/values; None = append after cache.lengths, and the returned cache's lengths
+      advance by T. With explicit write_slots the returned lengths are unchanged (the
+      caller keeps what it decides to keep: models/kv_cache.py); slots >= capacity
+      are dropped.
     """
     batch, length = tokens.shape
-    write_slots = None
-    if cache is None:
-      if attention_mask is None:
-        attention_mask = masks.causal_mask(batch, length)
-    else:
-      write_slots = cache.lengths[:, None] + jnp.arange(length)[None, :]    # [B, T]
-      if attention_mask is None:
-        attention_mask = masks.cache_causal_mask(cache.lengths, length, cache.capacity)
-
+    append = cache is not None and write_slots is None
+    attention_mask, write_slots = self._mask_and_slots((batch, length), attention_mask, cache,
+                                                       write_slots)
     x = nn.with_logical_constraint(self.embed(tokens), ('batch', 'length', 'embed'))
-    new_k, new_v, layer_hidden = [], [], []
+    new_kv, layer_hidden = [], []
     trunk = x
-
-    def run(block, layer, x):
-      cache_kv = None if cache is None else (cache.k[layer], cache.v[layer])
-      x, kv = block(x, positions, attention_mask, cache_kv, write_slots)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-      return x
-
-    for i, block in enumerate(self.blocks):
+    for i, block in enumerate(self.layers):
       trunk = x  # the input of the last block: what every MTP head reads
-      x = run(block, i, x)
+      x = self._run(block, i, x, positions, attention_mask, cache, write_slots, new_kv)
       layer_hidden.append(x)
     hidden = self.final_norm(x)
     future_logits = None
     if self.future_blocks:
-      future = [self.final_norm(run(block, self.config.num_layers + j, trunk))
+      future = [self.final_norm(self._run(block, self.config.num_layers + j, trunk, positions,
+                                          attention_mask, cache, write_slots, new_kv))
                 for j, block in enumerate(self.future_blocks)]
       future_logits = jnp.stack([self.logits(h) for h in future], axis=2)      # [B, T, n-1, V]
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), lengths=cache.lengths + length)
+      new_cache = KVCache(k=jnp.stack([k for k, _ in new_kv]),
+                          v=jnp.stack([v for _, v in new_kv]),
+                          lengths=cache.lengths + length if append else cache.lengths)
     return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
                          layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
                          future_logits=future_logits)
@@ -323,12 +334,12 @@ class Transformer(nn.Module):
   def trunk(self, tokens, positions, attention_mask) -> jax.Array:
     """[B, T] tokens -> [B, T, D] the shared trunk's output (the last block's input)."""
     x = self.embed(tokens)
-    for block in self.blocks[:-1]:
+    for block in self.layers[:-1]:
       x, _ = block(x, positions, attention_mask, None, None)
     return x
 
   def head_logits(self, head: int, trunk, positions, attention_mask) -> jax.Array:
     """Head `head` (1 = next token, i = token t + i) on the trunk's output -> [B, T, V]."""
-    block = self.blocks[-1] if head == 1 else self.future_blocks[head - 2]
+    block = self.layers[-1] if head == 1 else self.future_blocks[head - 2]
     x, _ = block(trunk, positions, attention_mask, None, None)
     return self.logits(self.final_norm(x))

@@ -3,7 +3,7 @@
 `params = {'table': [V_padded, V_padded]}`: the logits after token t are table[t],
 whatever came before. It honours the model contract decoders rely on: it takes
 (tokens, positions, attention_mask, cache) and returns a ForwardOutput whose cache
-lengths advanced by the number of tokens.
+lengths advanced by the number of tokens when it appends (no explicit write_slots).
 """
 import dataclasses
 
@@ -32,11 +32,12 @@ class StubModel:
   config: StubConfig
   traces = [0]  # apply() calls while tracing, across instances
 
-  def apply(self, variables, tokens, positions, attention_mask=None, cache=None):
+  def apply(self, variables, tokens, positions, attention_mask=None, cache=None, write_slots=None):
     del positions, attention_mask
     StubModel.traces[0] += 1
     logits = variables['params']['table'][tokens]                       # [B, T, V]
-    new_cache = None if cache is None else cache.replace(lengths=cache.lengths + tokens.shape[1])
+    appended = 0 if write_slots is not None else tokens.shape[1]  # explicit slots keep nothing
+    new_cache = None if cache is None else cache.replace(lengths=cache.lengths + appended)
     return ForwardOutput(logits=logits, hidden=jnp.zeros(tokens.shape + (1,)), cache=new_cache)
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import autoregressive, base, sampling
+from decoding import driver, sampling
 from decoding.autoregressive import AutoregressiveConfig
 from decoding.sampling import SamplingConfig
 from models import sharding
@@ -17,8 +17,8 @@ TABLE = successor_table(16, 16, last=11, eos=EOS)
 
 
 def _generate(model, params, prompts, config, seed=0):
-  padded, lengths = base.pad_prompts(prompts)
-  return autoregressive.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+  padded, lengths = driver.pad_prompts(prompts)
+  return driver.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
                                  config, jax.random.PRNGKey(seed))
 
 
@@ -159,15 +159,15 @@ def test_eight_devices_give_the_tokens_of_one(trained_tiny):
   model, params, tok = trained_tiny.model, trained_tiny.params, trained_tiny.tokenizer
   prompts = [[tok.bos_id, *tok.encode(t)] for t in
              ('import ', 'class A', 'for i in', 'x = [', 'if __name__', 'try:', '# ', 'def f')]
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   config = AutoregressiveConfig(max_new_tokens=12, cache_capacity=32, eos_ids=(tok.eos_id,))
-  single = autoregressive.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
-                                   config, jax.random.PRNGKey(0))
+  single = driver.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
+                           config, jax.random.PRNGKey(0))
   mesh = sharding.make_mesh(model_parallelism=2)
   placed = jax.device_put(params, sharding.param_shardings(model, mesh))
   batch_sharding = sharding.batch_sharding(mesh, 2)
   with jax.set_mesh(mesh):
-    sharded = autoregressive.generate(
+    sharded = driver.generate(
         model, placed, jax.device_put(padded, batch_sharding),
         jax.device_put(lengths, sharding.batch_sharding(mesh, 1)), config,
         jax.random.PRNGKey(0))
@@ -184,9 +184,9 @@ def test_eight_devices_give_the_tokens_of_one(trained_tiny):
     ([[3]], 8, 0, 'max_new_tokens must be > 0'),
 ])
 def test_bad_prompts_are_clear_errors(prompts, capacity, max_new, message):
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   with pytest.raises(ValueError, match=message):
-    base.check_prompts(padded, lengths, capacity=capacity, vocab_size=16,
+    driver.check_prompts(padded, lengths, capacity=capacity, vocab_size=16,
                        max_new_tokens=max_new)
 
 

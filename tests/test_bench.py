@@ -9,9 +9,9 @@ from launch import benchmarking
 def test_bench_records_and_tables(trained_tiny, tmp_path):
   config = bench_config.get_config()
   config.target_workdir = trained_tiny.workdir
-  config.draft_workdir = trained_tiny.workdir  # the target as its own draft: tau = K + 1
+  config.workdirs.speculative = trained_tiny.workdir  # the target as its own draft: tau = K + 1
   config.num_draft = 3
-  config.trees = ('', '2,1')
+  config.trees.speculative = ('', '2,1')
   config.batch_sizes = (3,)
   config.temperatures = (0.0, 1.0)
   config.num_prompts = 3
@@ -26,7 +26,7 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
           'tokens_per_s', 'speedup_vs_ar', 'compile_s', 'backend', 'device', 'matches_ar'}
   assert all(keys <= set(r) for r in records)
   methods = [(r['method'], r['batch_size'], r['temperature']) for r in records]
-  spec, tree = 'speculative', 'speculative_tree(2,1)'
+  spec, tree = 'speculative', 'speculative(2,1)'
   assert methods == [
       ('autoregressive', 3, 0.0), (spec, 3, 0.0), (tree, 3, 0.0), ('naive_python_loop', 3, 0.0),
       ('autoregressive', 3, 1.0), (spec, 3, 1.0), (tree, 3, 1.0)]
@@ -45,12 +45,12 @@ def test_bench_with_heads_and_an_mtp_model(trained_tiny, trained_medusa, trained
   config = bench_config.get_config()
   config.target_workdir = trained_tiny.workdir
   config.methods = ('autoregressive', 'medusa', 'eagle', 'mtp')
-  config.heads_workdir = trained_medusa[1].workdir
-  config.medusa_trees = ('2,2', '1,1,1')
-  config.eagle_workdir = trained_eagle[1].workdir
-  config.eagle_trees = ('2,3,6',)
-  config.mtp_workdir = trained_mtp[1].workdir
-  config.mtp_trees = ('1,1', '2,2')
+  config.workdirs.medusa = trained_medusa[1].workdir
+  config.trees.medusa = ('2,2', '1,1,1')
+  config.workdirs.eagle = trained_eagle[1].workdir
+  config.trees.eagle = ('dynamic:2,3,6',)
+  config.workdirs.mtp = trained_mtp[1].workdir
+  config.trees.mtp = ('1,1', '2,2')
   config.batch_sizes = (2,)
   config.temperatures = (0.0,)
   config.naive_reference = False
@@ -61,7 +61,7 @@ def test_bench_with_heads_and_an_mtp_model(trained_tiny, trained_medusa, trained
   records = benchmarking.run(config, str(tmp_path))
   assert [(r['method'], r['lossless']) for r in records] == [
       ('autoregressive', True), ('medusa(2,2)', True), ('medusa(1,1,1)', True),
-      ('medusa_typical(1,1,1)', False), ('eagle(2,3,6)', True),
+      ('medusa_typical(1,1,1)', False), ('eagle(dynamic:2,3,6)', True),
       ('autoregressive(mtp model)', True), ('mtp(1,1)', True), ('mtp(2,2)', True)]
   assert all(r['matches_ar'] is True for r in records if r['lossless'])
   mtp_ar = records[5]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import draft as draft_config
-from decoding import base, speculative
+from decoding import driver
 from decoding.speculative import SpeculativeConfig
 from launch import generation
 from training import checkpoints, objectives, trainer
@@ -52,13 +52,13 @@ def test_a_distilled_draft_is_accepted_more_than_a_random_one(distilled, trained
   _, draft = distilled
   tok = trained_tiny.tokenizer
   prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import ', 'def __init__(self', 'return ')]
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   config = SpeculativeConfig(24, 40, num_draft=4, eos_ids=(tok.eos_id,))
   taus = []
   for params in (draft.params, jax.tree.map(lambda x: x[::-1] if x.ndim else x, draft.params)):
-    out = speculative.generate(trained_tiny.model, trained_tiny.params, draft.model, params,
-                               padded, lengths, config, jax.random.PRNGKey(0))
-    taus.append(speculative.mean_accepted(out.stats['accepted_histogram']))
+    out = driver.generate(trained_tiny.model, trained_tiny.params, padded, lengths, config,
+                          jax.random.PRNGKey(0), draft.model, params)
+    taus.append(driver.mean_accepted(out.stats['accepted_histogram']))
   assert taus[0] > taus[1] and taus[0] > 1.5, taus
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import base, eagle, trees, verify
+from decoding import driver, eagle, trees, verify
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import EagleDrafter
@@ -28,10 +28,10 @@ def _drafter(model, seed):
 
 
 def _eagle(target, drafter, prompts, max_new, capacity, tree, seed=0, **kw):
-  padded, lengths = base.pad_prompts(prompts)
-  config = eagle.EagleConfig(max_new, capacity, tree, **{'eos_ids': (2,), **kw})
-  return eagle.generate(target[0], target[1], drafter[0], drafter[1], jnp.asarray(padded),
-                        jnp.asarray(lengths), config, jax.random.PRNGKey(seed))
+  padded, lengths = driver.pad_prompts(prompts)
+  config = eagle.EagleConfig(max_new, capacity, tree=tree, **{'eos_ids': (2,), **kw})
+  return driver.generate(target[0], target[1], jnp.asarray(padded), jnp.asarray(lengths), config,
+                         jax.random.PRNGKey(seed), drafter[0], drafter[1])
 
 
 @pytest.mark.parametrize('tree,batch', [(trees.DynamicTreeSpec(3, 4, 10), 4),
@@ -117,7 +117,7 @@ def test_trained_drafter_reads_the_right_features_and_beats_a_random_one(trained
   hist = np.asarray(out.stats['accepted_histogram'])
   assert hist[1] == offline and offline > 10, (hist, offline)
 
-  options = generation.DecodeOptions(max_new_tokens=40, eagle_tree='3,4,10')
+  options = generation.DecodeOptions(max_new_tokens=40, tree='dynamic:3,4,10')
   taus = {}
   random = _drafter(trained_tiny.model, seed=9)[1]
   for name, params in (('trained', trained.params), ('random', random)):
@@ -129,7 +129,7 @@ def test_trained_drafter_reads_the_right_features_and_beats_a_random_one(trained
 
   done = subprocess.run(
       [sys.executable, '-m', 'launch.decode', f'--workdir={trained_tiny.workdir}',
-       '--method=eagle', f'--heads_workdir={workdir}', '--dynamic_tree=3,4,10',
+       '--method=eagle', f'--heads_workdir={workdir}', '--tree=dynamic:3,4,10',
        '--prompt=import os\nimport sys\n', '--max_new_tokens=40', '--json'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]

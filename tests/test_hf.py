@@ -14,7 +14,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from launch import conversion, generation  # noqa: E402
-from decoding import base, speculative  # noqa: E402
+from decoding import driver, speculative  # noqa: E402
 from training import hf, tokenizers  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

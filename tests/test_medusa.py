@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import base, medusa, trees
+from decoding import driver, medusa, trees
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import MedusaHeads
@@ -29,10 +29,10 @@ def _heads(model, num_heads, seed, scale=0.3):
 
 
 def _medusa(target, heads, prompts, max_new, capacity, seed=0, **kw):
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   config = medusa.MedusaConfig(max_new, capacity, **{'eos_ids': (2,), **kw})
-  return medusa.generate(target[0], target[1], heads[0], heads[1], jnp.asarray(padded),
-                         jnp.asarray(lengths), config, jax.random.PRNGKey(seed))
+  return driver.generate(target[0], target[1], jnp.asarray(padded), jnp.asarray(lengths), config,
+                         jax.random.PRNGKey(seed), heads[0], heads[1])
 
 
 @pytest.mark.parametrize('tree,batch', [(trees.TreeSpec((2, 2)), 4),
@@ -62,14 +62,13 @@ def test_sparse_trees_and_greedy_tree_growth():
       trees.parse(bad)
   # Candidates: node i takes head (depth - 1)'s rank-r token.
   head_logits = jnp.asarray([[[0., 5., 4., 1.], [3., 0., 1., 2.], [1., 2., 3., 0.]]])
-  np.testing.assert_array_equal(medusa.candidates(tree, head_logits, jnp.asarray([9]), 4),
+  np.testing.assert_array_equal(trees.from_ranked(tree, jax.lax.top_k(head_logits, 3)[1], jnp.asarray([9])),
                                 [[9, 1, 2, 0, 3, 2]])
   # Tuning: a path's chance is how often it is a prefix of the heads' ranks of the
   # target's greedy tokens (-1: not in the top list); greedy growth by chance.
-  from launch import tree_tuning
-  chances = tree_tuning.path_chances(np.asarray([[0, 0, -1], [0, 1, 0], [1, -1, 0], [-1, 0, 0]]))
+  chances = trees.path_chances(np.asarray([[0, 0, -1], [0, 1, 0], [1, -1, 0], [-1, 0, 0]]))
   assert chances == {(0,): .5, (0, 0): .25, (0, 1): .25, (0, 1, 0): .25, (1,): .25}
-  grown, tau = tree_tuning.grow_tree({(0,): .5, (1,): .2, (0, 0): .3, (0, 1): .05}, budget=3)
+  grown, tau = trees.grow_tree({(0,): .5, (1,): .2, (0, 0): .3, (0, 1): .05}, budget=3)
   assert str(grown) == 'paths:0;1;0.0' and tau == pytest.approx(1 + .5 + .3 + .2)
 
 
@@ -107,7 +106,7 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):
   texts = ['import os\nimport sys\n', 'def __init__(self', 'class Foo(object):\n    ',
            '    return self.', 'for i in range(', '        if not ']
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
-  options = generation.DecodeOptions(max_new_tokens=48, heads_tree='3,2,2')
+  options = generation.DecodeOptions(max_new_tokens=48, tree='3,2,2')
   plain, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive', options)
   taus = {}
   untrained = jax.tree.map(lambda x: x, trained.params)
@@ -136,7 +135,7 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):
 
   done = subprocess.run(
       [sys.executable, '-m', 'launch.decode', f'--workdir={trained_tiny.workdir}',
-       '--method=medusa', f'--heads_workdir={workdir}', '--heads_tree=3,2,2',
+       '--method=medusa', f'--heads_workdir={workdir}', '--tree=3,2,2',
        '--prompt=import os\nimport sys\n', '--max_new_tokens=48', '--json'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -164,7 +163,7 @@ def test_medusa2_trains_the_target_with_its_heads(trained_tiny, tfds_dir, tmp_pa
       joint.params['base'], trained_tiny.params))
   assert 0 < max(change) <= 2.5 * config.learning_rate * 2   # started from the target
   prompts = [[1, *trained_tiny.tokenizer.encode('import os\n')]]
-  options = generation.DecodeOptions(max_new_tokens=16, heads_tree='2,2')
+  options = generation.DecodeOptions(max_new_tokens=16, tree='2,2')
   out, _ = generation.decode_tokens(trained_tiny, prompts, 'medusa', options, joint)
   tuned = checkpoints.RestoredModel(trained_tiny.config, trained_tiny.tokenizer,
                                     trained_tiny.model, joint.params['base'], 2, '')

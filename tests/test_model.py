@@ -139,3 +139,44 @@ def test_outputs_and_logical_axis_names():
 def test_bad_head_counts_are_a_clear_error():
   with pytest.raises(ValueError, match='num_kv_heads'):
     TransformerConfig(vocab_size=10, num_heads=4, num_kv_heads=3)
+
+
+def test_layer_ranges_compose_to_the_whole_model_and_write_only_their_layers():
+  """embed -> blocks(0, k) -> blocks(k, L) -> head is the whole forward (early exit and
+  layer skipping run ranges); a range writes only its own cache layers."""
+  config, model, params = _model_and_params(num_layers=3)
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 6), 3, 300)
+  positions = _positions(2, 6)
+  full = model.apply(params, tokens, positions, cache=KVCache.empty(config, 2, 8))
+  x = model.apply(params, tokens, method=model.embed)
+  cache = KVCache.empty(config, 2, 8)
+  x, cache, first = model.apply(params, x, positions, cache=cache, stop=1, method=model.blocks)
+  assert len(first) == 1 and np.all(np.asarray(cache.k[1:]) == 0)  # layers 1, 2 untouched
+  x, cache, rest = model.apply(params, x, positions, cache=cache, start=1, method=model.blocks)
+  assert len(rest) == 2 and np.all(np.asarray(cache.lengths) == 0)  # ranges keep nothing
+  np.testing.assert_allclose(model.apply(params, x, method=model.head), full.logits, atol=1e-5)
+  np.testing.assert_allclose(cache.k, full.cache.k, atol=1e-6)
+  with pytest.raises(ValueError, match='outside the 3 blocks'):
+    model.apply(params, x, positions, start=2, stop=5, method=model.blocks)
+
+
+def test_explicit_write_slots_write_anywhere_and_keep_nothing():
+  """Non-contiguous write slots (an any-order model) give the same logits as writing the
+  same tokens contiguously under the same mask, and leave the valid length alone."""
+  config, model, params = _model_and_params()
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (1, 4), 3, 300)
+  positions = _positions(1, 4)
+  append = model.apply(params, tokens, positions, cache=KVCache.empty(config, 1, 12))
+  assert int(append.cache.lengths[0]) == 4
+  slots = jnp.asarray([[9, 2, 7, 4]])
+  mask = np.zeros((1, 4, 12), bool)
+  for t in range(4):  # token t sees the slots of tokens 0 .. t
+    mask[0, t, np.asarray(slots[0, :t + 1])] = True
+  scattered = model.apply(params, tokens, positions, mask, KVCache.empty(config, 1, 12),
+                          write_slots=slots)
+  assert int(scattered.cache.lengths[0]) == 0
+  np.testing.assert_allclose(scattered.logits, append.logits, atol=1e-5)
+  np.testing.assert_allclose(scattered.cache.k[:, 0, slots[0]], append.cache.k[:, 0, :4],
+                             atol=1e-6)
+  kept = scattered.cache.keep(jnp.asarray([10]))
+  assert int(kept.lengths[0]) == 10

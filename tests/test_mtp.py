@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import base, medusa, trees
+from decoding import driver, medusa, trees
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import KVCache, Transformer, TransformerConfig
@@ -81,10 +81,10 @@ def test_sequential_head_backward_is_the_plain_gradient_with_one_heads_memory():
 
 
 def _self_spec(target, prompts, max_new, capacity, tree, seed=0, **kw):
-  padded, lengths = base.pad_prompts(prompts)
-  config = medusa.MedusaConfig(max_new, capacity, tree, **{'eos_ids': (2,), **kw})
-  return medusa.generate(target[0], target[1], None, None, jnp.asarray(padded),
-                         jnp.asarray(lengths), config, jax.random.PRNGKey(seed))
+  padded, lengths = driver.pad_prompts(prompts)
+  config = medusa.MedusaConfig(max_new, capacity, tree=tree, **{'eos_ids': (2,), **kw})
+  return driver.generate(target[0], target[1], jnp.asarray(padded), jnp.asarray(lengths), config,
+                         jax.random.PRNGKey(seed))
 
 
 @pytest.mark.parametrize('tree,batch', [(trees.TreeSpec((1, 1)), 4),
@@ -122,7 +122,7 @@ def test_trained_mtp_heads_beat_random_heads(trained_mtp):
   tok = trained.tokenizer
   texts = ('import os\nimport sys\n', 'def __init__(self', 'class Foo:\n    ', '# Copyright')
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
-  options = generation.DecodeOptions(max_new_tokens=40, heads_tree='3,2')
+  options = generation.DecodeOptions(max_new_tokens=40, tree='3,2')
   plain, _ = generation.decode_tokens(trained, prompts, 'autoregressive', options)
   fresh = nn.meta.unbox(trained.model.init(jax.random.PRNGKey(7), jnp.zeros((1, 1), jnp.int32),
                                            jnp.zeros((1, 1), jnp.int32)))['params']
@@ -136,7 +136,7 @@ def test_trained_mtp_heads_beat_random_heads(trained_mtp):
   assert taus['trained'] > taus['random'] + 0.3, taus
 
   chain, stats = generation.decode_tokens(
-      trained, prompts, 'mtp', generation.DecodeOptions(max_new_tokens=40, heads_tree='1,1'))
+      trained, prompts, 'mtp', generation.DecodeOptions(max_new_tokens=40, tree='1,1'))
   assert chain == plain and 1.0 < stats['mean_accepted'] <= taus['trained']
 
   # The command lines: tune the MTP model's tree, then decode with it (the default).

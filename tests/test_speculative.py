@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from decoding import autoregressive, base, speculative, trees, verify
+from decoding import autoregressive, driver, speculative, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
 from decoding.speculative import SpeculativeConfig
 from decoding.trees import TreeSpec
-from models import KVCache, Transformer, TransformerConfig, sharding
+from models import KVCache, Transformer, TransformerConfig, masks, sharding
 from tests.stub_model import StubConfig, StubModel, random_table, successor_table
 
 EOS = 2
@@ -29,17 +29,17 @@ DRAFT = _tiny(1, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1)
 
 
 def _ar(model, params, prompts, max_new, capacity, sampling=SamplingConfig(), seed=0):
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   config = autoregressive.AutoregressiveConfig(max_new, capacity, sampling, (EOS,))
-  return autoregressive.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths),
-                                 config, jax.random.PRNGKey(seed))
+  return driver.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), config,
+                         jax.random.PRNGKey(seed))
 
 
 def _spec(target, draft, prompts, max_new, capacity, seed=0, **kw):
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   config = SpeculativeConfig(max_new, capacity, eos_ids=(EOS,), **kw)
-  return speculative.generate(target[0], target[1], draft[0], draft[1], jnp.asarray(padded),
-                              jnp.asarray(lengths), config, jax.random.PRNGKey(seed))
+  return driver.generate(target[0], target[1], jnp.asarray(padded), jnp.asarray(lengths), config,
+                         jax.random.PRNGKey(seed), draft[0], draft[1])
 
 
 PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11, 12, 13], [1, 20, 21]]
@@ -58,7 +58,7 @@ def test_greedy_equals_plain_greedy(batch, kw):
   if kw.get('adaptive_threshold', 0) == 0:  # A draft equal to the target accepts all.
     hist = np.asarray(out.stats['accepted_histogram'])
     assert hist[:-1].sum() == 0 and hist[-1] > 0
-    assert speculative.mean_accepted(hist) == kw['num_draft'] + 1
+    assert driver.mean_accepted(hist) == kw['num_draft'] + 1
 
 
 def test_greedy_on_a_trained_model_with_its_own_draft_and_a_random_one(trained_tiny):
@@ -180,8 +180,8 @@ def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
   lengths = jnp.full((rows,), len(prompt), jnp.int32)
 
   def sample():
-    out = speculative.generate(*VOCAB6_TARGET, *VOCAB6_DRAFT, prompts, lengths, config,
-                               jax.random.PRNGKey(11))
+    out = driver.generate(*VOCAB6_TARGET, prompts, lengths, config, jax.random.PRNGKey(11),
+                          *VOCAB6_DRAFT)
     return np.asarray(out.tokens[:, len(prompt):]), out
 
   samples, out = sample()
@@ -255,14 +255,14 @@ def test_eight_devices_give_the_tokens_of_one(kw):
   prompts = PROMPTS * 2
   single = _spec(TARGET, DRAFT, prompts, 10, 24, **kw)
   mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = base.pad_prompts(prompts)
+  padded, lengths = driver.pad_prompts(prompts)
   place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
   with jax.set_mesh(mesh):
-    out = speculative.generate(
-        TARGET[0], place(*TARGET), DRAFT[0], place(*DRAFT),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
+    out = driver.generate(
+        TARGET[0], place(*TARGET), jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
         jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        SpeculativeConfig(10, 24, eos_ids=(EOS,), **kw), jax.random.PRNGKey(0))
+        SpeculativeConfig(10, 24, eos_ids=(EOS,), **kw), jax.random.PRNGKey(0), DRAFT[0],
+        place(*DRAFT))
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 
@@ -357,7 +357,7 @@ def test_each_tree_node_gets_the_logits_of_its_path_run_sequentially():
   cache = KVCache.empty(model.config, 1, capacity)
   cache = apply(jnp.asarray([prefix[:-1]]), jnp.arange(3)[None], None, cache).cache
   out = apply(node_tokens, root[:, None] + jnp.asarray(spec.depths)[None],
-              trees.tree_mask(spec.ancestors, root, capacity), cache)
+              masks.tree_mask(spec.ancestors, root, capacity), cache)
   full = jax.jit(lambda t: model.apply({'params': params}, t,
                                        jnp.arange(t.shape[1])[None]).logits)
   for node in range(spec.num_nodes):
@@ -422,7 +422,7 @@ def test_a_dynamic_tree_node_gets_the_logits_of_its_path_run_sequentially():
   cache = apply(jnp.asarray(prefix)[:, :3], jnp.broadcast_to(jnp.arange(3), (2, 3)), None,
                 KVCache.empty(model.config, 2, capacity)).cache
   out = apply(node_tokens, root[:, None] + depths,
-              trees.tree_mask(trees.ancestors_from_parents(parents, 4), root, capacity), cache)
+              masks.tree_mask(trees.ancestors_from_parents(parents, 4), root, capacity), cache)
   full = jax.jit(lambda t: model.apply({'params': params}, t,
                                        jnp.arange(t.shape[1])[None]).logits)
   for row in range(2):

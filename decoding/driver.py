@@ -1,0 +1,313 @@
+"""The round driver: what every decoding method shares, and the one speculative round.
+
+Axis letters: B batch, P padded prompt length, S cache capacity (= token buffer
+length, plus a method's slack for tree nodes), N proposal nodes, D proposal depth,
+V padded vocabulary.
+
+Layout: row b's tokens sit left-aligned in a [B, S] buffer whose index is also the
+token's position and its KV-cache slot. A row is finished when it emits an EOS id,
+reaches max_new_tokens, or fills the buffer. Rows advance by their own amounts.
+
+Every method is `generate` below: one prefill call over the padded prompts, the first
+token, then one `lax.while_loop` of rounds until every row is done; no Python loop per
+token, no host transfer inside the loop. A method is its config (a DecodeConfig
+subclass: the settings, hashable, a static jit argument) and the proposer the config
+builds. With no proposer a round is plain autoregressive decoding (one target call,
+one sampled token). Otherwise each round is the ONE speculative round:
+
+    proposal = proposer.propose(...)        # decoding/proposal.py: tokens, tree shape
+    one target call on the proposal's nodes under its attention mask (tree or causal)
+    target log-probs (decoding/sampling.py, the filters plain sampling uses)
+    verify.accept -> accepted path, its length n, the next token
+    move the accepted path's cache slots into sequence order
+    proposer.observe(...)                   # the drafter's own state for the next round
+    commit: n accepted tokens + the next one, cut at an EOS id or the row's limit
+
+Cache invariant at the start of a round (L = lengths[b], the buffer's token count):
+the target cache holds tokens[:L - 1]; the root of every proposal is token L - 1.
+"""
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decoding import trees, verify
+from decoding.proposal import Proposal, Proposer
+from decoding.sampling import SamplingConfig, log_probs, sample
+from models import KVCache, masks
+
+
+@flax.struct.dataclass
+class Output:
+  tokens: jax.Array          # [B, S] int32: prompt, then new tokens, then pad (0)
+  lengths: jax.Array         # [B] int32: prompt + new tokens per row
+  prompt_lengths: jax.Array  # [B] int32
+  target_calls: jax.Array    # [] int32: forward calls of the target model, prefill included
+  # Speculative methods: draft_calls [] and accepted_histogram [D + 1] (row-rounds by
+  # number of accepted drafted tokens).
+  stats: dict = flax.struct.field(default_factory=dict)
+
+  @property
+  def new_tokens(self) -> jax.Array:
+    """[B] int32: tokens generated per row (an EOS that ended a row included)."""
+    return self.lengths - self.prompt_lengths
+
+  def completions(self) -> list[list[int]]:
+    """The new tokens of each row, as host lists."""
+    tokens, lengths, starts = jax.device_get((self.tokens, self.lengths, self.prompt_lengths))
+    return [tokens[b, starts[b]:lengths[b]].tolist() for b in range(tokens.shape[0])]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """The settings every method has (hashable: a static argument of jit). A method's
+  config subclasses it with its own fields and builds its proposer."""
+  max_new_tokens: int
+  cache_capacity: int                      # S: prompt + new tokens per row must fit
+  sampling: SamplingConfig = SamplingConfig()
+  eos_ids: tuple[int, ...] = (2,)
+
+  def proposer(self, model, drafter) -> Optional[Proposer]:
+    """The method's drafter for the target `model` and the second module `drafter`
+    (a draft model, heads, or None); None = plain autoregressive rounds."""
+    del model, drafter
+    return None
+
+  @property
+  def acceptance(self) -> Optional[verify.TypicalAcceptance]:
+    """The acceptance rule: None = exact (lossless); a lossy rule otherwise."""
+    return None
+
+
+@flax.struct.dataclass
+class Params:
+  """The dynamic parameter trees of one decoding call."""
+  target: Any
+  drafter: Any = None
+
+
+@flax.struct.dataclass
+class State:
+  tokens: jax.Array        # [B, S] int32 buffer: prompt then committed tokens
+  lengths: jax.Array       # [B] int32 tokens in the buffer
+  limits: jax.Array        # [B] int32 buffer length at which a row stops
+  target_cache: KVCache    # holds tokens[:, :lengths - 1]
+  done: jax.Array          # [B] bool
+  rng: jax.Array
+  target_calls: jax.Array  # [] int32
+  draft_calls: jax.Array   # [] int32
+  histogram: jax.Array     # [D + 1] int32 row-rounds by number of accepted drafts
+  proposer: Any = None     # the proposer's own state across rounds (a pytree)
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> right-padded [B, P] int32 array and [B] lengths."""
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  out = np.full((len(prompts), max(int(lengths.max(initial=0)), 1)), pad_id, np.int32)
+  for row, prompt in enumerate(prompts):
+    out[row, :len(prompt)] = prompt
+  return out, lengths
+
+
+def check_prompts(prompts, prompt_lengths, *, capacity: int, vocab_size: int,
+                  max_new_tokens: int) -> None:
+  """Clear errors for bad input, raised on the host before anything compiles.
+
+  Raises ValueError naming the problem: max_new_tokens <= 0, shapes, an empty prompt,
+  a prompt that does not leave room in the context, a token id outside the vocabulary.
+  """
+  prompts, lengths = np.asarray(prompts), np.asarray(prompt_lengths)
+  if max_new_tokens <= 0:
+    raise ValueError(f'max_new_tokens must be > 0, got {max_new_tokens}.')
+  if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
+    raise ValueError(f'prompts must be [B, P] with lengths [B]; got {prompts.shape} and '
+                     f'{lengths.shape}.')
+  if prompts.shape[1] > capacity:
+    raise ValueError(f'The padded prompt length {prompts.shape[1]} is longer than the '
+                     f'context ({capacity} tokens).')
+  for row, n in enumerate(lengths.tolist()):
+    if n <= 0:
+      raise ValueError(f'Prompt {row} is empty: give at least one token.')
+    if n > capacity:
+      raise ValueError(f'Prompt {row} has {n} tokens, longer than the context '
+                       f'({capacity} tokens).')
+    if n == capacity:
+      raise ValueError(f'Prompt {row} has {n} tokens and fills the context ({capacity} '
+                       'tokens): it leaves no room for new tokens.')
+    ids = prompts[row, :n]
+    if ids.min() < 0 or ids.max() >= vocab_size:
+      bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+      raise ValueError(f'Prompt {row} holds token id {bad}, outside the vocabulary '
+                       f'[0, {vocab_size}).')
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+  return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+def token_buffer(prompts: jax.Array, prompt_lengths: jax.Array, capacity: int) -> jax.Array:
+  """[B, capacity] int32 buffer holding each row's prompt, zeros past its length."""
+  batch, prompt_len = prompts.shape
+  tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, :prompt_len].set(prompts)
+  return jnp.where(jnp.arange(capacity) < prompt_lengths[:, None], tokens, 0)
+
+
+def row_limits(prompt_lengths: jax.Array, max_new_tokens: int, capacity: int) -> jax.Array:
+  """[B] the buffer length at which each row stops: prompt + max_new_tokens, or full."""
+  return jnp.minimum(prompt_lengths + max_new_tokens, capacity)
+
+
+def commit(tokens, lengths, limits, done, candidates, count, eos_ids):
+  """Appends candidates[b, :count[b]] after each unfinished row's tokens, cut after the
+  first EOS id and at the row's limit; the stop rule of every method.
+
+  tokens: [B, S]; lengths, limits, count: [B] int32; done: [B] bool;
+  candidates: [B, C] int32. Returns (tokens, lengths, done).
+  """
+  batch, width = candidates.shape
+  index = jnp.arange(width)[None]
+  eos = is_eos(candidates, eos_ids) & (index < count[:, None])
+  first_eos = jnp.min(jnp.where(eos, index, width), axis=1)
+  count = jnp.minimum(jnp.minimum(count, first_eos + 1), limits - lengths)
+  count = jnp.where(done, 0, count)
+  slots = jnp.where(index < count[:, None], lengths[:, None] + index, tokens.shape[1])
+  tokens = tokens.at[jnp.arange(batch)[:, None], slots].set(candidates, mode='drop')
+  lengths = lengths + count
+  return tokens, lengths, done | (first_eos < count) | (lengths >= limits)
+
+
+def commit_state(state: State, candidates: jax.Array, count: jax.Array, eos_ids) -> State:
+  """`commit` on a loop state's buffer."""
+  tokens, lengths, done = commit(state.tokens, state.lengths, state.limits, state.done,
+                                 candidates, count, eos_ids)
+  return state.replace(tokens=tokens, lengths=lengths, done=done)
+
+
+def prefill(model, params, prompts, prompt_lengths, config: DecodeConfig, cache_size: int,
+            rng, max_depth: int = 0):
+  """The prefill call over the padded prompts and the first token.
+
+  prompts: [B, P] int32 right-padded; prompt_lengths: [B]; cache_size: the target
+  cache's slots (S plus a method's slack). Returns (the loop state with the first
+  token committed, the prefill's ForwardOutput).
+  """
+  batch, prompt_len = prompts.shape
+  rows = jnp.arange(batch)
+  positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+  out = model.apply({'params': params}, prompts, positions,
+                    cache=KVCache.empty(model.config, batch, cache_size))
+  rng, key = jax.random.split(rng)
+  first = sample(key, out.logits[rows, prompt_lengths - 1], config.sampling,
+                 model.config.vocab_size)
+  capacity = config.cache_capacity
+  state = State(tokens=token_buffer(prompts, prompt_lengths, capacity), lengths=prompt_lengths,
+                limits=row_limits(prompt_lengths, config.max_new_tokens, capacity),
+                target_cache=out.cache.keep(prompt_lengths), done=jnp.zeros((batch,), bool),
+                rng=rng, target_calls=jnp.ones((), jnp.int32),
+                draft_calls=jnp.zeros((), jnp.int32),
+                histogram=jnp.zeros((max_depth + 1,), jnp.int32))
+  return commit_state(state, first[:, None], jnp.ones((batch,), jnp.int32), config.eos_ids), out
+
+
+def autoregressive_round(model, params, config: DecodeConfig, state: State) -> State:
+  """Plain decoding: feed each row's last token, sample the next (one target call)."""
+  rows = jnp.arange(state.tokens.shape[0])
+  last = state.tokens[rows, state.lengths - 1][:, None]                    # [B, 1]
+  out = model.apply({'params': params}, last, (state.lengths - 1)[:, None],
+                    cache=state.target_cache)
+  rng, key = jax.random.split(state.rng)
+  new = sample(key, out.logits[:, 0], config.sampling, model.config.vocab_size)  # [B]
+  # Finished rows keep their cache length; the write they made lies past it.
+  cache = out.cache.keep(jnp.where(state.done, state.target_cache.lengths, out.cache.lengths))
+  state = state.replace(target_cache=cache, rng=rng, target_calls=state.target_calls + 1)
+  return commit_state(state, new[:, None], jnp.ones_like(state.lengths), config.eos_ids)
+
+
+def finish_round(state: State, accepted_tokens, num_accepted, next_token, target_cache,
+                 eos_ids, **updates) -> State:
+  """The end of every draft-and-verify round: commits each row's accepted tokens and
+  the target's token, keeps [last, accepted] in the target cache, books the round in
+  the histogram, and sets the method's own `updates` fields.
+
+  accepted_tokens: [B, M] the accepted chain or tree path in order (entries past
+  num_accepted [B] are ignored); next_token: [B] the replacement or bonus token.
+  """
+  batch = accepted_tokens.shape[0]
+  candidates = jnp.concatenate([accepted_tokens, jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  candidates = candidates.at[jnp.arange(batch), num_accepted].set(next_token)
+  committed = commit_state(state, candidates, num_accepted + 1, eos_ids)
+  return committed.replace(
+      target_cache=target_cache.keep(state.lengths + num_accepted),
+      target_calls=state.target_calls + 1,
+      histogram=state.histogram.at[num_accepted].add((~state.done).astype(jnp.int32)),
+      **updates)
+
+
+def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
+                      cache_size: int, state: State) -> State:
+  """propose -> one target call under the proposal's mask -> processed log-probs ->
+  accept -> move the accepted path's cache slots into sequence order -> commit."""
+  keys = jax.random.split(state.rng, 3 if proposer.needs_key else 2)
+  proposal, proposer_state, calls = proposer.propose(
+      params, state.proposer, state, keys[1] if proposer.needs_key else None)
+  rows, root = jnp.arange(state.tokens.shape[0]), state.lengths - 1
+  tree = proposal.ancestors is not None
+  mask = masks.tree_mask(proposal.ancestors, root, cache_size) if tree else None
+  out = model.apply({'params': params.target}, proposal.tokens, root[:, None] + proposal.depths,
+                    mask, state.target_cache)
+  target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
+  path, num_accepted, next_token = verify.accept(
+      keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance)
+  cache = out.cache
+  if tree:  # A chain's accepted tokens already sit in sequence order.
+    cache = cache.move_slots(*trees.path_slots(root, path, num_accepted, cache_size))
+  proposer_state = proposer.observe(params, proposer_state, state, out, path, num_accepted)
+  return finish_round(state, proposal.tokens[rows[:, None], path[:, 1:]], num_accepted,
+                      next_token, cache, config.eos_ids, rng=keys[0], proposer=proposer_state,
+                      draft_calls=state.draft_calls + calls)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'config', 'drafter'))
+def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
+             config: DecodeConfig, rng: jax.Array, drafter=None,
+             drafter_params=None) -> Output:
+  """Decodes right-padded prompts with the method `config` describes; every method.
+
+  model: the target, a Flax module called like models.Transformer (tokens, positions,
+    attention_mask, cache) -> ForwardOutput; params: its parameters.
+  prompts: [B, P] int32, right-padded; prompt_lengths: [B] int32 (>= 1, < S).
+  config: a DecodeConfig (autoregressive.AutoregressiveConfig,
+    speculative.SpeculativeConfig, medusa.MedusaConfig, eagle.EagleConfig, or any
+    method registered in decoding/registry.py).
+  drafter / drafter_params: the method's second module and its parameters (a draft
+    model, Medusa heads, an EAGLE drafter), or None.
+  Returns Output; speculative methods add draft_calls and accepted_histogram to stats.
+  Raises ValueError (while tracing) when the method and its drafter do not fit.
+  """
+  proposer = config.proposer(model, drafter)
+  slack = 0 if proposer is None else proposer.cache_slots
+  cache_size = config.cache_capacity + slack
+  state, out = prefill(model, params, prompts, prompt_lengths, config, cache_size, rng,
+                       0 if proposer is None else proposer.max_depth)
+  if proposer is None:
+    round_ = functools.partial(autoregressive_round, model, params, config)
+  else:
+    both = Params(target=params, drafter=drafter_params)
+    proposer_state, calls = proposer.start(both, out, prompts, prompt_lengths, cache_size)
+    state = state.replace(proposer=proposer_state, draft_calls=calls)
+    round_ = functools.partial(speculative_round, model, both, proposer, config, cache_size)
+  state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
+  stats = {} if proposer is None else {'draft_calls': state.draft_calls,
+                                       'accepted_histogram': state.histogram}
+  return Output(tokens=state.tokens, lengths=state.lengths, prompt_lengths=prompt_lengths,
+                target_calls=state.target_calls, stats=stats)
+
+
+def mean_accepted(histogram) -> float:
+  """tau: tokens committed per row per target call in the decoding rounds (n + 1)."""
+  h = np.asarray(histogram, np.float64)
+  return float((h * (np.arange(len(h)) + 1)).sum() / max(h.sum(), 1))

@@ -1,0 +1,150 @@
+"""The method registry: name -> how to build the method's config, which second model it
+decodes with, whether it is lossless, and its label in tables.
+
+launch.decode, launch.bench and launch.generation read only this table, so a new
+method is one file (its config and proposer) plus one `register(Method(...))`, here or
+in the researcher's own module loaded with --plugins=module.name.
+
+Options are read duck-typed from `options` (launch.generation.DecodeOptions): the
+sampling settings (`options.sampling()`), max_new_tokens, num_draft,
+adaptive_threshold, tree (one spec string for every method that drafts a tree:
+"3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default)
+and typical.
+"""
+import dataclasses
+import importlib
+from typing import Any, Callable, Optional
+
+from decoding import autoregressive, driver, eagle, medusa, speculative, trees
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafter:
+  """What a method decodes with besides the target: the second module and its
+  parameters, and parameters that replace the target's (Medusa-2 trains both)."""
+  module: Any = None
+  params: Any = None
+  target_params: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  label: str                   # in tables and plots
+  # (options, capacity, eos_ids, model, drafter module or None) -> driver.DecodeConfig
+  make_config: Callable[..., driver.DecodeConfig]
+  # The second workdir's flag (launch.decode --draft_workdir / --heads_workdir), or None.
+  second: Optional[str] = None
+  # (second: a restored model with .model, .params; or None) -> Drafter. Raises
+  # ValueError when the second model is missing or of the wrong kind.
+  drafter: Callable[[Any], Drafter] = lambda second: Drafter()
+  # (the target model) -> None; raises ValueError when the method cannot decode it.
+  check_model: Callable[[Any], None] = lambda model: None
+  # The method decodes a model of its own (its workdir replaces the target), e.g. MTP.
+  own_model: bool = False
+  # The method's static tree may come from launch.tune_tree's file in the drafter's
+  # (or own model's) workdir when options.tree is ''.
+  tuned_tree: bool = False
+
+  def lossless(self, config: driver.DecodeConfig) -> bool:
+    """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
+    return config.acceptance is None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds (or replaces) a method; returns it."""
+  METHODS[method.name] = method
+  return method
+
+
+def get(name: str) -> Method:
+  """The method called `name`. Raises ValueError naming the known ones."""
+  if name not in METHODS:
+    raise ValueError(f'Unknown decoding method {name!r}; known: {", ".join(METHODS)}.')
+  return METHODS[name]
+
+
+def load_plugins(modules) -> None:
+  """Imports each module name (they register their methods). Raises ValueError for a
+  module that does not import."""
+  for name in modules:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f'Plugin module {name!r} does not import: {e}') from e
+
+
+def base_settings(options, capacity: int, eos_ids) -> dict:
+  """The DecodeConfig fields every method shares, from `options`."""
+  return dict(max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
+              sampling=options.sampling(), eos_ids=tuple(eos_ids))
+
+
+def _autoregressive(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return autoregressive.AutoregressiveConfig(**base_settings(options, capacity, eos_ids))
+
+
+def _speculative(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return speculative.SpeculativeConfig(
+      **base_settings(options, capacity, eos_ids), num_draft=options.num_draft,
+      adaptive_threshold=options.adaptive_threshold,
+      tree=trees.parse(options.tree) if options.tree else None)
+
+
+def _heads(options, capacity, eos_ids, model, drafter):
+  num_heads = model.config.mtp_heads - 1 if drafter is None else drafter.num_heads
+  tree = (trees.parse(options.tree) if options.tree
+          else trees.TreeSpec(medusa.DEFAULT_TREE[:num_heads]))
+  return medusa.MedusaConfig(**base_settings(options, capacity, eos_ids), tree=tree,
+                             typical=options.typical)
+
+
+def _eagle(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  spec = options.tree or str(eagle.EagleConfig.tree)
+  tree = trees.parse(spec if spec.startswith('dynamic:') else f'dynamic:{spec}')
+  return eagle.EagleConfig(**base_settings(options, capacity, eos_ids), tree=tree)
+
+
+def _draft_model(second) -> Drafter:
+  if second is None:
+    raise ValueError('The speculative method needs a draft model (--draft_workdir).')
+  return Drafter(second.model, second.params)
+
+
+def _medusa_heads(second) -> Drafter:
+  from models import MedusaHeads
+  if second is None or not isinstance(second.model, MedusaHeads):
+    raise ValueError('The medusa method needs a Medusa heads workdir (--heads_workdir), '
+                     'trained with configs/medusa.py.')
+  # Medusa-2: the target trained jointly with its heads is the model to decode.
+  return Drafter(second.model, second.params['heads'], second.params.get('base'))
+
+
+def _eagle_drafter(second) -> Drafter:
+  from models import EagleDrafter
+  if second is None or not isinstance(second.model, EagleDrafter):
+    raise ValueError('The eagle method needs an EAGLE drafter workdir (--heads_workdir), '
+                     'trained with configs/eagle.py.')
+  return Drafter(second.model, second.params)
+
+
+def _has_mtp_heads(model) -> None:
+  if model.config.mtp_heads < 2:
+    raise ValueError('The mtp method needs a multi-token prediction model (trained with '
+                     'configs/mtp.py: mtp_heads >= 2); this model predicts one token.')
+
+
+register(Method('autoregressive', 'autoregressive', _autoregressive))
+register(Method('speculative', 'speculative', _speculative, second='draft_workdir',
+                drafter=_draft_model))
+register(Method('medusa', 'medusa', _heads, second='heads_workdir', drafter=_medusa_heads,
+                tuned_tree=True))
+register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter))
+register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
+                tuned_tree=True))
