@@ -32,6 +32,7 @@ setup(
         'matplotlib',
         'safetensors>=0.4',             # Hugging Face checkpoints (launch.convert)
         'tokenizers>=0.19',             # tokenizer.json of imported checkpoints
+        'gguf>=0.10',                   # GGUF import/export (launch.convert --from_gguf/--to_gguf)
     ],
     extras_require={
         'test': ['pytest>=7', 'chex>=0.1.87', 'scipy'],
