@@ -132,7 +132,7 @@ def test_speculative_decoding_of_an_imported_target_with_an_imported_draft(token
 
 def test_tokenizer_json_backend(tokenizer_json, tmp_path):
   tok = tokenizers.HuggingFaceTokenizer(tokenizer_json, 320, bos_id=1, eos_ids=[2, 5],
-                                        pad_id=None)
+                                        pad_id=None, add_bos=True)
   text = 'def f(x):\n    return x  # ünïcode\n'
   assert tok.decode(tok.encode(text)) == text
   assert tok.vocab_size == 320 and tok.eos_ids == (2, 5) and tok.eos_id == 2
@@ -142,6 +142,7 @@ def test_tokenizer_json_backend(tokenizer_json, tmp_path):
   tok.save(str(tmp_path))
   loaded = tokenizers.load(str(tmp_path))
   assert loaded.fingerprint() == tok.fingerprint() and loaded.eos_ids == (2, 5)
+  assert loaded.bos_prefix == [1]
   assert tokenizers.HuggingFaceTokenizer(tokenizer_json, 320, None, [2], 0).bos_prefix == []
 
 

@@ -232,14 +232,92 @@ def hf_config(config, tokenizer) -> dict:
   }
 
 
+def _optional_json(directory: str, name: str) -> dict:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _ids(value) -> list[int]:
+  return [] if value is None else [int(i) for i in (value if isinstance(value, list) else [value])]
+
+
+def _token_text(value) -> str | None:
+  """A tokenizer_config.json token: a string or an AddedToken dict {"content": ...}."""
+  return value.get('content') if isinstance(value, dict) else value
+
+
+def read_chat_template(directory: str, tokenizer_config: dict) -> str | None:
+  """The chat template as transformers finds it: chat_template.jinja first, then
+  tokenizer_config.json's `chat_template` (a string, or named templates: 'default')."""
+  path = os.path.join(directory, 'chat_template.jinja')
+  if os.path.exists(path):
+    with open(path) as f:
+      return f.read()
+  template = tokenizer_config.get('chat_template')
+  if template is None:
+    template = _optional_json(directory, 'chat_template.json').get('chat_template')
+  if isinstance(template, list):
+    named = {t.get('name'): t.get('template') for t in template}
+    if 'default' not in named:
+      log.warning('The checkpoint has chat templates %s but none named "default"; none is '
+                  'imported.', sorted(named))
+    return named.get('default')
+  return template
+
+
 def read_tokenizer(directory: str, hf: dict, vocab_size: int):
+  """The model's tokenizer: tokenizer.json, the special ids, whether a prompt starts with
+  BOS, every stop id and the chat template.
+
+  BOS: tokenizer_config.json's add_bos_token where it is given (transformers 4's Llama
+  tokenizers rebuild the post-processor from it), else tokenizer.json's post-processor
+  (what encoding with special tokens adds), never config.json's bos_token_id alone.
+  Stop ids: the union of eos_token_id in config.json and generation_config.json (a list
+  there names end-of-turn tokens too, e.g. Llama-3's <|eot_id|>).
+  """
   from training import tokenizers
   path = os.path.join(directory, 'tokenizer.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{directory} has no tokenizer.json (the tokenizers-library file '
                             'saved with the model).')
-  eos = hf.get('eos_token_id')
-  eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
   with open(path) as f:
-    return tokenizers.HuggingFaceTokenizer(f.read(), vocab_size, hf.get('bos_token_id'), eos,
-                                           hf.get('pad_token_id'))
+    tokenizer_json = f.read()
+  tokenizer_config = _optional_json(directory, 'tokenizer_config.json')
+  generation = _optional_json(directory, 'generation_config.json')
+  import tokenizers as tokenizers_lib
+  backend = tokenizers_lib.Tokenizer.from_str(tokenizer_json)
+
+  def token_id(name):
+    text = _token_text(tokenizer_config.get(name))
+    return None if text is None else backend.token_to_id(text)
+
+  eos = _ids(hf.get('eos_token_id')) + _ids(generation.get('eos_token_id'))
+  if not eos and token_id('eos_token') is not None:
+    eos = [token_id('eos_token')]
+  bos = hf.get('bos_token_id', generation.get('bos_token_id'))
+  if bos is None:
+    bos = token_id('bos_token')
+  before, after = tokenizers.special_tokens_added(tokenizer_json)
+  if len(before) > 1:
+    raise UnsupportedCheckpointError(f'The tokenizer adds {len(before)} tokens before a '
+                                     'prompt; only a single BOS is supported.')
+  add_bos = tokenizer_config.get('add_bos_token')
+  if add_bos is None:
+    add_bos = bool(before)
+    if before and before[0] != bos:
+      log.warning('The tokenizer starts prompts with id %d; config.json names bos %s. '
+                  'Using %d.', before[0], bos, before[0])
+      bos = before[0]
+  elif bool(add_bos) != bool(before):
+    log.warning('tokenizer_config.json says add_bos_token=%s but tokenizer.json\'s '
+                'post-processor %s; following add_bos_token (transformers 5 follows the '
+                'post-processor).', add_bos, 'adds one' if before else 'adds none')
+  if after:
+    log.warning('The tokenizer appends %s to every encoded text; prompts are encoded '
+                'without it (a prompt ending in EOS has nothing to continue).', after)
+  return tokenizers.HuggingFaceTokenizer(
+      tokenizer_json, vocab_size, bos, eos, hf.get('pad_token_id'), add_bos=bool(add_bos),
+      chat_template=read_chat_template(directory, tokenizer_config))

@@ -1,11 +1,15 @@
 """Tokenizers: byte-level (no training), SentencePiece BPE trained on the corpus, and
 Hugging Face `tokenizer.json` files of imported checkpoints (training/hf.py).
 
-Our own tokenizers share the special ids pad=0, bos=1, eos=2; an imported one takes
-its ids from the checkpoint's config. Data, objectives and decoding read them from
-the tokenizer (`pad_id`, `bos_id`, `eos_id`, `eos_ids`), never assume them. A tokenizer is saved inside the
-workdir (`tokenizer.json`, plus `tokenizer.model` for BPE) so a checkpoint
-always travels with it.
+Our own tokenizers share the special ids pad=0, bos=1, eos=2 and always start a
+sequence with bos; an imported one takes its ids from the checkpoint and starts with
+bos only where the model's own tokenizer adds it (`add_bos`: SmolLM2's and Qwen2's add
+none, Llama's do). Data, objectives and decoding read them from the tokenizer (`pad_id`,
+`bos_id`, `eos_id`, `eos_ids`, `bos_prefix`), never assume them; a prompt is encoded
+with `encode_prompt` (what the model's own tokenizer gives with its special tokens), a
+chat with training/chat.py and `chat_template`. A tokenizer is saved inside the workdir
+(`tokenizer.json`, plus `tokenizer.model` for BPE, `hf_tokenizer.json` and
+`chat_template.jinja` for an imported one) so a checkpoint always travels with it.
 """
 import abc
 import hashlib
@@ -23,12 +27,23 @@ SENTENCEPIECE_FILE = 'tokenizer.model'
 
 class Tokenizer(abc.ABC):
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
-  eos_ids: tuple[int, ...] = (EOS_ID,)   # every id that ends a generation
+  eos_ids: tuple[int, ...] = (EOS_ID,)   # every id that ends a generation (EOS, end of turn)
+  chat_template: str | None = None       # Jinja chat template (training/chat.py), if any
 
   @property
   def bos_prefix(self) -> list[int]:
-    """[bos_id], or [] for a tokenizer without one (e.g. Qwen2's)."""
+    """What starts every sequence: [bos_id] for ours; for an imported tokenizer [bos_id]
+    where the model's own tokenizer adds it, else [] (SmolLM2's, Qwen2's)."""
     return [] if self.bos_id is None else [self.bos_id]
+
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """text -> int32 ids of a prompt: what the model's own tokenizer gives with its
+    special tokens (bos_prefix + encode(text)). Chat prompts: training/chat.py."""
+    return np.concatenate([np.asarray(self.bos_prefix, np.int32), self.encode(text)])
+
+  def token_string(self, token_id: int | None) -> str | None:
+    """The text of one (special) token, e.g. for a chat template's bos_token; None if none."""
+    return None
 
   @property
   @abc.abstractmethod
@@ -146,21 +161,42 @@ class SentencePieceTokenizer(Tokenizer):
 
 class HuggingFaceTokenizer(Tokenizer):
   """A `tokenizer.json` read with the `tokenizers` library, with the special ids of the
-  model's config. `vocab_size` is the model's (embedding rows), which may exceed the
-  tokenizer's own size (ids it never produces)."""
-  FILE = 'hf_tokenizer.json'
+  model. `vocab_size` is the model's (embedding rows), which may exceed the tokenizer's
+  own size (ids it never produces).
 
-  def __init__(self, tokenizer_json: str, vocab_size: int, bos_id, eos_ids, pad_id):
+  bos_id: the model's BOS token (a chat template's `bos_token`), or None.
+  eos_ids: every end-of-sequence and end-of-turn id (decoding stops at each); the
+    first is `eos_id`, the template's `eos_token`.
+  pad_id: None = eos_id.
+  add_bos: whether the model's own tokenizer starts a prompt with bos_id (its
+    post-processor / `add_bos_token`, decided by the importer: training/hf.py).
+  chat_template: the model's Jinja chat template (training/chat.py), or None.
+  Text is encoded as transformers encodes it by default: literal special-token strings
+  in the text (e.g. "<|im_end|>") become those tokens.
+  """
+  FILE = 'hf_tokenizer.json'
+  CHAT_TEMPLATE_FILE = 'chat_template.jinja'
+
+  def __init__(self, tokenizer_json: str, vocab_size: int, bos_id, eos_ids, pad_id,
+               add_bos: bool = False, chat_template: str | None = None):
     import tokenizers
     self._json = tokenizer_json
     self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
     self._vocab_size = int(vocab_size)
-    self.eos_ids = tuple(int(i) for i in eos_ids)
+    self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))  # Unique, in order.
     if not self.eos_ids:
       raise ValueError('An imported tokenizer needs at least one EOS id (eos_token_id).')
     self.eos_id = self.eos_ids[0]
     self.bos_id = None if bos_id is None else int(bos_id)
     self.pad_id = self.eos_id if pad_id is None else int(pad_id)
+    self.add_bos = bool(add_bos)
+    if self.add_bos and self.bos_id is None:
+      raise ValueError('add_bos=True needs a bos_id.')
+    self.chat_template = chat_template or None
+
+  @property
+  def bos_prefix(self) -> list[int]:
+    return [self.bos_id] if self.add_bos else []
 
   @property
   def vocab_size(self) -> int:
@@ -172,6 +208,9 @@ class HuggingFaceTokenizer(Tokenizer):
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._tok.get_vocab_size()],
                             skip_special_tokens=True)
+
+  def token_string(self, token_id: int | None) -> str | None:
+    return None if token_id is None else self._tok.id_to_token(int(token_id))
 
   def token_bytes(self) -> np.ndarray:
     out = np.zeros(self.vocab_size, np.int32)
@@ -185,13 +224,35 @@ class HuggingFaceTokenizer(Tokenizer):
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, self.FILE), 'w') as f:
       f.write(self._json)
-    _write_json(directory, {'kind': 'hf', 'model_file': self.FILE, 'vocab_size': self.vocab_size,
-                            'bos_id': self.bos_id, 'eos_ids': list(self.eos_ids),
-                            'pad_id': self.pad_id})
+    spec = {'kind': 'hf', 'model_file': self.FILE, 'vocab_size': self.vocab_size,
+            'bos_id': self.bos_id, 'eos_ids': list(self.eos_ids), 'pad_id': self.pad_id,
+            'add_bos': self.add_bos}
+    if self.chat_template is not None:
+      with open(os.path.join(directory, self.CHAT_TEMPLATE_FILE), 'w') as f:
+        f.write(self.chat_template)
+      spec['chat_template_file'] = self.CHAT_TEMPLATE_FILE
+    _write_json(directory, spec)
 
   def fingerprint(self) -> str:
-    specials = f'{self.bos_id}:{self.eos_ids}'.encode()
+    """Text -> ids: the tokenizer.json, BOS and whether prompts start with it (not the
+    stop ids or the template, which change no text's ids)."""
+    specials = f'{self.bos_id}:{self.add_bos}'.encode()
     return 'hf:' + hashlib.sha1(self._json.encode() + specials).hexdigest()
+
+
+def special_tokens_added(tokenizer_json: str) -> tuple[list[int], list[int]]:
+  """(ids before, ids after) the text that a tokenizer.json's post-processor adds when
+  encoding with special tokens (transformers' default for a prompt), e.g. ([1], [])
+  for Llama-2's, ([], []) for SmolLM2's and Qwen2's."""
+  import tokenizers
+  tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+  plain = tok.encode('a', add_special_tokens=False).ids
+  full = tok.encode('a', add_special_tokens=True).ids
+  for start in range(len(full) - len(plain) + 1):
+    if full[start:start + len(plain)] == plain:
+      return full[:start], full[start + len(plain):]
+  raise ValueError('The tokenizer\'s post-processor changes the text\'s own ids; only '
+                   'tokens added before or after the text are supported.')
 
 
 def _write_json(directory: str, payload: dict) -> None:
@@ -227,8 +288,24 @@ def load(directory: str) -> Tokenizer:
       raise FileNotFoundError(f'Tokenizer file missing: {path} names the Hugging Face '
                               f'tokenizer {model_path}, which does not exist.')
     with open(model_path) as f:
-      return HuggingFaceTokenizer(f.read(), spec['vocab_size'], spec['bos_id'],
-                                  spec['eos_ids'], spec['pad_id'])
+      tokenizer_json = f.read()
+    add_bos = spec.get('add_bos')
+    if add_bos is None:
+      # A workdir imported before add_bos was stored: its tokenizer.json keeps the model's
+      # post-processor, which says what the model's tokenizer adds (the old rule, bos
+      # from config.json whenever it names one, was the bug this replaces).
+      add_bos = special_tokens_added(tokenizer_json)[0] == [spec['bos_id']]
+    template = None
+    if spec.get('chat_template_file'):
+      template_path = os.path.join(directory, spec['chat_template_file'])
+      if not os.path.exists(template_path):
+        raise FileNotFoundError(f'Tokenizer file missing: {path} names the chat template '
+                                f'{template_path}, which does not exist.')
+      with open(template_path) as f:
+        template = f.read()
+    return HuggingFaceTokenizer(tokenizer_json, spec['vocab_size'], spec['bos_id'],
+                                spec['eos_ids'], spec['pad_id'], add_bos=add_bos,
+                                chat_template=template)
   raise ValueError(f'{path}: unknown tokenizer kind {spec["kind"]!r} (expected byte, bpe or hf).')
 
 
