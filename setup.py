@@ -32,6 +32,7 @@ setup(
         'matplotlib',
         'safetensors>=0.4',             # Hugging Face checkpoints (launch.convert)
         'tokenizers>=0.19',             # tokenizer.json of imported checkpoints
+        'jinja2>=3.1.6',                # chat templates (training/chat.py), sandboxed
         'gguf>=0.10',                   # GGUF import/export (launch.convert --from_gguf/--to_gguf)
     ],
     extras_require={

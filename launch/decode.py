@@ -2,6 +2,8 @@
 
   python -m launch.decode --workdir=DIR --method=autoregressive --prompt='def main(' [--json]
   python -m launch.decode --workdir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9
+  python -m launch.decode --workdir=SMOLLM2 --chat --prompt='Write a haiku about rain.'
+  python -m launch.decode --workdir=SMOLLM2 --chat --prompt_file=question.jsonl  # Spec-Bench
   python -m launch.decode --workdir=TARGET --method=speculative --draft_workdir=DRAFT \
       --num_draft=4 [--adaptive_threshold=0.3 | --tree=3,2,1 | --tree=dynamic:4,5,24]
   python -m launch.decode --workdir=TARGET --method=medusa --heads_workdir=HEADS \
@@ -15,6 +17,13 @@ One --tree for every method that drafts a tree: children per depth ("3,2,1"), sp
 node paths ("paths:0;1;0.0", e.g. from launch.tune_tree), or an EAGLE-2 dynamic tree
 ("dynamic:TOP_K,DEPTH,BUDGET"). Methods are the entries of decoding/registry.py;
 --plugins imports modules that register more.
+
+--chat renders each prompt as one user message with the model's chat template (as
+transformers' apply_chat_template(..., add_generation_prompt=True) does) and decoding
+stops at every end-of-sequence and end-of-turn id. Prompt files: one prompt per line,
+or .jsonl lines {"messages": [...]} (multi-turn chat, always rendered with the
+template), {"prompt": "..."} or Spec-Bench's {"question_id", "category", "turns"}
+(--turn, the first by default); outputs keep "category" and "id".
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
@@ -31,8 +40,12 @@ from launch import common
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (checkpoint + tokenizer).')
 _METHOD = flags.DEFINE_string('method', 'autoregressive', 'Decoding method.')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeatable).')
-_PROMPT_FILE = flags.DEFINE_string('prompt_file', None,
-                                   'One prompt per line; JSON-escaped strings allowed.')
+_PROMPT_FILE = flags.DEFINE_string(
+    'prompt_file', None, 'One prompt per line (JSON-escaped strings allowed), or .jsonl: '
+    '{"messages": [...]}, {"prompt": ...} or Spec-Bench {"question_id", "category", "turns"}.')
+_CHAT = flags.DEFINE_bool('chat', False, 'Render each prompt as a user message with the '
+                          'model\'s chat template.')
+_TURN = flags.DEFINE_integer('turn', 0, 'Spec-Bench files: which turn of each question.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt, at most.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens; 0 = off.')
@@ -71,7 +84,7 @@ def main(argv):
   with common.user_errors_as_messages():
     texts = list(_PROMPT.value)
     if _PROMPT_FILE.value:
-      texts += generation.read_prompt_file(_PROMPT_FILE.value)
+      texts += generation.read_prompt_file(_PROMPT_FILE.value, turn=_TURN.value)
     if not texts:
       raise ValueError('Give --prompt=TEXT or --prompt_file=FILE.')
     registry.load_plugins(_PLUGINS.value)
@@ -89,12 +102,16 @@ def main(argv):
                        f'{"draft" if method.second == "draft_workdir" else "heads"}).')
     restored = checkpoints.restore_model(_WORKDIR.value)
     draft = checkpoints.restore_model(second) if second else None
-    result = generation.decode_texts(restored, texts, _METHOD.value, options, draft)
+    result = generation.decode_texts(restored, texts, _METHOD.value, options, draft,
+                                     chat=_CHAT.value)
   if _JSON.value:
     print(json.dumps(result))
     return
   for out in result['outputs']:
-    print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
+    if isinstance(out['prompt'], str) and not _CHAT.value:
+      print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
+    else:  # A chat: the reply alone.
+      print(f'--- {out["prompt"]!r}\n{out["completion"]}')
   s = result['stats']
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')

@@ -49,21 +49,116 @@ class DecodeOptions:
                           min_p=self.min_p)
 
 
-def read_prompt_file(path: str) -> list[str]:
-  """One prompt per line; a line holding a JSON string is unescaped (for newlines)."""
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """One prompt: plain `text`, or chat `messages` (rendered with the model's chat
+  template); `category` and `id` come from benchmark files (Spec-Bench) for reports."""
+  text: str | None = None
+  messages: tuple | None = None
+  category: str = ''
+  id: str = ''
+
+  @property
+  def label(self) -> str:
+    if self.text is not None:
+      return self.text
+    return self.messages[-1].get('content', '') if self.messages else ''
+
+
+def _prompt_record(record, where: str, turn: int) -> Prompt:
+  """A JSONL object: {"messages": [...]}, {"prompt": "..."} or Spec-Bench's
+  {"question_id", "category", "turns": [...]}; optional "category" and "id"."""
+  from training import chat
+  if not isinstance(record, dict):
+    raise ValueError(f'{where}: expected a JSON object, got {type(record).__name__}.')
+  category = record.get('category', '')
+  ident = record.get('question_id', record.get('id', ''))
+  if not isinstance(category, str):
+    raise ValueError(f'{where}: "category" must be a string.')
+  keys = [k for k in ('messages', 'prompt', 'turns') if k in record]
+  if len(keys) != 1:
+    raise ValueError(f'{where}: expected exactly one of "messages", "prompt" or "turns" '
+                     f'(Spec-Bench), got keys {sorted(record)}.')
+  if keys[0] == 'messages':
+    messages = chat.check_messages(record['messages'], f'{where}: "messages"')
+    return Prompt(messages=tuple(messages), category=category, id=str(ident))
+  if keys[0] == 'prompt':
+    text = record['prompt']
+    if not isinstance(text, str) or not text:
+      raise ValueError(f'{where}: "prompt" must be a non-empty string.')
+    return Prompt(text=text, category=category, id=str(ident))
+  turns = record['turns']
+  if (not isinstance(turns, list) or not turns or
+      not all(isinstance(t, str) and t for t in turns)):
+    raise ValueError(f'{where}: "turns" must be a non-empty list of non-empty strings.')
+  if turn >= len(turns):
+    raise ValueError(f'{where}: turn {turn} asked for, the question has {len(turns)}.')
+  return Prompt(text=turns[turn], category=category, id=str(ident))
+
+
+def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
+  """Prompts from a file.
+
+  `.jsonl`: one JSON object per line (blank lines skipped): {"messages": [{"role",
+  "content"}, ...]} (multi-turn chat, rendered with the model's chat template),
+  {"prompt": "..."}, or a Spec-Bench question.jsonl line {"question_id", "category",
+  "turns": [...]} (turn `turn`, the first by default); "category" (and "id") are kept.
+  Anything else: one prompt per line; a line holding a JSON string is unescaped (for
+  newlines). A malformed line is a one-line ValueError naming the file and line number.
+  """
   prompts = []
-  with open(path) as f:
-    for line in f.read().splitlines():
-      prompts.append(json.loads(line) if line.startswith('"') else line)
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  jsonl = path.endswith('.jsonl')
+  for number, line in enumerate(lines, 1):
+    where = f'{path}:{number}'
+    if jsonl and not line.strip():
+      continue
+    if jsonl or line.startswith('"'):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{where}: not valid JSON ({e.msg}, column {e.colno}).') from None
+      if jsonl:
+        prompts.append(_prompt_record(record, where, turn))
+        continue
+      if not isinstance(record, str):
+        raise ValueError(f'{where}: a line starting with \'"\' must be one JSON string.')
+      line = record
+    prompts.append(Prompt(text=line))
   return prompts
 
 
-def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+def _as_prompt(item, chat: bool) -> Prompt:
+  """str | list of messages | Prompt -> Prompt (a string is a user message with chat)."""
+  if isinstance(item, Prompt):
+    return item
+  if isinstance(item, str):
+    return Prompt(text=item)
+  if isinstance(item, (list, tuple)):
+    return Prompt(messages=tuple(item))
+  raise ValueError(f'A prompt is a string, a list of messages or a Prompt, got '
+                   f'{type(item).__name__}.')
+
+
+def encode_prompts(tokenizer, prompts, chat: bool = False) -> list[list[int]]:
+  """Token ids of each prompt as the model's own tokenizer gives them: plain text with
+  `tokenizer.encode_prompt` (BOS only where the model's tokenizer adds it); messages,
+  and with chat=True every text as one user message, rendered with the model's chat
+  template and encoded without adding BOS again (apply_chat_template's ids)."""
+  from training import chat as chat_lib
   out = []
-  for i, text in enumerate(texts):
-    if not text:
+  for i, item in enumerate(prompts):
+    prompt = _as_prompt(item, chat)
+    if prompt.messages is not None:
+      out.append(chat_lib.encode(tokenizer, list(prompt.messages)).tolist())
+      continue
+    if not prompt.text:
       raise ValueError(f'Prompt {i} is empty: give some text to continue.')
-    out.append([*tokenizer.bos_prefix, *tokenizer.encode(text).tolist()])
+    if chat:
+      out.append(chat_lib.encode(tokenizer, chat_lib.user_message(prompt.text)).tolist())
+    else:
+      out.append(tokenizer.encode_prompt(prompt.text).tolist())
   return out
 
 
@@ -74,19 +169,32 @@ def check_draft(restored, draft) -> None:
                      f'--config.target_workdir={restored.workdir}.')
 
 
-def decode_texts(restored, texts: list[str], method: str = 'autoregressive',
-                 options: DecodeOptions = DecodeOptions(), draft=None) -> dict:
+def decode_texts(restored, texts: list, method: str = 'autoregressive',
+                 options: DecodeOptions = DecodeOptions(), draft=None,
+                 chat: bool = False) -> dict:
   """Decodes `texts` with `method`; returns the launch.decode JSON object as a dict.
 
+  texts: strings, lists of chat messages ([{'role': 'user', 'content': ...}, ...]) or
+    Prompt records (read_prompt_file). chat=True renders each string as one user message
+    with the model's chat template (messages are always rendered with it).
   restored / draft: checkpoints.RestoredModel of the target and (speculative) the draft.
+  Decoding stops at every end-of-sequence and end-of-turn id of the tokenizer (eos_ids).
   """
   if not texts:
     raise ValueError('No prompts given.')
   tokenizer = restored.tokenizer
-  completions, stats = decode_tokens(restored, encode_prompts(tokenizer, texts), method,
-                                     options, draft)
-  outputs = [{'prompt': text, 'completion': tokenizer.decode(ids), 'tokens': ids}
-             for text, ids in zip(texts, completions)]
+  prompts = [_as_prompt(t, chat) for t in texts]
+  completions, stats = decode_tokens(restored, encode_prompts(tokenizer, prompts, chat),
+                                     method, options, draft)
+  outputs = []
+  for prompt, ids in zip(prompts, completions):
+    out = {'prompt': prompt.label if prompt.messages is None else list(prompt.messages),
+           'completion': tokenizer.decode(ids), 'tokens': ids}
+    if prompt.category:
+      out['category'] = prompt.category
+    if prompt.id:
+      out['id'] = prompt.id
+    outputs.append(out)
   return {'method': method, 'outputs': outputs, 'stats': stats}
 
 

@@ -1,0 +1,110 @@
+"""Chat prompts: messages rendered with the model's own chat template, as transformers'
+`apply_chat_template(messages, add_generation_prompt=True, tokenize=True)` renders and
+encodes them.
+
+    ids = chat.encode(tokenizer, [{'role': 'user', 'content': 'Hi'}])
+
+The template is Jinja run in an immutable sandbox with transformers' settings
+(trim_blocks, lstrip_blocks, loop controls) and globals (`raise_exception`,
+`strftime_now`, a `tojson` that keeps non-ASCII text), with the tokenizer's special
+tokens (`bos_token`, `eos_token`, ...) as variables. The rendered text already holds
+every special token the template writes, so it is encoded without adding BOS again.
+"""
+import datetime
+import functools
+import json
+
+import numpy as np
+
+Messages = list[dict]
+
+
+def user_message(text: str) -> Messages:
+  return [{'role': 'user', 'content': text}]
+
+
+def check_messages(messages, where: str = 'messages') -> Messages:
+  """A non-empty list of {'role': str, 'content': str, ...}, or a one-line ValueError."""
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(f'{where}: expected a non-empty list of messages, got {messages!r:.80}.')
+  for i, message in enumerate(messages):
+    if not isinstance(message, dict) or not isinstance(message.get('role'), str):
+      raise ValueError(f'{where}[{i}]: a message is an object with a "role" string, got '
+                       f'{message!r:.80}.')
+    if 'content' not in message:
+      raise ValueError(f'{where}[{i}]: the message has no "content".')
+  # Like transformers: keys whose value is None are dropped (templates test for presence).
+  return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(template: str):
+  """The Jinja template compiled in transformers' environment."""
+  import jinja2
+  import jinja2.ext
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters; transformers' does not.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+  def strftime_now(format):
+    return datetime.datetime.now().strftime(format)
+
+  class GenerationTag(jinja2.ext.Extension):
+    """transformers' {% generation %}...{% endgeneration %} (marks assistant text for
+    training masks): here it renders its body unchanged."""
+    tags = {'generation'}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(['name:endgeneration'], drop_needle=True)
+      return jinja2.nodes.CallBlock(self.call_method('_body'), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=[GenerationTag, jinja2.ext.loopcontrols])
+  env.filters['tojson'] = tojson
+  env.globals['raise_exception'] = raise_exception
+  env.globals['strftime_now'] = strftime_now
+  return env.from_string(template)
+
+
+def template_variables(tokenizer) -> dict:
+  """The special tokens a template may read (transformers passes its special_tokens_map)."""
+  out = {}
+  for name, token_id in (('bos_token', tokenizer.bos_id), ('eos_token', tokenizer.eos_id),
+                         ('pad_token', tokenizer.pad_id)):
+    text = tokenizer.token_string(token_id)
+    if text is not None:
+      out[name] = text
+  return out
+
+
+def render(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+  """The chat text of `messages` under the tokenizer's chat template."""
+  import jinja2
+  template = getattr(tokenizer, 'chat_template', None)
+  if not template:
+    raise ValueError('This model\'s tokenizer has no chat template, so chat prompts cannot '
+                     'be rendered; give plain prompts (without --chat).')
+  messages = check_messages(messages)
+  variables = {**template_variables(tokenizer), **kwargs}
+  try:
+    return compile_template(template).render(messages=messages, tools=None, documents=None,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **variables)
+  except jinja2.exceptions.TemplateError as e:
+    raise ValueError(f'The chat template refused the messages: {e}') from None
+
+
+def encode(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) -> np.ndarray:
+  """int32 ids of the rendered chat, encoded without adding special tokens (the
+  template writes them), as transformers' apply_chat_template(tokenize=True) does."""
+  return tokenizer.encode(render(tokenizer, messages, add_generation_prompt, **kwargs))
