@@ -287,3 +287,24 @@ def test_decode_chat_command_line_and_stop_ids(tiny_chat_model, smol, tmp_path):
                                     options=generation.DecodeOptions(max_new_tokens=6))
   assert stopped['outputs'][0]['tokens'] == tokens[:tokens.index(stop) + 1]
   np.testing.assert_array_equal(stopping.encode('x'), tok.encode('x'))
+
+
+@pytest.mark.parametrize('add_bos', [False, True])
+def test_exported_tokenizer_loads_in_transformers_with_the_same_ids(smol, tmp_path, add_bos):
+  reference, _, ours = smol
+  from transformers import AutoTokenizer
+  tok = tokenizers.HuggingFaceTokenizer(ours._json, 49152, 1, [2, 0], None, add_bos=add_bos,
+                                        chat_template=ours.chat_template)
+  tok.save_hf(str(tmp_path))
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+  loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+  for text in PROMPTS:
+    assert loaded(text)['input_ids'] == tok.encode_prompt(text).tolist(), text
+  messages = chat.user_message('Hi')
+  assert _reference_chat_ids(loaded, messages) == chat.encode(tok, messages).tolist()
+  again = hf.read_tokenizer(str(tmp_path), {'eos_token_id': [2, 0]}, 49152)
+  assert again.chat_template == tok.chat_template and again.eos_ids == (2, 0)
+  for text in PROMPTS:
+    assert again.encode_prompt(text).tolist() == tok.encode_prompt(text).tolist()
+  if not add_bos:   # tokenizer.json written verbatim
+    assert again.fingerprint() == tok.fingerprint()

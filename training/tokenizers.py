@@ -233,6 +233,36 @@ class HuggingFaceTokenizer(Tokenizer):
       spec['chat_template_file'] = self.CHAT_TEMPLATE_FILE
     _write_json(directory, spec)
 
+  def save_hf(self, directory: str) -> None:
+    """The tokenizer in the Hugging Face layout, as transformers (4 and 5) loads it:
+    tokenizer.json (its post-processor adds BOS exactly when add_bos),
+    tokenizer_config.json (special tokens, add_bos_token, a generic fast-tokenizer class
+    so the model type cannot swap in another pre-tokenizer) and chat_template.jinja."""
+    import tokenizers
+    text = self._json   # Verbatim unless its post-processor disagrees with add_bos.
+    if (special_tokens_added(self._json)[0] == [self.bos_id]) != self.add_bos:
+      tok = tokenizers.Tokenizer.from_str(self._json)
+      bos = self.token_string(self.bos_id)
+      tok.post_processor = (tokenizers.processors.TemplateProcessing(
+          single=f'{bos}:0 $A:0', pair=f'{bos}:0 $A:0 {bos}:1 $B:1',
+          special_tokens=[(bos, self.bos_id)]) if self.add_bos else
+          tokenizers.processors.TemplateProcessing(single='$A:0', pair='$A:0 $B:1'))
+      text = tok.to_str()
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, 'tokenizer.json'), 'w') as f:
+      f.write(text)
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'add_bos_token': self.add_bos,
+              'add_eos_token': False, 'clean_up_tokenization_spaces': False}
+    for name, token_id in (('bos_token', self.bos_id), ('eos_token', self.eos_id),
+                           ('pad_token', self.pad_id)):
+      if self.token_string(token_id) is not None:
+        config[name] = self.token_string(token_id)
+    with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+      json.dump(config, f, indent=2)
+    if self.chat_template is not None:
+      with open(os.path.join(directory, self.CHAT_TEMPLATE_FILE), 'w') as f:
+        f.write(self.chat_template)
+
   def fingerprint(self) -> str:
     """Text -> ids: the tokenizer.json, BOS and whether prompts start with it (not the
     stop ids or the template, which change no text's ids)."""
