@@ -61,3 +61,16 @@ def tree_mask(ancestors: jnp.ndarray, root_slots: jnp.ndarray, capacity: int) ->
   tree_part = jnp.take_along_axis(
       ancestors, jnp.clip(relative, 0, num_nodes - 1)[:, None, :], axis=2)  # [B, T, S]
   return (relative < 0)[:, None, :] | (tree_part & in_tree[:, None, :])
+
+
+def sliding_window_mask(mask: jnp.ndarray, query_positions: jnp.ndarray,
+                        key_positions: jnp.ndarray, window: int) -> jnp.ndarray:
+  """[B, T, S] `mask` restricted to a sliding window (Mistral): the query at position p
+  sees only keys at positions > p - window. The window is a rule on positions, not
+  slots, so a draft-tree node (slot root + i, position root + depth) keeps its exact
+  window under a tree mask.
+
+  query_positions: [B, T]; key_positions: [B, S] the position held by each key (with a
+  cache: the slot for committed tokens, this call's positions at its write slots).
+  """
+  return mask & (key_positions[:, None, :] > query_positions[:, :, None] - window)

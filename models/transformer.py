@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import masks
+from models import masks, rope
 from models.kv_cache import KVCache
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -42,6 +42,22 @@ class TransformerConfig:
   vocab_multiple: int = 128    # pad the logits so the vocab axis shards evenly
   mtp_heads: int = 1           # multi-token prediction: output heads, head i predicting
                                # token t + i (1 = a plain next-token LM)
+  # Rotary scaling of imported checkpoints, as transformers computes it (models/rope.py).
+  # 'default' leaves the rotary embedding exactly as without these fields.
+  rope_type: str = 'default'   # default | linear | dynamic | yarn | llama3
+  rope_factor: float = 1.0     # linear, dynamic, yarn, llama3
+  rope_original_max: int = 0   # the original context: original_max_position_embeddings
+                               # (llama3, yarn), max_position_embeddings (dynamic)
+  rope_low_freq_factor: float = 1.0    # llama3
+  rope_high_freq_factor: float = 4.0   # llama3
+  rope_beta_fast: float = 32.0         # yarn
+  rope_beta_slow: float = 1.0          # yarn
+  rope_attention_factor: float = 0.0   # yarn: cos/sin factor; 0 = 0.1 ln(factor) + 1
+  rope_truncate: bool = True           # yarn: floor/ceil the correction range
+  # Sliding-window attention (Mistral; Qwen2 from layer max_window_layers on): a query at
+  # position p sees keys at positions > p - sliding_window. 0 = full attention.
+  sliding_window: int = 0
+  window_start_layer: int = 0  # layers (and MTP heads) from this index on use the window
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -52,6 +68,18 @@ class TransformerConfig:
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f'{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}.')
+    if self.rope_type not in rope.ROPE_TYPES:
+      raise ValueError(f'rope_type={self.rope_type!r}; expected one of '
+                       f'{", ".join(rope.ROPE_TYPES)}.')
+    if self.rope_type in ('dynamic', 'yarn', 'llama3') and self.rope_original_max <= 0:
+      raise ValueError(f'rope_type={self.rope_type!r} needs rope_original_max > 0 (the '
+                       'original context length).')
+    if self.sliding_window < 0:
+      raise ValueError(f'sliding_window={self.sliding_window}; expected >= 0 (0 = none).')
+
+  def windowed(self, layer: int) -> bool:
+    """Whether attention layer `layer` (MTP heads count after the blocks) is windowed."""
+    return self.sliding_window > 0 and layer >= self.window_start_layer
 
   @property
   def padded_vocab_size(self) -> int:
@@ -143,8 +171,11 @@ class Attention(nn.Module):
                       (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
       v += self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
                       (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
-    q = rotary_embedding(q, positions, c.rope_theta)
-    k = rotary_embedding(k, positions, c.rope_theta)
+    if c.rope_type == 'default':
+      q = rotary_embedding(q, positions, c.rope_theta)
+      k = rotary_embedding(k, positions, c.rope_theta)
+    else:
+      q, k = rope.rotate(q, positions, c), rope.rotate(k, positions, c)
 
     new_kv = None
     if cache_kv is not None:
@@ -256,7 +287,7 @@ class Transformer(nn.Module):
       raise ValueError(f'Block range [{start}, {stop}) is outside the {self.config.num_layers} '
                        'blocks.')
     attention_mask, write_slots = self._mask_and_slots(x.shape[:2], attention_mask, cache,
-                                                       write_slots)
+                                                       write_slots, positions)
     new_kv, outputs = [], []
     for layer in range(start, stop):
       x = self._run(self.layers[layer], layer, x, positions, attention_mask, cache,
@@ -267,22 +298,48 @@ class Transformer(nn.Module):
                             v=cache.v.at[start:stop].set(jnp.stack([v for _, v in new_kv])))
     return x, cache, tuple(outputs)
 
-  def _mask_and_slots(self, shape, attention_mask, cache, write_slots):
+  def _mask_and_slots(self, shape, attention_mask, cache, write_slots, positions):
     """The default mask (causal; over cache slots with a cache) and write slots (an
-    append after each row's valid length)."""
+    append after each row's valid length).
+
+    Returns ((mask, windowed mask or None), write slots): with a sliding window
+    (config.sliding_window > 0) the windowed layers get the mask restricted to keys at
+    positions > p - window for a query at position p. Key positions: without a cache
+    this call's positions; with one, the slot for slots this call does not write
+    (committed tokens sit at slot = position, accepted tree paths are moved there) and
+    this call's positions at its write slots (a tree node at slot root + i has position
+    root + depth), so the window is exact under tree masks too.
+    """
     batch, length = shape
     if cache is None:
-      return (masks.causal_mask(batch, length) if attention_mask is None
-              else attention_mask), None
-    slots = cache.append_slots(length) if write_slots is None else write_slots
-    if attention_mask is None:
-      attention_mask = masks.slot_causal_mask(slots, cache.capacity)
-    return attention_mask, slots
+      attention_mask = (masks.causal_mask(batch, length) if attention_mask is None
+                        else attention_mask)
+      slots, key_positions = None, positions
+    else:
+      slots = cache.append_slots(length) if write_slots is None else write_slots
+      if attention_mask is None:
+        attention_mask = masks.slot_causal_mask(slots, cache.capacity)
+      key_positions = None
+      if self.config.sliding_window:
+        rows = jnp.arange(batch)[:, None]
+        key_positions = jnp.broadcast_to(jnp.arange(cache.capacity), (batch, cache.capacity))
+        key_positions = key_positions.at[rows, slots].set(positions, mode='drop')
+    return self._with_window(attention_mask, positions, key_positions), slots
+
+  def _with_window(self, attention_mask, positions, key_positions):
+    """(mask, the mask within the sliding window or None when no layer is windowed)."""
+    window = self.config.sliding_window
+    if not window:
+      return attention_mask, None
+    return attention_mask, masks.sliding_window_mask(attention_mask, positions,
+                                                     key_positions, window)
 
   @staticmethod
-  def _run(block, layer, x, positions, attention_mask, cache, write_slots, new_kv):
+  def _run(block, layer, x, positions, attention_masks, cache, write_slots, new_kv):
     cache_kv = None if cache is None else (cache.k[layer], cache.v[layer])
-    x, kv = block(x, positions, attention_mask, cache_kv, write_slots)
+    full, windowed = attention_masks
+    mask = windowed if block.config.windowed(layer) else full
+    x, kv = block(x, positions, mask, cache_kv, write_slots)
     if kv is not None:
       new_kv.append(kv)
     return x
@@ -304,7 +361,7 @@ class Transformer(nn.Module):
     batch, length = tokens.shape
     append = cache is not None and write_slots is None
     attention_mask, write_slots = self._mask_and_slots((batch, length), attention_mask, cache,
-                                                       write_slots)
+                                                       write_slots, positions)
     x = nn.with_logical_constraint(self.embed(tokens), ('batch', 'length', 'embed'))
     new_kv, layer_hidden = [], []
     trunk = x
@@ -334,12 +391,15 @@ class Transformer(nn.Module):
   def trunk(self, tokens, positions, attention_mask) -> jax.Array:
     """[B, T] tokens -> [B, T, D] the shared trunk's output (the last block's input)."""
     x = self.embed(tokens)
-    for block in self.layers[:-1]:
-      x, _ = block(x, positions, attention_mask, None, None)
+    full, windowed = self._with_window(attention_mask, positions, positions)
+    for i, block in enumerate(self.layers[:-1]):
+      x, _ = block(x, positions, windowed if self.config.windowed(i) else full, None, None)
     return x
 
   def head_logits(self, head: int, trunk, positions, attention_mask) -> jax.Array:
     """Head `head` (1 = next token, i = token t + i) on the trunk's output -> [B, T, V]."""
     block = self.layers[-1] if head == 1 else self.future_blocks[head - 2]
-    x, _ = block(trunk, positions, attention_mask, None, None)
+    layer = self.config.num_layers - 2 + head
+    full, windowed = self._with_window(attention_mask, positions, positions)
+    x, _ = block(trunk, positions, windowed if self.config.windowed(layer) else full, None, None)
     return self.logits(self.final_norm(x))

@@ -190,8 +190,8 @@ def test_clear_errors(tokenizer_json, tmp_path):
   with pytest.raises(FileNotFoundError, match='model-00002-of-'):
     shard = sorted(f for f in os.listdir(source) if f.startswith('model-00002'))[0]
     conversion.import_hf(variant('noshard', remove=shard), str(tmp_path / 'd'))
-  with pytest.raises(hf.UnsupportedCheckpointError, match="rope scaling 'llama3'"):
-    conversion.import_hf(variant('rope', {'rope_parameters': {'rope_type': 'llama3',
+  with pytest.raises(hf.UnsupportedCheckpointError, match="rope scaling 'longrope'"):
+    conversion.import_hf(variant('rope', {'rope_parameters': {'rope_type': 'longrope',
                                                            'rope_theta': 1e4}}),
                       str(tmp_path / 'e'))
   # The command line: one clear line, no traceback.

@@ -59,16 +59,6 @@ def model_config(hf: dict, dtype: str = 'float32') -> dict:
   if hf.get('mlp_bias') or (architectures[0] != 'Qwen2ForCausalLM' and hf.get('attention_bias')):
     raise UnsupportedCheckpointError('Unsupported: biases on the MLP or the attention output.')
   rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  if rope_type != 'default':
-    raise UnsupportedCheckpointError(f'Unsupported rope scaling {rope_type!r}: only plain '
-                                     'rotary embeddings are implemented.')
-  if architectures[0] == 'Qwen2ForCausalLM' and hf.get('use_sliding_window'):
-    raise UnsupportedCheckpointError('Unsupported: Qwen2 with use_sliding_window=true.')
-  if hf.get('sliding_window'):
-    log.warning('The checkpoint attends within a sliding window of %d tokens; our trunk '
-                'attends to the whole context, which agrees up to that length.',
-                hf['sliding_window'])
   heads = hf['num_attention_heads']
   return dict(
       num_layers=hf['num_hidden_layers'], d_model=hf['hidden_size'], num_heads=heads,
@@ -79,7 +69,75 @@ def model_config(hf: dict, dtype: str = 'float32') -> dict:
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       qkv_bias=architectures[0] == 'Qwen2ForCausalLM',
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      dtype=dtype, param_dtype=dtype)
+      dtype=dtype, param_dtype=dtype, **_rope_fields(hf, rope),
+      **_window_fields(hf, architectures[0]))
+
+
+ROPE_SCALINGS = ('default', 'linear', 'dynamic', 'yarn', 'llama3')
+
+
+def _rope_fields(hf: dict, rope: dict) -> dict:
+  """Our rope_* fields (models/rope.py) from rope_parameters / rope_scaling, read as
+  transformers reads them; only non-default fields, so unscaled configs are unchanged."""
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type not in ROPE_SCALINGS:
+    raise UnsupportedCheckpointError(f'Unsupported rope scaling {rope_type!r}; supported: '
+                                     f'{", ".join(ROPE_SCALINGS)}.')
+  partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor')) or 1.0
+  if partial != 1.0:
+    raise UnsupportedCheckpointError(f'Unsupported partial_rotary_factor {partial}.')
+  if rope_type == 'default':
+    return {}
+  # transformers: llama3 / yarn take original_max_position_embeddings (a top-level one
+  # first), else max_position_embeddings; dynamic always max_position_embeddings.
+  max_positions = hf.get('max_position_embeddings')
+  original = (hf.get('original_max_position_embeddings')
+              or rope.get('original_max_position_embeddings') or max_positions)
+  out = dict(rope_type=rope_type, rope_factor=float(rope.get('factor') or 0.0))
+  if rope_type == 'dynamic':
+    out['rope_original_max'] = int(max_positions or 0)
+  elif rope_type in ('llama3', 'yarn'):
+    out['rope_original_max'] = int(original or 0)
+  if rope_type == 'llama3':
+    out.update(rope_low_freq_factor=float(rope['low_freq_factor']),
+               rope_high_freq_factor=float(rope['high_freq_factor']))
+  elif rope_type == 'yarn':
+    from models import rope as rope_lib
+    if not out['rope_factor']:
+      out['rope_factor'] = max_positions / original
+    attention_factor = rope.get('attention_factor')
+    if attention_factor is None:
+      attention_factor = rope_lib.yarn_attention_factor(
+          out['rope_factor'], rope.get('mscale'), rope.get('mscale_all_dim'))
+    out.update(rope_beta_fast=float(rope.get('beta_fast') or 32),
+               rope_beta_slow=float(rope.get('beta_slow') or 1),
+               rope_attention_factor=float(attention_factor),
+               rope_truncate=bool(rope.get('truncate', True)))
+  if not out['rope_factor'] or (rope_type != 'linear' and not out.get('rope_original_max')):
+    raise UnsupportedCheckpointError(f'rope scaling {rope_type!r} without its factor or '
+                                     'original context length.')
+  return out
+
+
+def _window_fields(hf: dict, architecture: str) -> dict:
+  """sliding_window / window_start_layer: Mistral windows every layer; Qwen2 (with
+  use_sliding_window) the layers marked 'sliding_attention' in layer_types, by default
+  those from max_window_layers on."""
+  if architecture == 'MistralForCausalLM':
+    return {'sliding_window': int(hf['sliding_window'])} if hf.get('sliding_window') else {}
+  if architecture != 'Qwen2ForCausalLM' or not hf.get('use_sliding_window'):
+    return {}
+  window, layers = hf.get('sliding_window'), hf['num_hidden_layers']
+  types = hf.get('layer_types') or [
+      'sliding_attention' if i >= hf.get('max_window_layers', 28) else 'full_attention'
+      for i in range(layers)]
+  start = next((i for i, t in enumerate(types) if t == 'sliding_attention'), layers)
+  if any(t != 'sliding_attention' for t in types[start:]):
+    raise UnsupportedCheckpointError('Unsupported: Qwen2 layer_types with full-attention '
+                                     'layers after a sliding-window layer.')
+  if not window or start >= layers:
+    return {}
+  return dict(sliding_window=int(window), window_start_layer=start)
 
 
 def _tensor_reader(directory: str) -> tuple[Callable[[str], np.ndarray], set]:
@@ -216,20 +274,46 @@ def hf_config(config, tokenizer) -> dict:
   """config.json of the exported model: Qwen2 when it has q/k/v biases, else Llama."""
   qwen = config.qkv_bias
   eos = list(tokenizer.eos_ids)
+  window = config.sliding_window
+  if window and not qwen and config.window_start_layer:
+    raise ValueError('A sliding window on only some layers has a Hugging Face layout only '
+                     'for Qwen2 (q/k/v biases).')
+  arch, kind = (('Qwen2ForCausalLM', 'qwen2') if qwen else
+                ('MistralForCausalLM', 'mistral') if window else ('LlamaForCausalLM', 'llama'))
   return {
-      'architectures': ['Qwen2ForCausalLM' if qwen else 'LlamaForCausalLM'],
-      'model_type': 'qwen2' if qwen else 'llama',
+      'architectures': [arch],
+      'model_type': kind,
       'vocab_size': config.vocab_size, 'hidden_size': config.d_model,
       'intermediate_size': config.mlp_dim, 'num_hidden_layers': config.num_layers,
       'num_attention_heads': config.num_heads, 'num_key_value_heads': config.num_kv_heads,
       'head_dim': config.head_dim, 'hidden_act': 'silu', 'rms_norm_eps': config.norm_eps,
       'rope_theta': config.rope_theta,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': config.rope_theta},
+      'rope_parameters': _export_rope(config),
       'tie_word_embeddings': config.tie_embeddings, 'attention_bias': False, 'mlp_bias': False,
-      'max_position_embeddings': 4096, 'torch_dtype': config.param_dtype,
+      'max_position_embeddings': (config.rope_original_max if config.rope_type == 'dynamic'
+                                  else 4096), 'torch_dtype': config.param_dtype,
       'bos_token_id': tokenizer.bos_id, 'eos_token_id': eos[0] if len(eos) == 1 else eos,
       'pad_token_id': tokenizer.pad_id,
+      **({} if not window else
+         {'sliding_window': window} if not qwen else
+         {'use_sliding_window': True, 'sliding_window': window,
+          'max_window_layers': config.window_start_layer}),
   }
+
+
+def _export_rope(config) -> dict:
+  """rope_parameters of config.json: the inverse of _rope_fields."""
+  c, out = config, {'rope_type': config.rope_type, 'rope_theta': config.rope_theta}
+  if c.rope_type != 'default':
+    out['factor'] = c.rope_factor
+  if c.rope_type == 'llama3':
+    out.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+               original_max_position_embeddings=c.rope_original_max)
+  elif c.rope_type == 'yarn':
+    out.update(original_max_position_embeddings=c.rope_original_max,
+               beta_fast=c.rope_beta_fast, beta_slow=c.rope_beta_slow,
+               attention_factor=c.rope_attention_factor, truncate=c.rope_truncate)
+  return out
 
 
 def _optional_json(directory: str, name: str) -> dict:
