@@ -286,9 +286,17 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   drafter / drafter_params: the method's second module and its parameters (a draft
     model, Medusa heads, an EAGLE drafter), or None.
   Returns Output; speculative methods add draft_calls and accepted_histogram to stats.
-  Raises ValueError (while tracing) when the method and its drafter do not fit.
+  Raises ValueError (while tracing) when the method and its drafter do not fit, or for a
+  speculative method on a model with dynamic NTK rotary scaling (not lossless there).
   """
   proposer = config.proposer(model, drafter)
+  if proposer is not None and getattr(model.config, 'rope_type', 'default') == 'dynamic':
+    # Dynamic NTK rotary frequencies follow a call's largest position (as transformers
+    # computes them), so scoring several positions in one call differs from one-token
+    # steps past the original context: verification would not be lossless.
+    raise ValueError('Speculative methods need a rotary embedding that does not depend on '
+                     "the call's length; this model uses dynamic NTK scaling (rope_type="
+                     "'dynamic'): decode it with --method=autoregressive.")
   slack = 0 if proposer is None else proposer.cache_slots
   cache_size = config.cache_capacity + slack
   state, out = prefill(model, params, prompts, prompt_lengths, config, cache_size, rng,

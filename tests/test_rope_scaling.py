@@ -89,6 +89,10 @@ def test_scaled_rotary_equals_transformers(kind, tokenizer_json, tmp_path):
   ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive',
                                      generation.DecodeOptions(max_new_tokens=24))
   assert ours == _reference_greedy(reference, prompts, 24)
+  if kind == 'dynamic':  # Multi-token verification calls would not be lossless: refused.
+    with pytest.raises(ValueError, match='dynamic NTK scaling'):
+      generation.decode_tokens(restored, prompts, 'speculative',
+                               generation.DecodeOptions(max_new_tokens=4), restored)
 
   # Export writes the scaling back: transformers computes the same logits from it.
   conversion.export_hf(str(tmp_path / 'ours'), str(tmp_path / 'exported'))
