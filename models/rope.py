@@ -19,8 +19,9 @@ computed as `transformers` computes them (modeling_rope_utils.py):
            one position per call) reproduce transformers exactly, but a call that
            scores several new positions at once (a speculative chain or tree, a chunked
            prefill) rotates them with the frequencies of its largest position, so
-           speculative methods are NOT lossless against plain decoding once the context
-           passes the original length. Keys keep the rotation of the call that wrote
+           speculative methods would not be lossless against plain decoding once the
+           context passes the original length: decoding.driver.generate refuses them
+           for such a model. Keys keep the rotation of the call that wrote
            them, as transformers' cache does. transformers also keeps the largest
            seq_len seen across calls (a later, shorter call that still exceeds the
            original context reuses it); we have no state between calls: each call uses
