@@ -100,7 +100,8 @@ def compare(workdir, draft_workdir, batch_sizes, num_prompts, prompt_len, max_ne
           theirs_tokens_per_s=their_tokens / their_wall,
           speedup=ours_stats['tokens_per_s'] / (their_tokens / their_wall),
           outputs_match=ours == theirs, ours_target_calls=ours_stats['target_calls'],
-          ours_mean_accepted=ours_stats.get('mean_accepted', 1.0)))
+          ours_mean_accepted=ours_stats.get('mean_accepted', 1.0),
+          ours_compile_s=ours_stats['compile_s']))
       print(json.dumps(records[-1]))
 
     for batch in batch_sizes:
