@@ -37,6 +37,6 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=7', 'chex>=0.1.87', 'scipy'],
-        'hf': ['torch==2.13.0', 'transformers>=4.46'],
+        'hf': ['torch==2.13.0', 'transformers>=4.46', 'accelerate'],  # accelerate: GGUF loads
     },
 )

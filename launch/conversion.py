@@ -56,3 +56,41 @@ def export_hf(workdir: str, hf_dir: str) -> None:
   else:
     print(f'Note: the {type(restored.tokenizer).__name__} of {workdir} has no tokenizer.json '
           'form; the exported model takes the same ids (bos/eos/pad in config.json).')
+
+
+def _prepare_workdir(workdir: str, overwrite: bool) -> None:
+  """Refuses an existing non-empty workdir without overwrite (before anything is read);
+  with overwrite, refuses a directory that is not a workdir."""
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f'--workdir {workdir} exists and is not a directory.')
+    return
+  if not overwrite:
+    raise ValueError(f'--workdir {workdir} exists and is not empty; give --overwrite to replace '
+                     'it, or a new directory.')
+  from training import checkpoints, tokenizers
+  if not (os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE))
+          or tokenizers.exists(workdir)):
+    raise ValueError(f'--workdir {workdir} is not empty and holds no workdir (no '
+                     f'{checkpoints.CONFIG_FILE}); not deleting it even with --overwrite.')
+
+
+def import_gguf(path_or_name: str, workdir: str, dtype: str = 'float32',
+                overwrite: bool = False):
+  """GGUF file (or a named model: smollm2-135m) -> workdir (config.json, tokenizer,
+  parameters-only checkpoint). Every check runs before the workdir is touched."""
+  from training import checkpoints, gguf_io
+  _prepare_workdir(workdir, overwrite)
+  _, config, tokenizer, params = gguf_io.read(path_or_name, dtype)
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    shutil.rmtree(workdir)   # --overwrite, checked above
+  checkpoints.check_and_save_config(workdir, config)
+  tokenizer.save(workdir)
+  checkpoints.save_params(workdir, params)
+  return checkpoints.restore_model(workdir)
+
+
+def export_gguf(workdir: str, path: str, outtype: str = 'f32') -> None:
+  """Workdir -> GGUF file (llama architecture, tokenizer metadata); see training/gguf_io.py."""
+  from training import gguf_io
+  gguf_io.export(workdir, path, outtype)

