@@ -51,8 +51,9 @@ def export_hf(workdir: str, hf_dir: str) -> None:
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
     json.dump(hf.hf_config(config, restored.tokenizer), f, indent=2)
   if isinstance(restored.tokenizer, tokenizers.HuggingFaceTokenizer):
-    shutil.copy(os.path.join(workdir, tokenizers.HuggingFaceTokenizer.FILE),
-                os.path.join(hf_dir, 'tokenizer.json'))
+    # tokenizer.json with a post-processor matching add_bos, tokenizer_config.json and
+    # the chat template: transformers then encodes prompts and chats as we do.
+    restored.tokenizer.save_hf(hf_dir)
   else:
     print(f'Note: the {type(restored.tokenizer).__name__} of {workdir} has no tokenizer.json '
           'form; the exported model takes the same ids (bos/eos/pad in config.json).')
