@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding import trees, verify
-from decoding.proposal import Proposal, Proposer
+from decoding.proposal import Proposer
 from decoding.sampling import SamplingConfig, log_probs, sample
 from models import KVCache, masks
 

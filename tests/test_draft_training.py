@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from configs import draft as draft_config

@@ -15,6 +15,7 @@ gguf = pytest.importorskip('gguf', reason='GGUF tests need the gguf library (pip
 
 from launch import conversion, generation  # noqa: E402
 from training import checkpoints, gguf_io, tokenizers  # noqa: E402
+from tests import hf_reference  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ['def fibonacci(n):', 'The capital of France is', 'Once upon a time, there was',
@@ -46,25 +47,8 @@ def _reference(path, dtype='float32'):
   return model, tokenizer
 
 
-def _logits(restored, ids):
-  ids = np.asarray(ids)
-  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  out = restored.model.apply({'params': restored.params}, jnp.asarray(ids), positions)
-  return np.asarray(out.logits[..., :restored.model.config.vocab_size])
-
-
-def _reference_greedy(model, prompts, max_new, eos_ids):
-  import torch
-  out = []
-  for prompt in prompts:
-    with torch.no_grad():
-      ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                           dtype=torch.long), do_sample=False, max_new_tokens=max_new,
-                           eos_token_id=list(eos_ids), pad_token_id=eos_ids[0])
-    ids = ids[0, len(prompt):].tolist()
-    stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
-    out.append(ids if stop is None else ids[:stop + 1])
-  return out
+_logits = hf_reference.our_logits
+_reference_greedy = hf_reference.reference_greedy
 
 
 # ------------------------------------------------------------------ SmolLM2-135M

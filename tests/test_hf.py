@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,8 +13,8 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from launch import conversion, generation  # noqa: E402
-from decoding import driver, speculative  # noqa: E402
 from training import hf, tokenizers  # noqa: E402
+from tests import hf_reference  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -68,20 +67,8 @@ def _save_reference(name, directory, tokenizer_json, seed=0, **overrides):
   return model
 
 
-def _our_logits(restored, ids):
-  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  out = restored.model.apply({'params': restored.params}, jnp.asarray(ids), positions)
-  return np.asarray(out.logits[..., :restored.model.config.vocab_size])
-
-
-def _reference_greedy(model, prompts, max_new, eos):
-  out = []
-  for prompt in prompts:
-    with torch.no_grad():
-      ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new,
-                           eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
-    out.append(ids[:ids.index(eos) + 1] if eos in ids else ids)
-  return out
+_our_logits = hf_reference.our_logits
+_reference_greedy = hf_reference.reference_greedy
 
 
 @pytest.mark.parametrize('name', list(ARCHITECTURES))
@@ -99,7 +86,7 @@ def test_imported_model_equals_the_reference(name, tokenizer_json, tmp_path):
   prompts = [[1, *restored.tokenizer.encode(t)] for t in ('def f(', 'import os\n', 'class')]
   ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive',
                                      generation.DecodeOptions(max_new_tokens=64))
-  assert ours == _reference_greedy(reference, prompts, 64, eos=2)
+  assert ours == _reference_greedy(reference, prompts, 64, 2)
 
   # Export -> transformers loads it and computes the same logits; import again: the
   # same weights, bit for bit.

@@ -12,6 +12,7 @@ transformers = pytest.importorskip('transformers')
 from launch import conversion, generation  # noqa: E402
 from models import TransformerConfig  # noqa: E402
 from training import hf  # noqa: E402
+from tests import hf_reference  # noqa: E402
 from tests.test_hf import VOCAB, _our_logits, tokenizer_json  # noqa: E402,F401
 
 ORIGINAL = 32  # the original context of every scaled model below
@@ -51,14 +52,7 @@ def _reference_logits(model, ids):
 
 
 def _reference_greedy(model, prompts, max_new, eos=2):
-  out = []
-  for prompt in prompts:
-    _reset(model)
-    with torch.no_grad():
-      ids = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new,
-                           eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
-    out.append(ids[:ids.index(eos) + 1] if eos in ids else ids)
-  return out
+  return hf_reference.reference_greedy(model, prompts, max_new, eos, before_each=_reset)
 
 
 def _prompts(count, length, seed=1):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from decoding import autoregressive, driver, speculative, trees, verify
+from decoding import autoregressive, driver, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
 from decoding.speculative import SpeculativeConfig
 from decoding.trees import TreeSpec
