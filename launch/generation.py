@@ -181,9 +181,16 @@ def completion_text(tokenizer, prompt_ids, new_ids) -> str:
 
 
 def check_draft(restored, draft) -> None:
+  """A draft must encode text as the target does (Tokenizer.fingerprint: vocabulary,
+  merges, added tokens; not its own BOS / EOS ids). Embeddings padded to different
+  sizes are fine: the draft's logits are put on the target's vocabulary
+  (decoding/speculative.conform_vocab)."""
   if draft is not None and draft.tokenizer.fingerprint() != restored.tokenizer.fingerprint():
-    raise ValueError(f'The draft in {draft.workdir} uses another tokenizer than the target in '
-                     f'{restored.workdir}; train the draft with '
+    raise ValueError(f'The draft in {draft.workdir} encodes text differently from the target '
+                     f'in {restored.workdir} (their vocabularies, merges or added tokens '
+                     'differ): a draft must share the target\'s tokenizer. Use a draft of the '
+                     'same tokenizer (e.g. a smaller model of the target\'s family, imported), '
+                     'or one trained for this target with '
                      f'--config.target_workdir={restored.workdir}.')
 
 
