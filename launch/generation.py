@@ -186,12 +186,11 @@ def check_draft(restored, draft) -> None:
   sizes are fine: the draft's logits are put on the target's vocabulary
   (decoding/speculative.conform_vocab)."""
   if draft is not None and draft.tokenizer.fingerprint() != restored.tokenizer.fingerprint():
-    raise ValueError(f'The draft in {draft.workdir} encodes text differently from the target '
-                     f'in {restored.workdir} (their vocabularies, merges or added tokens '
-                     'differ): a draft must share the target\'s tokenizer. Use a draft of the '
-                     'same tokenizer (e.g. a smaller model of the target\'s family, imported), '
-                     'or one trained for this target with '
-                     f'--config.target_workdir={restored.workdir}.')
+    raise ValueError(f'The draft in {draft.workdir} uses another tokenizer than the target in '
+                     f'{restored.workdir}: it encodes text differently (vocabulary, merges or '
+                     'added tokens differ). Use a draft that shares the target\'s tokenizer '
+                     '(e.g. a smaller model of the target\'s family, imported), or one trained '
+                     f'for this target with --config.target_workdir={restored.workdir}.')
 
 
 def decode_texts(restored, texts: list, method: str = 'autoregressive',
