@@ -42,7 +42,7 @@ class SamplingConfig:
 
   def __post_init__(self):
     if not 0 <= self.temperature <= FLOAT32_MAX:
-      raise ValueError(f'temperature must be a finite float32 >= 0 (at most '
+      raise ValueError(f'temperature must be >= 0 and a finite float32 (at most '
                        f'{FLOAT32_MAX:.4g}), got {self.temperature}.')
     if not isinstance(self.top_k, int) or self.top_k < 0:
       raise ValueError(f'top_k must be an integer >= 0 (0 = off), got {self.top_k}.')
