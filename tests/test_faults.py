@@ -77,18 +77,26 @@ def test_stop_ids_are_every_id_any_file_declares(tmp_path):
   assert tok.eos_id == 0 and sorted(tok.eos_ids) == [0, 2, 3]
 
 
-def test_every_method_stops_at_every_stop_id():
+def test_every_method_stops_at_every_stop_id_with_finish_reasons():
   """A stop id listed after the first (an end-of-turn id from generation_config) ends
-  every method's output right after it, with finish reason stop and that id."""
-  prompts = PROMPTS[:2]
-  free = _ar_eos(prompts, 12, 30, (NEVER,)).completions()
-  stop = free[0][4]                       # row 0's 5th token becomes an end-of-turn id
-  for name, out in _every_method(prompts, 12, 30, (NEVER, stop)).items():
-    rows = out.completions()
-    for row, expected in enumerate(free):
-      cut = expected[:expected.index(stop) + 1] if stop in expected else expected
-      assert rows[row] == cut, name
-    assert out.finish_reasons()[0] == {'reason': 'stop', 'stop_id': stop}, name
+  every method's output right after it: finish reason stop with that id. The same call
+  has rows that end by length (3 or 2 prompt tokens + 6 new fit in 12) and by context
+  (7 + 6 do not)."""
+  prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+  free = _ar_eos(prompts, 6, 12, (NEVER,))
+  assert free.finish_reasons() == [{'reason': 'length'}] * 2 + [{'reason': 'context'}]
+  free = free.completions()
+  assert [len(row) for row in free] == [6, 6, 5]
+  stop = free[0][2]                       # row 0's 3rd token becomes an end-of-turn id
+  expected, reasons = [], []
+  for row in free:
+    cut = row[:row.index(stop) + 1] if stop in row else row
+    expected.append(cut)
+    reasons.append({'reason': 'stop', 'stop_id': stop} if stop in row else
+                   {'reason': 'length' if len(cut) == 6 else 'context'})
+  for name, out in _every_method(prompts, 6, 12, (NEVER, stop)).items():
+    assert out.completions() == expected, name
+    assert out.finish_reasons() == reasons, name
 
 
 # ------------------------------------------------------------------ 2. vocabularies
@@ -227,19 +235,6 @@ def test_completion_text_continues_the_prompt(kind):
 
 
 # ------------------------------------------------------------------ 5. finish reasons
-
-
-def test_finish_reasons_for_every_method():
-  """Row 0 (3 prompt tokens + 6 new fit in 12) ends by length; row 1 (7 + 6 do not) by
-  context; with row 0's 3rd token a stop id, row 0 ends by stop with that id."""
-  prompts = [PROMPTS[0], PROMPTS[2]]
-  free = _ar_eos(prompts, 6, 12, (NEVER,)).completions()
-  for name, out in _every_method(prompts, 6, 12, (NEVER,)).items():
-    assert out.finish_reasons() == [{'reason': 'length'}, {'reason': 'context'}], name
-    assert out.completions()[0].__len__() == 6 and len(out.completions()[1]) == 5, name
-  stop = free[0][2]
-  out = _ar_eos(prompts, 6, 12, (stop,))
-  assert out.finish_reasons()[0] == {'reason': 'stop', 'stop_id': stop}
 
 
 def test_decode_texts_reports_finish_reasons(trained_tiny):
