@@ -247,3 +247,27 @@ def test_decode_texts_reports_finish_reasons(trained_tiny):
   assert 'finish_reasons' not in result['stats']
   for out in result['outputs']:
     assert ('stop_id' in out) == (out['finish_reason'] == 'stop')
+
+
+# ------------------------------------------------------------------ 6. bfloat16
+
+
+def test_bfloat16_outputs_equal_ar_or_leave_it_at_a_near_tie():
+  """The bfloat16 contract for every method: each row equals plain AR's, or first
+  differs where AR's top-2 logits are within the stated near-tie bound."""
+  from launch import benchmarking
+  global TARGET, DRAFT
+  saved = TARGET, DRAFT
+  bf16 = dict(dtype='bfloat16')
+  try:
+    TARGET = _model(0, 60, 128, num_layers=2, **bf16)
+    DRAFT = _model(1, 60, 128, **SMALL, **bf16)
+    prompts = PROMPTS
+    ar = _ar_eos(prompts, 16, 30, (NEVER,)).completions()
+    for name, out in _every_method(prompts, 16, 30, (NEVER,)).items():
+      verdict = benchmarking.ar_agreement(TARGET[0], TARGET[1], prompts, ar, out.completions())
+      assert verdict in ('identical', 'near-tie'), name
+    wrong = [[(ar[0][0] + 1) % 60, *ar[0][1:]], *ar[1:]]   # a first token far from a tie
+    assert benchmarking.ar_agreement(TARGET[0], TARGET[1], prompts, ar, wrong) == 'differs'
+  finally:
+    TARGET, DRAFT = saved
