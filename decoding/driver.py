@@ -50,6 +50,21 @@ class Output:
   # Speculative methods: draft_calls [] and accepted_histogram [D + 1] (row-rounds by
   # number of accepted drafted tokens).
   stats: dict = flax.struct.field(default_factory=dict)
+  # [B] int32 why each row ended (FINISH_STOP / FINISH_LENGTH / FINISH_CONTEXT), and
+  # [B] int32 the stop id that ended it (-1 unless FINISH_STOP); see `finish_reasons`.
+  finish: Optional[jax.Array] = None
+  stop_id: Optional[jax.Array] = None
+
+  def finish_reasons(self) -> list[dict]:
+    """Per row, as host values: {'reason': 'stop', 'stop_id': id} (a stop id ended it),
+    {'reason': 'length'} (max_new_tokens) or {'reason': 'context'} (the context / cache
+    capacity cut it first)."""
+    finish, stop_id = jax.device_get((self.finish, self.stop_id))
+    out = []
+    for reason, token in zip(finish.tolist(), stop_id.tolist()):
+      out.append({'reason': FINISH_REASONS[reason], 'stop_id': token} if reason == FINISH_STOP
+                 else {'reason': FINISH_REASONS[reason]})
+    return out
 
   @property
   def new_tokens(self) -> jax.Array:
@@ -60,6 +75,23 @@ class Output:
     """The new tokens of each row, as host lists."""
     tokens, lengths, starts = jax.device_get((self.tokens, self.lengths, self.prompt_lengths))
     return [tokens[b, starts[b]:lengths[b]].tolist() for b in range(tokens.shape[0])]
+
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT = 0, 1, 2
+FINISH_REASONS = ('stop', 'length', 'context')
+
+
+def finish_reasons(tokens, lengths, prompt_lengths, max_new_tokens: int, eos_ids):
+  """Why each row ended, from the output arrays alone (no per-token loop): its last
+  token is a stop id -> stop (that id; commit cuts right after the first one); else it
+  has max_new_tokens new tokens -> length; else the buffer (context / cache capacity)
+  was full -> context. Returns ([B] int32 reason, [B] int32 stop id or -1)."""
+  last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
+  stopped = is_eos(last, eos_ids) & (lengths > prompt_lengths)
+  reason = jnp.where(stopped, FINISH_STOP,
+                     jnp.where(lengths - prompt_lengths >= max_new_tokens, FINISH_LENGTH,
+                               FINISH_CONTEXT)).astype(jnp.int32)
+  return reason, jnp.where(stopped, last, -1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +343,10 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   stats = {} if proposer is None else {'draft_calls': state.draft_calls,
                                        'accepted_histogram': state.histogram}
+  finish, stop_id = finish_reasons(state.tokens, state.lengths, prompt_lengths,
+                                   config.max_new_tokens, config.eos_ids)
   return Output(tokens=state.tokens, lengths=state.lengths, prompt_lengths=prompt_lengths,
-                target_calls=state.target_calls, stats=stats)
+                target_calls=state.target_calls, stats=stats, finish=finish, stop_id=stop_id)
 
 
 def mean_accepted(histogram) -> float:

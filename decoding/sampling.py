@@ -9,27 +9,41 @@ top-k, then top-p (nucleus), then min-p, each on the distribution left by the
 previous ones, and padded vocabulary ids (>= vocab_size) are always removed.
 Temperature 0 is greedy: the processed distribution is a point mass on the argmax.
 
+Extreme temperatures never produce NaN or inf: a temperature below GREEDY_BELOW (the
+smallest normal float32, ~1.18e-38) is greedy, because such a value is a float32
+subnormal that XLA flushes to zero on CPU, GPU and TPU (dividing by it would divide by
+0), and at any such temperature the distribution is a point mass in every float32 sense
+anyway. Every other temperature divides the max-shifted logits, (logits - max) / T,
+so each value is <= 0: a tiny T sends the others to -inf (no mass) instead of
+overflowing to +inf, and a huge T (up to the largest float32) flattens the
+distribution without ever forming inf / inf. Removed ids stay -inf.
+
 Shapes: logits [..., V] (V may be padded past the tokenizer's vocab_size).
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
+# Temperatures below the smallest normal float32 are greedy (see the module docstring).
+GREEDY_BELOW = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Static (hashable) sampling settings."""
-  temperature: float = 0.0   # 0 = greedy; otherwise logits / temperature
+  temperature: float = 0.0   # 0 (or < GREEDY_BELOW) = greedy; otherwise logits / temperature
   top_k: int = 0             # keep the k most likely tokens; 0 = off
   top_p: float = 1.0         # keep the smallest set with probability >= top_p; 1 = off
   min_p: float = 0.0         # keep tokens with p >= min_p * max p; 0 = off
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise ValueError(f'temperature must be >= 0, got {self.temperature}.')
+    if not 0 <= self.temperature <= FLOAT32_MAX:
+      raise ValueError(f'temperature must be >= 0 and a finite float32 (at most '
+                       f'{FLOAT32_MAX:.4g}), got {self.temperature}.')
     if not isinstance(self.top_k, int) or self.top_k < 0:
       raise ValueError(f'top_k must be an integer >= 0 (0 = off), got {self.top_k}.')
     if not 0 < self.top_p <= 1:
@@ -39,7 +53,8 @@ class SamplingConfig:
 
   @property
   def greedy(self) -> bool:
-    return self.temperature == 0
+    """Temperature 0, or one below the smallest normal float32 (a point mass anyway)."""
+    return self.temperature < GREEDY_BELOW
 
 
 def _mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
@@ -83,7 +98,9 @@ def processed_logits(logits: jax.Array, config: SamplingConfig, vocab_size: int)
   if config.greedy:
     best = jnp.argmax(logits, axis=-1)
     return jnp.where(jnp.arange(logits.shape[-1]) == best[..., None], 0.0, NEG_INF)
-  logits = logits / config.temperature
+  # Max-shifted, so nothing overflows to +inf or forms inf / inf (module docstring).
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  logits = jnp.where(logits > NEG_INF, (logits - top) / jnp.float32(config.temperature), NEG_INF)
   return _min_p(_top_p(_top_k(logits, config.top_k), config.top_p), config.min_p)
 
 

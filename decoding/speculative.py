@@ -63,7 +63,7 @@ class SpeculativeConfig(driver.DecodeConfig):
   def proposer(self, model, drafter) -> 'DraftModelProposer':
     if drafter is None:
       raise ValueError('The speculative method needs a draft model (--draft_workdir).')
-    return DraftModelProposer(self, drafter)
+    return DraftModelProposer(self, drafter, model)
 
 
 @flax.struct.dataclass
@@ -79,18 +79,44 @@ class _Draft:
   calls: jax.Array         # [] int32
 
 
+def conform_vocab(logits: jax.Array, draft_vocab: int, target_vocab: int,
+                  target_width: int) -> jax.Array:
+  """The draft's logits [..., V_draft] on the target's (padded) vocabulary axis
+  [..., target_width]: cut or padded, and every id that the draft's or the target's
+  vocabulary does not hold (>= min(draft_vocab, target_vocab): padding rows, ids the
+  tokenizer never produces) gets -inf, i.e. no mass. A draft and target of one
+  tokenizer whose embeddings were padded to different sizes (Qwen2-0.5B drafting for
+  Qwen2-72B) then draft, verify and commit on one axis, in either direction."""
+  width = logits.shape[-1]
+  logits = jnp.where(jnp.arange(width) < min(draft_vocab, target_vocab),
+                     logits.astype(jnp.float32), -jnp.inf)
+  if width > target_width:
+    return logits[..., :target_width]
+  if width < target_width:
+    pad = [(0, 0)] * (logits.ndim - 1) + [(0, target_width - width)]
+    return jnp.pad(logits, pad, constant_values=-jnp.inf)
+  return logits
+
+
 class DraftModelProposer(Proposer):
-  """A smaller model of the target's tokenizer drafts; its KV cache is the state."""
+  """A smaller model of the target's tokenizer drafts; its KV cache is the state.
+  Its logits are put on the target's vocabulary axis (conform_vocab), so the two may
+  pad their embeddings to different sizes."""
   needs_key = True
 
-  def __init__(self, config: SpeculativeConfig, draft_model):
+  def __init__(self, config: SpeculativeConfig, draft_model, target_model=None):
     self.config, self.draft = config, draft_model
     self.max_depth = config.max_accepted
     self.cache_slots = config.tree.cache_slots if config.tree is not None else 0
+    target = (target_model or draft_model).config
+    self.vocab_size = target.vocab_size   # ids past it (or the draft's) get no mass
+    self._width = getattr(target, 'padded_vocab_size', target.vocab_size)
 
   def _apply(self, params, tokens, positions, mask=None, cache=None, write_slots=None):
-    return self.draft.apply({'params': params.drafter}, tokens, positions, mask, cache,
-                            write_slots=write_slots)
+    out = self.draft.apply({'params': params.drafter}, tokens, positions, mask, cache,
+                           write_slots=write_slots)
+    return out.replace(logits=conform_vocab(out.logits, self.draft.config.vocab_size,
+                                            self.vocab_size, self._width))
 
   def start(self, params, prefill, prompts, prompt_lengths, cache_size):
     batch, prompt_len = prompts.shape
@@ -126,7 +152,7 @@ class DraftModelProposer(Proposer):
   def _chain(self, params, cache, state, key):
     """Up to K tokens per row, one draft call each (an inner while_loop)."""
     config, batch = self.config, state.tokens.shape[0]
-    rows, k, vocab = jnp.arange(batch), config.num_draft, self.draft.config.vocab_size
+    rows, k, vocab = jnp.arange(batch), config.num_draft, self.vocab_size
     out = self._last_two(params, cache, state)
     init = _Draft(step=jnp.zeros((), jnp.int32), logits=out.logits[:, -1], cache=out.cache,
                   tokens=jnp.zeros((batch, k), jnp.int32),
@@ -161,7 +187,7 @@ class DraftModelProposer(Proposer):
     """Expands the static tree level by level: one draft call per level. The draft
     cache gets the nodes of depth < D at slots root + node."""
     spec, sampling = self.config.tree, self.config.sampling
-    batch, vocab = state.tokens.shape[0], self.draft.config.vocab_size
+    batch, vocab = state.tokens.shape[0], self.vocab_size
     rows, root = jnp.arange(batch), state.lengths - 1
     out = self._last_two(params, cache, state)
     cache, level_logits = out.cache, out.logits[:, -1:]                    # [B, 1, V]
@@ -199,7 +225,7 @@ class DraftModelProposer(Proposer):
     tree mask hides.
     """
     spec, sampling = self.config.tree, self.config.sampling
-    batch, vocab = state.tokens.shape[0], self.draft.config.vocab_size
+    batch, vocab = state.tokens.shape[0], self.vocab_size
     rows, root = jnp.arange(batch), state.lengths - 1
     valid = cache.lengths
     window = valid[:, None] + jnp.arange(spec.depth + 1)[None]                 # [B, W]

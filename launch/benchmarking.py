@@ -20,6 +20,44 @@ from decoding import registry, trees
 
 
 
+# The bfloat16 contract: lossless methods reproduce plain AR token for token in float32.
+# In bfloat16, a batched or multi-token call can round a logit differently from a
+# one-token call, so an output may leave AR's at a near-tie: a position where AR's top-2
+# logits differ by at most NEAR_TIE_REL * max(|top logit|, 1) (2^-5: about 4 bfloat16
+# ulps). Any other divergence is a fault.
+NEAR_TIE_REL = 2.0 ** -5
+
+
+def first_divergence(model, params, prompt, ar_ids, other_ids):
+  """None when `other_ids` equals AR's `ar_ids`; else (index, top-2 logit gap of the
+  target at AR's first differing position (one plain call over prompt + AR's tokens
+  before it), the near-tie bound there)."""
+  ar_ids, other_ids = list(ar_ids), list(other_ids)
+  if ar_ids == other_ids:
+    return None
+  index = next((i for i, (a, b) in enumerate(zip(ar_ids, other_ids)) if a != b),
+               min(len(ar_ids), len(other_ids)))
+  ids = jnp.asarray([list(prompt) + ar_ids[:index]], jnp.int32)
+  positions = jnp.arange(ids.shape[1])[None]
+  logits = model.apply({'params': params}, ids, positions).logits[0, -1, :model.config.vocab_size]
+  top2 = np.asarray(jax.lax.top_k(logits.astype(jnp.float32), 2)[0], np.float64)
+  return index, float(top2[0] - top2[1]), NEAR_TIE_REL * max(abs(float(top2[0])), 1.0)
+
+
+def ar_agreement(model, params, prompts, ar_completions, completions) -> str:
+  """'identical' (every row equals AR's), 'near-tie' (rows that differ first differ at
+  a near-tie, see NEAR_TIE_REL: bfloat16 numerics) or 'differs' (a fault)."""
+  verdict = 'identical'
+  for prompt, ar_ids, ids in zip(prompts, ar_completions, completions):
+    found = first_divergence(model, params, prompt, ar_ids, ids)
+    if found is None:
+      continue
+    if found[1] > found[2]:
+      return 'differs'
+    verdict = 'near-tie'
+  return verdict
+
+
 def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list[int]]:
   """The first `prompt_len` tokens ([bos] + text) of validation documents long enough."""
   from training import data
@@ -208,6 +246,9 @@ def run(config, workdir: str) -> list[dict]:
             speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
             compile_s=stats['compile_s'],
             matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
+            ar_agreement=(ar_agreement(restored.model, restored.params, prompts[id(restored)],
+                                       ar[0], completions)
+                          if lossless and temperature == 0 and model is restored else None),
             **machine))
       if model is restored:
         target_ar = ar
@@ -256,11 +297,12 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def markdown_table(records: list[dict]) -> str:
-  cols = ['method', 'batch_size', 'temperature', 'lossless', 'matches_ar', 'mean_accepted',
+  cols = ['method', 'batch_size', 'temperature', 'lossless', 'matches_ar', 'ar_agreement',
+          'mean_accepted',
           'target_calls', 'draft_calls', 'tokens_per_s', 'speedup_vs_ar', 'compile_s']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for r in records:
-    cells = [f'{r[c]:.2f}' if isinstance(r[c], float) else str(r[c]) for c in cols]
+    cells = [f'{r.get(c):.2f}' if isinstance(r.get(c), float) else str(r.get(c)) for c in cols]
     lines.append('| ' + ' | '.join(cells) + ' |')
   machine = records[0]
   lines.append(f'\n{machine["backend"]} ({machine["device"]}, {machine["devices"]} device(s), '

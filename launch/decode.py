@@ -112,6 +112,8 @@ def main(argv):
       print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
     else:  # A chat: the reply alone.
       print(f'--- {out["prompt"]!r}\n{out["completion"]}')
+    stop = f' (id {out["stop_id"]})' if 'stop_id' in out else ''
+    print(f'--- finish: {out["finish_reason"]}{stop}', file=sys.stderr)
   s = result['stats']
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')

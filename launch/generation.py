@@ -162,11 +162,35 @@ def encode_prompts(tokenizer, prompts, chat: bool = False) -> list[list[int]]:
   return out
 
 
+def completion_text(tokenizer, prompt_ids, new_ids) -> str:
+  """The text the new tokens add after the prompt: decode(prompt + new) minus
+  decode(prompt), so prompt text + completion is the generated text whatever the
+  decoder does at the start of a text (SentencePiece-style decoders strip the first
+  piece's space; byte-level BPE may merge bytes across the boundary). Where the decoder
+  rewrites the prompt's end (a partial UTF-8 character), the common prefix is cut."""
+  prompt_ids, new_ids = list(prompt_ids), list(new_ids)
+  head, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
+  if full.startswith(head):
+    return full[len(head):]
+  common = 0
+  for a, b in zip(head, full):
+    if a != b:
+      break
+    common += 1
+  return full[common:]
+
+
 def check_draft(restored, draft) -> None:
+  """A draft must encode text as the target does (Tokenizer.fingerprint: vocabulary,
+  merges, added tokens; not its own BOS / EOS ids). Embeddings padded to different
+  sizes are fine: the draft's logits are put on the target's vocabulary
+  (decoding/speculative.conform_vocab)."""
   if draft is not None and draft.tokenizer.fingerprint() != restored.tokenizer.fingerprint():
     raise ValueError(f'The draft in {draft.workdir} uses another tokenizer than the target in '
-                     f'{restored.workdir}; train the draft with '
-                     f'--config.target_workdir={restored.workdir}.')
+                     f'{restored.workdir}: it encodes text differently (vocabulary, merges or '
+                     'added tokens differ). Use a draft that shares the target\'s tokenizer '
+                     '(e.g. a smaller model of the target\'s family, imported), or one trained '
+                     f'for this target with --config.target_workdir={restored.workdir}.')
 
 
 def decode_texts(restored, texts: list, method: str = 'autoregressive',
@@ -184,12 +208,16 @@ def decode_texts(restored, texts: list, method: str = 'autoregressive',
     raise ValueError('No prompts given.')
   tokenizer = restored.tokenizer
   prompts = [_as_prompt(t, chat) for t in texts]
-  completions, stats = decode_tokens(restored, encode_prompts(tokenizer, prompts, chat),
-                                     method, options, draft)
+  encoded = encode_prompts(tokenizer, prompts, chat)
+  completions, stats = decode_tokens(restored, encoded, method, options, draft)
+  finishes = stats.pop('finish_reasons')
   outputs = []
-  for prompt, ids in zip(prompts, completions):
+  for prompt, prompt_ids, ids, finish in zip(prompts, encoded, completions, finishes):
     out = {'prompt': prompt.label if prompt.messages is None else list(prompt.messages),
-           'completion': tokenizer.decode(ids), 'tokens': ids}
+           'completion': completion_text(tokenizer, prompt_ids, ids), 'tokens': ids,
+           'finish_reason': finish['reason']}
+    if 'stop_id' in finish:
+      out['stop_id'] = finish['stop_id']
     if prompt.category:
       out['category'] = prompt.category
     if prompt.id:
@@ -218,7 +246,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   wall_s). With repeats > 1 each batch runs that many times and the median counts.
 
   restored / draft: checkpoints.RestoredModel of the target and of the method's second
-  model (a draft, heads), or None. Returns (new tokens per prompt, stats).
+  model (a draft, heads), or None. Returns (new tokens per prompt, stats); stats'
+  finish_reasons holds, per prompt, why it ended (driver.Output.finish_reasons).
   Raises ValueError for an unknown method, bad options or prompts, a missing or wrong
   second model.
   """
@@ -248,7 +277,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
   if getattr(config, 'tree', None) is not None:
     stats['tree'] = str(config.tree)
-  histogram, draft_calls, compiled = None, 0, None
+  histogram, draft_calls, compiled, finishes = None, 0, None, []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     for start in range(0, len(prompts), batch):
       chunk = list(range(start, min(start + batch, len(prompts))))
@@ -270,6 +299,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       stats['wall_s'] += statistics.median(times)
       new = out.completions()[:len(chunk)]
       completions += new
+      finishes += out.finish_reasons()[:len(chunk)]
       stats['new_tokens'] += sum(len(c) for c in new)
       stats['target_calls'] += int(out.target_calls)
       if 'accepted_histogram' in out.stats:
@@ -277,6 +307,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
         histogram = h if histogram is None else histogram + h
         draft_calls += int(out.stats['draft_calls'])
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
+  # Per prompt: {'reason': 'stop', 'stop_id': id} | {'reason': 'length'} | {'reason': 'context'}.
+  stats['finish_reasons'] = finishes
   stats['lossless'] = entry.lossless(config)
   if histogram is not None:
     stats.update(mean_accepted=driver.mean_accepted(histogram), draft_calls=draft_calls,

