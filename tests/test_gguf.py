@@ -111,9 +111,10 @@ def test_smollm2_equals_transformers(smollm2, smollm2_reference):
 def test_smollm2_stops_at_every_eos_id_the_checkpoint_declares(smollm2, tmp_path):
   """Issue 15, item 1: SmolLM2's HF directory with config.json eos 0 and
   generation_config.json [2, 0] (Llama-3-Instruct's layout: the end of turn only there).
-  Greedy, 40 new tokens, AR and speculative: transformers' 8 tokens, ending at
-  <|im_end|> (id 2), finish reason stop."""
-  import dataclasses
+  Greedy, 40 new tokens: transformers' 8 tokens, ending at <|im_end|> (id 2), finish
+  reason stop. (Speculative methods share the stop rule, driver.commit, tested on small
+  models for every method in tests/test_faults.py; the real model runs AR only, for CI
+  time.)"""
   hf_dir = str(tmp_path / 'hf')   # SmolLM2's HF layout (what transformers would load)
   conversion.export_hf(smollm2[1].workdir, hf_dir)
   for name, key, value in (('config.json', 'eos_token_id', 0),
@@ -132,12 +133,10 @@ def test_smollm2_stops_at_every_eos_id_the_checkpoint_declares(smollm2, tmp_path
   prompt = ('<|im_start|>user\nWhat is the capital of France?<|im_end|>\n'
             '<|im_start|>assistant\n')
   options = generation.DecodeOptions(max_new_tokens=40, max_context=128)
-  for method, draft in (('autoregressive', None), ('speculative', restored)):
-    out = generation.decode_texts(restored, [prompt], method,
-                                  dataclasses.replace(options, num_draft=3), draft)['outputs'][0]
-    assert len(out['tokens']) == 8 and out['tokens'][-1] == 2, (method, out)
-    assert (out['finish_reason'], out['stop_id']) == ('stop', 2), method
-    assert out['completion'] == 'The capital of France is Paris.', method
+  out = generation.decode_texts(restored, [prompt], 'autoregressive', options)['outputs'][0]
+  assert len(out['tokens']) == 8 and out['tokens'][-1] == 2, out
+  assert (out['finish_reason'], out['stop_id']) == ('stop', 2)
+  assert out['completion'] == 'The capital of France is Paris.'
 
 
 def test_named_model_missing_gives_the_install_command(monkeypatch):
