@@ -316,20 +316,19 @@ def load(directory: str) -> Tokenizer:
     spec = json.load(f)
   if spec['kind'] == 'byte':
     return ByteTokenizer()
+  def read(name: str, what: str, mode: str = 'r'):
+    """The file `name` that the spec names, with a clear error if it is missing."""
+    file_path = os.path.join(directory, name)
+    if not os.path.exists(file_path):
+      raise FileNotFoundError(f'Tokenizer file missing: {path} names the {what} {file_path}, '
+                              'which does not exist.')
+    with open(file_path, mode) as f:
+      return f.read()
+
   if spec['kind'] == 'bpe':
-    model_path = os.path.join(directory, spec['model_file'])
-    if not os.path.exists(model_path):
-      raise FileNotFoundError(f'Tokenizer file missing: {path} names the SentencePiece model '
-                              f'{model_path}, which does not exist.')
-    with open(model_path, 'rb') as f:
-      return SentencePieceTokenizer(f.read())
+    return SentencePieceTokenizer(read(spec['model_file'], 'SentencePiece model', 'rb'))
   if spec['kind'] == 'hf':
-    model_path = os.path.join(directory, spec['model_file'])
-    if not os.path.exists(model_path):
-      raise FileNotFoundError(f'Tokenizer file missing: {path} names the Hugging Face '
-                              f'tokenizer {model_path}, which does not exist.')
-    with open(model_path) as f:
-      tokenizer_json = f.read()
+    tokenizer_json = read(spec['model_file'], 'Hugging Face tokenizer')
     add_bos = spec.get('add_bos')
     if add_bos is None:
       # A workdir imported before add_bos was stored: its tokenizer.json keeps the model's
@@ -338,12 +337,7 @@ def load(directory: str) -> Tokenizer:
       add_bos = special_tokens_added(tokenizer_json)[0] == [spec['bos_id']]
     template = None
     if spec.get('chat_template_file'):
-      template_path = os.path.join(directory, spec['chat_template_file'])
-      if not os.path.exists(template_path):
-        raise FileNotFoundError(f'Tokenizer file missing: {path} names the chat template '
-                                f'{template_path}, which does not exist.')
-      with open(template_path) as f:
-        template = f.read()
+      template = read(spec['chat_template_file'], 'chat template')
     return HuggingFaceTokenizer(tokenizer_json, spec['vocab_size'], spec['bos_id'],
                                 spec['eos_ids'], spec['pad_id'], add_bos=add_bos,
                                 chat_template=template)
