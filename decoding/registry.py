@@ -106,8 +106,9 @@ def _heads(options, capacity, eos_ids, model, drafter):
 
 def _eagle(options, capacity, eos_ids, model, drafter):
   del model, drafter
-  spec = options.tree or str(eagle.EagleConfig.tree)
-  tree = trees.parse(spec if spec.startswith('dynamic:') else f'dynamic:{spec}')
+  # One tree syntax for every method: EAGLE's is "dynamic:TOP_K,DEPTH,BUDGET"; a static
+  # spec is refused by EagleConfig rather than silently read as a dynamic one.
+  tree = trees.parse(options.tree) if options.tree else eagle.EagleConfig.tree
   return eagle.EagleConfig(**base_settings(options, capacity, eos_ids), tree=tree)
 
 
