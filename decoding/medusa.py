@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from decoding import driver, trees, verify
 from decoding.proposal import Proposal, Proposer
+from decoding.sampling import mask_padded_vocab
 
 
 # The tree when none is given and the heads have no tuned one (launch.tune_tree):
@@ -85,7 +86,7 @@ class HeadsProposer(Proposer):
     del key
     spec, vocab = self.config.tree, self.model.config.vocab_size
     rows = jnp.arange(state.tokens.shape[0])
-    masked = jnp.where(jnp.arange(head_logits.shape[-1]) < vocab, head_logits, -jnp.inf)
+    masked = mask_padded_vocab(head_logits, vocab)
     ranked = jax.lax.top_k(masked[:, :spec.depth], int(spec.ranks.max()) + 1)[1]  # [B, D, R]
     tokens = trees.from_ranked(spec, ranked, state.tokens[rows, state.lengths - 1])
     return Proposal.static_tree(spec, tokens), head_logits, jnp.zeros((), jnp.int32)

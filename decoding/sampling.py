@@ -57,7 +57,9 @@ class SamplingConfig:
     return self.temperature < GREEDY_BELOW
 
 
-def _mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+  """[..., V] -> float32 [..., V] with ids >= vocab_size at -inf (padding rows, ids the
+  tokenizer never produces)."""
   ids = jnp.arange(logits.shape[-1])
   return jnp.where(ids < vocab_size, logits.astype(jnp.float32), NEG_INF)
 
@@ -94,7 +96,7 @@ def processed_logits(logits: jax.Array, config: SamplingConfig, vocab_size: int)
 
   For greedy decoding this is a point mass: 0 at the argmax, -inf elsewhere.
   """
-  logits = _mask_padded_vocab(logits, vocab_size)
+  logits = mask_padded_vocab(logits, vocab_size)
   if config.greedy:
     best = jnp.argmax(logits, axis=-1)
     return jnp.where(jnp.arange(logits.shape[-1]) == best[..., None], 0.0, NEG_INF)
@@ -113,6 +115,6 @@ def sample(rng: jax.Array, logits: jax.Array, config: SamplingConfig,
            vocab_size: int) -> jax.Array:
   """Draws one token per row of [..., V] logits -> [...] int32."""
   if config.greedy:
-    return jnp.argmax(_mask_padded_vocab(logits, vocab_size), axis=-1).astype(jnp.int32)
+    return jnp.argmax(mask_padded_vocab(logits, vocab_size), axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, processed_logits(logits, config, vocab_size),
                                 axis=-1).astype(jnp.int32)

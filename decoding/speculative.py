@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from decoding import driver, trees
 from decoding.proposal import Proposal, Proposer
-from decoding.sampling import log_probs
+from decoding.sampling import log_probs, mask_padded_vocab
 from models import KVCache, masks
 
 
@@ -88,8 +88,7 @@ def conform_vocab(logits: jax.Array, draft_vocab: int, target_vocab: int,
   tokenizer whose embeddings were padded to different sizes (Qwen2-0.5B drafting for
   Qwen2-72B) then draft, verify and commit on one axis, in either direction."""
   width = logits.shape[-1]
-  logits = jnp.where(jnp.arange(width) < min(draft_vocab, target_vocab),
-                     logits.astype(jnp.float32), -jnp.inf)
+  logits = mask_padded_vocab(logits, min(draft_vocab, target_vocab))
   if width > target_width:
     return logits[..., :target_width]
   if width < target_width:
@@ -199,7 +198,7 @@ class DraftModelProposer(Proposer):
       level = log_probs(level_logits, sampling, vocab)                       # [B, n_d, V]
       logp = logp.at[:, starts[depth]:starts[depth + 1]].set(level)
       if sampling.greedy:  # The draft's top-k distinct tokens.
-        masked = jnp.where(jnp.arange(level.shape[-1]) < vocab, level_logits, -jnp.inf)
+        masked = mask_padded_vocab(level_logits, vocab)
         children = jax.lax.top_k(masked, width)[1]                          # [B, n_d, k]
       else:  # i.i.d. draws from q, as SpecInfer's multi-candidate rule requires.
         children = jax.random.categorical(jax.random.fold_in(key, depth), level[:, :, None],

@@ -108,18 +108,26 @@ def dynamic_frequencies(config, positions: jnp.ndarray) -> jnp.ndarray:
 
 
 def rotate(x: jnp.ndarray, positions: jnp.ndarray, config) -> jnp.ndarray:
-  """Rotary embedding with the config's scaling (rope_type != 'default').
+  """The one rotary embedding (Su et al. 2021), with the config's scaling if any.
 
-  x: [B, T, N, H]; positions: [B, T] int. Pairs (first half, second half) of the head
-  dim, as transformers' rotate_half.
+  x: [B, T, N, H]; positions: [B, T] int. Rotates pairs (first half, second half) of
+  the head dim, as transformers' rotate_half. rope_type 'default' uses the plain
+  frequencies theta^(-2i / H); the scaled types those of static_frequencies /
+  dynamic_frequencies and their attention factor.
   """
-  if config.rope_type == 'dynamic':
-    inv_freq, attention_factor = dynamic_frequencies(config, positions), 1.0
+  attention_factor = 1.0
+  if config.rope_type == 'default':
+    half = x.shape[-1] // 2
+    inv_freq = config.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [H/2]
+  elif config.rope_type == 'dynamic':
+    inv_freq = dynamic_frequencies(config, positions)
   else:
     inv_freq, attention_factor = static_frequencies(config)
     inv_freq = jnp.asarray(inv_freq)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq             # [B, T, H/2]
-  cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]
-  sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if attention_factor != 1.0:
+    cos, sin = cos * attention_factor, sin * attention_factor
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)

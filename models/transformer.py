@@ -110,19 +110,6 @@ def _init(stddev: float, axes: tuple):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotates pairs (first half, second half) of the head dim by position-dependent angles.
-
-  x: [B, T, N, H]; positions: [B, T] int.
-  """
-  half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [H/2]
-  angles = positions.astype(jnp.float32)[..., None] * freqs               # [B, T, H/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
   eps: float
   dtype: jnp.dtype
@@ -171,11 +158,7 @@ class Attention(nn.Module):
                       (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
       v += self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
                       (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
-    if c.rope_type == 'default':
-      q = rotary_embedding(q, positions, c.rope_theta)
-      k = rotary_embedding(k, positions, c.rope_theta)
-    else:
-      q, k = rope.rotate(q, positions, c), rope.rotate(k, positions, c)
+    q, k = rope.rotate(q, positions, c), rope.rotate(k, positions, c)
 
     new_kv = None
     if cache_kv is not None:
