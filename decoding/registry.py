@@ -45,6 +45,9 @@ class Method:
   # The method's static tree may come from launch.tune_tree's file in the drafter's
   # (or own model's) workdir when options.tree is ''.
   tuned_tree: bool = False
+  # The method-specific fields of `options` this method reads (num_draft, tree, ...); a
+  # method-specific field another method reads, set away from its default, is refused.
+  options: tuple[str, ...] = ()
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
@@ -75,6 +78,26 @@ def load_plugins(modules) -> None:
       importlib.import_module(name)
     except ImportError as e:
       raise ValueError(f'Plugin module {name!r} does not import: {e}') from e
+
+
+def check_options(method: Method, options) -> None:
+  """Refuses an option meant for another method: a field some registered method lists
+  in Method.options, set away from its default (`type(options)()`), that `method` does
+  not read. Raises ValueError naming the option and the methods that take it."""
+  defaults = type(options)()
+  for name in sorted({o for m in METHODS.values() for o in m.options} - set(method.options)):
+    if getattr(options, name, None) != getattr(defaults, name, None):
+      takers = ', '.join(m.name for m in METHODS.values() if name in m.options)
+      raise ValueError(f'--{name} is an option of {takers}, not of --method={method.name}.')
+
+
+def options_for(method: Method, options):
+  """`options` with every method-specific field `method` does not read reset to its
+  default (a benchmark's shared settings, given to each method in turn)."""
+  defaults = type(options)()
+  others = {o for m in METHODS.values() for o in m.options} - set(method.options)
+  return dataclasses.replace(options, **{o: getattr(defaults, o) for o in others
+                                         if hasattr(defaults, o)})
 
 
 def base_settings(options, capacity: int, eos_ids) -> dict:
@@ -143,9 +166,10 @@ def _has_mtp_heads(model) -> None:
 
 register(Method('autoregressive', 'autoregressive', _autoregressive))
 register(Method('speculative', 'speculative', _speculative, second='draft_workdir',
-                drafter=_draft_model))
+                drafter=_draft_model, options=('num_draft', 'adaptive_threshold', 'tree')))
 register(Method('medusa', 'medusa', _heads, second='heads_workdir', drafter=_medusa_heads,
-                tuned_tree=True))
-register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter))
+                tuned_tree=True, options=('tree', 'typical')))
+register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter,
+                options=('tree',)))
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
-                tuned_tree=True))
+                tuned_tree=True, options=('tree', 'typical')))

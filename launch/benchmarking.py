@@ -228,7 +228,8 @@ def run(config, workdir: str) -> list[dict]:
       ar = None
       for method, tree, typical in methods:
         bar.set_postfix(method=method + tree, batch=batch_size, temperature=temperature)
-        method_options = dataclasses.replace(options, tree=tree, typical=typical)
+        method_options = registry.options_for(
+            registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
         completions, stats = generation.decode_tokens(
             model, prompts[id(model)], method, method_options, second.get(method),
             repeats=config.repeats)

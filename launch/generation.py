@@ -228,6 +228,7 @@ def decode_texts(restored, texts: list, method: str = 'autoregressive',
 
 def _build(restored, method: registry.Method, options: DecodeOptions, capacity: int, draft):
   """-> (the method's config, Drafter, target params) for `restored` and its second model."""
+  registry.check_options(method, options)
   method.check_model(restored.model)
   drafter = method.drafter(draft)
   if method.tuned_tree and not options.tree:

@@ -271,3 +271,16 @@ def test_bfloat16_outputs_equal_ar_or_leave_it_at_a_near_tie():
     assert benchmarking.ar_agreement(TARGET[0], TARGET[1], prompts, ar, wrong) == 'differs'
   finally:
     TARGET, DRAFT = saved
+
+
+def test_an_option_of_another_method_is_refused():
+  from decoding import registry
+  from launch import generation
+  options = generation.DecodeOptions(num_draft=6)
+  with pytest.raises(ValueError, match=r'--num_draft is an option of speculative, not of '
+                                       r'--method=autoregressive'):
+    registry.check_options(registry.get('autoregressive'), options)
+  registry.check_options(registry.get('speculative'), options)
+  reset = registry.options_for(registry.get('medusa'), generation.DecodeOptions(
+      num_draft=6, tree='2,2'))
+  assert reset.num_draft == 4 and reset.tree == '2,2'
