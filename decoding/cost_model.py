@@ -1,0 +1,119 @@
+"""The cost model: which draft length makes a chain method fastest on this machine.
+
+Speculation pays only when the tokens a round commits outweigh what the round costs
+relative to one plain decoding step. Both sides are measured, not assumed:
+
+  verify cost   c(T): one cached forward of T tokens relative to T = 1, for the model,
+                backend and batch at hand (launch.bench's verify-cost curve). On an
+                accelerator c(T) stays near 1 for small T (decoding is memory-bound);
+                on a CPU it grows with T, which is what decides there.
+  acceptance    the histogram of accepted drafted tokens per row-round from a short
+                calibration run at the longest draft length K_max considered
+                (driver.Output.stats['accepted_histogram']).
+
+For a chain, drafting k <= K_max tokens accepts min(n, k) where n is what the K_max
+run accepted: the first k drafted tokens are the same (a draft model, prompt lookup
+and a Jacobi window all draft a prefix-closed chain), so no i.i.d. acceptance model
+(Leviathan et al. 2023, section 3.5) is needed:
+
+  tokens(k) = E[min(n, k)] + 1                (the accepted prefix + the target's token)
+  cost(k)   = c(k + 1) + overhead(k)          (in plain decoding steps)
+  speedup(k) = tokens(k) / cost(k)            (plain decoding: tokens(0) = cost(0) = 1)
+
+overhead(k) is what a round costs beyond its verify call (proposing, verifying,
+committing), in plain steps, also measured in the calibration run: per drafted token
+for a method that calls a draft model (its calls grow with k), per round otherwise.
+The choice is the k with the largest predicted speedup, and plain decoding (k = 0)
+when no k beats it by `margin`: the fallback that keeps `auto` from losing to AR.
+"""
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """num_draft: the chosen draft length, 0 = plain autoregressive decoding;
+  predicted: {k: predicted speedup over plain decoding} for every k considered."""
+  num_draft: int
+  predicted: Mapping[int, float]
+
+  @property
+  def predicted_speedup(self) -> float:
+    return self.predicted[self.num_draft]
+
+
+def check_curve(curve: Mapping[int, float]) -> dict[int, float]:
+  """{T: relative cost} with T = 1 present and costs > 0, as ints/floats, sorted.
+  Raises ValueError naming what is wrong."""
+  out = {int(t): float(c) for t, c in sorted(curve.items(), key=lambda kv: int(kv[0]))}
+  if 1 not in out:
+    raise ValueError(f'A verify-cost curve needs T = 1 (the plain step); got T = {list(out)}.')
+  if any(t < 1 or not c > 0 for t, c in out.items()):
+    raise ValueError(f'A verify-cost curve maps T >= 1 to costs > 0; got {out}.')
+  return out
+
+
+def verify_cost(curve: Mapping[int, float], tokens: int) -> float:
+  """c(tokens) relative to one token: linear interpolation between measured T, linear
+  extrapolation from the last two points past the largest (never below the last).
+
+  curve: {T: cost of a T-token cached forward relative to T = 1}. Raises ValueError
+  for a curve without T = 1 or with a non-positive cost."""
+  curve = check_curve(curve)
+  ts = np.asarray(list(curve), np.float64)
+  cs = np.asarray(list(curve.values()), np.float64) / curve[1]
+  if tokens <= ts[-1]:
+    return float(np.interp(tokens, ts, cs))
+  if len(ts) == 1:
+    return float(cs[0] * tokens)  # Nothing measured past one token: assume linear.
+  slope = max((cs[-1] - cs[-2]) / (ts[-1] - ts[-2]), 0.0)
+  return float(cs[-1] + slope * (tokens - ts[-1]))
+
+
+def expected_tokens(histogram: Sequence[float], k: int) -> float:
+  """tokens(k) = E[min(n, k)] + 1 per row-round, n ~ the calibration histogram
+  (histogram[n] = row-rounds that accepted n drafted tokens, drafting K_max =
+  len(histogram) - 1). Raises ValueError for k > K_max or an empty histogram."""
+  h = np.asarray(histogram, np.float64)
+  if h.sum() <= 0:
+    raise ValueError('The calibration histogram is empty (no speculative rounds ran).')
+  if not 0 <= k < len(h):
+    raise ValueError(f'k={k} is outside the calibrated draft lengths 0..{len(h) - 1}.')
+  n = np.arange(len(h))
+  return float((h * np.minimum(n, k)).sum() / h.sum() + 1.0)
+
+
+def measured_overhead(round_steps: float, num_draft: int, curve: Mapping[int, float],
+                      per_token: bool) -> float:
+  """The calibration run's cost beyond its verify calls, in plain steps: per drafted
+  token (per_token) or per round. round_steps: the measured time of one round at
+  num_draft = K_max divided by the measured time of one plain decoding step."""
+  extra = max(round_steps - verify_cost(curve, num_draft + 1), 0.0)
+  return extra / num_draft if per_token else extra
+
+
+def choose_num_draft(histogram: Sequence[float], curve: Mapping[int, float],
+                     overhead: float = 0.0, per_token: bool = False,
+                     margin: float = 1.05) -> Choice:
+  """The draft length with the largest predicted speedup, or 0 (plain decoding) when
+  none is predicted to beat it by `margin` (1.05: a 5% predicted gain is needed, so
+  noise in the calibration does not pick a method that loses).
+
+  histogram: the calibration run's accepted histogram [K_max + 1]; curve: the
+  verify-cost curve {T: cost}; overhead: measured_overhead(...) in plain steps, per
+  drafted token if per_token else per round. Raises ValueError for a bad curve or an
+  empty histogram, or margin < 1.
+  """
+  if margin < 1.0 or math.isnan(margin):
+    raise ValueError(f'margin must be >= 1, got {margin}.')
+  predicted = {0: 1.0}
+  for k in range(1, len(histogram)):
+    cost = verify_cost(curve, k + 1) + overhead * (k if per_token else 1)
+    predicted[k] = expected_tokens(histogram, k) / cost
+  best = max(predicted, key=lambda k: (predicted[k], -k))
+  if predicted[best] < margin:
+    best = 0
+  return Choice(num_draft=best, predicted=predicted)

@@ -1,0 +1,50 @@
+"""The cost model (decoding/cost_model.py): hand-computed predictions and choices."""
+import pytest
+
+from decoding import cost_model
+
+
+def test_expected_tokens_truncates_the_calibrated_acceptance():
+  # K_max = 3: half the rounds accept nothing, half accept all three.
+  histogram = [5, 0, 0, 5]
+  assert cost_model.expected_tokens(histogram, 0) == 1.0
+  assert cost_model.expected_tokens(histogram, 1) == 1.5
+  assert cost_model.expected_tokens(histogram, 3) == 2.5
+  with pytest.raises(ValueError, match='outside the calibrated'):
+    cost_model.expected_tokens(histogram, 4)
+  with pytest.raises(ValueError, match='empty'):
+    cost_model.expected_tokens([0, 0], 1)
+
+
+def test_verify_cost_interpolates_and_extrapolates():
+  curve = {1: 10.0, 2: 12.0, 4: 16.0}        # relative to T = 1: 1, 1.2, 1.6
+  assert cost_model.verify_cost(curve, 1) == 1.0
+  assert cost_model.verify_cost(curve, 3) == pytest.approx(1.4)
+  assert cost_model.verify_cost(curve, 6) == pytest.approx(2.0)  # slope 0.2 per token
+  with pytest.raises(ValueError, match='needs T = 1'):
+    cost_model.verify_cost({2: 1.0}, 2)
+
+
+def test_a_flat_curve_picks_the_longest_draft_a_steep_one_falls_back_to_ar():
+  histogram = [2, 2, 2, 2, 2]                 # n uniform on 0..4
+  flat = {1: 1.0, 8: 1.0}                     # an accelerator: verify is free
+  choice = cost_model.choose_num_draft(histogram, flat)
+  assert choice.num_draft == 4 and choice.predicted_speedup == pytest.approx(3.0)
+  steep = {1: 1.0, 2: 2.0, 8: 8.0}            # compute-bound: T tokens cost T steps
+  choice = cost_model.choose_num_draft(histogram, steep)
+  assert choice.num_draft == 0 and choice.predicted_speedup == 1.0
+  assert choice.predicted[1] == pytest.approx(1.8 / 2.0)
+
+
+def test_overhead_per_round_and_per_drafted_token():
+  curve = {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7}
+  assert cost_model.measured_overhead(2.3, 3, curve, per_token=False) == pytest.approx(1.0)
+  assert cost_model.measured_overhead(2.3, 3, curve, per_token=True) == pytest.approx(1 / 3)
+  histogram = [0, 0, 0, 10]                   # always accepts all three
+  # Per round: k=3 -> 4 / (1.3 + 1) = 1.74; per token (1/3 each): k=3 -> 4 / 2.3 = 1.74 too,
+  # k=1 -> 2 / (1.1 + 1/3) = 1.40.
+  per_round = cost_model.choose_num_draft(histogram, curve, overhead=1.0)
+  per_token = cost_model.choose_num_draft(histogram, curve, overhead=1 / 3, per_token=True)
+  assert per_round.num_draft == per_token.num_draft == 3
+  assert per_token.predicted[1] == pytest.approx(2 / (1.1 + 1 / 3))
+  assert cost_model.choose_num_draft(histogram, curve, overhead=5.0).num_draft == 0
