@@ -48,6 +48,9 @@ class Method:
   # The method-specific fields of `options` this method reads (num_draft, tree, ...); a
   # method-specific field another method reads, set away from its default, is refused.
   options: tuple[str, ...] = ()
+  # The option holding the method's chain draft length (num_draft, jacobi_window), which
+  # may be 'auto' (launch/autotune.py: the cost model's choice); None = no such option.
+  draft_length: Optional[str] = None
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
@@ -166,7 +169,8 @@ def _has_mtp_heads(model) -> None:
 
 register(Method('autoregressive', 'autoregressive', _autoregressive))
 register(Method('speculative', 'speculative', _speculative, second='draft_workdir',
-                drafter=_draft_model, options=('num_draft', 'adaptive_threshold', 'tree')))
+                drafter=_draft_model, options=('num_draft', 'adaptive_threshold', 'tree'),
+                draft_length='num_draft'))
 register(Method('medusa', 'medusa', _heads, second='heads_workdir', drafter=_medusa_heads,
                 tuned_tree=True, options=('tree', 'typical')))
 register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter,
