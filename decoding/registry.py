@@ -193,5 +193,7 @@ register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
                 tuned_tree=True, options=('tree', 'typical')))
 register(Method('lookup', 'lookup', _lookup,
-                options=('num_draft', 'lookup_max_ngram', 'lookup_min_ngram', 'lookup_branches')))
-register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',)))
+                options=('num_draft', 'lookup_max_ngram', 'lookup_min_ngram', 'lookup_branches'),
+                draft_length='num_draft'))
+register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',),
+                draft_length='jacobi_window'))
