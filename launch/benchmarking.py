@@ -490,8 +490,8 @@ def _baseline_rows(config, restored, engines, category, prompts, batch_size, ar,
   lookup = config.get('prompt_lookup_tokens', 0)
   runs = [(e, k) for e in config.get('baselines', ()) for k in dict.fromkeys((0, lookup))]
   for engine, k in runs:
-    name = ('transformers_generate' if engine == 'transformers' else 'llama.cpp') + (
-        f'_prompt_lookup({k})' if k else '')
+    name = f'{engine}_prompt_lookup({k})' if k else (
+        'transformers_generate' if engine == 'transformers' else engine)
     if engine not in engines:  # Not installed or failed to load: in `skipped` once.
       continue
     if batch_size != 1 and (k or engine == 'llama.cpp'):
