@@ -4,7 +4,12 @@
       --config.target_workdir=workdirs/ar_small
 
 Writes bench.json, bench.md and prints the table. Compilation is excluded from timing
-(reported as compile_s); each record is the median of `repeats` timed runs.
+(reported as compile_s); each record is the median of `repeats` timed runs. Latency is
+split into prefill (time to first token, ms per batch call) and decode tokens/s; peak
+host memory per method. The verify-cost curve (one cached call of T tokens relative to
+one token) is measured per batch size and cached in the target's workdir
+(launch/benchmarking.verify_cost_curve reads it back). Real prompts and a real model:
+configs/bench_real.py.
 """
 import ml_collections
 
@@ -35,6 +40,21 @@ def get_config(arg: str | None = None):
   config.naive_reference = True                 # also time a Python loop of jitted steps
   config.batch_sizes = (1, 8)                   # rows per decoding call
   config.temperatures = (0.0, 1.0)              # 0 = greedy
+  config.training_free = False                  # also every method needing no second model
+  # Prompts: '' = the validation split (num_prompts of prompt_len tokens); else a file
+  # (plain text, JSONL or Spec-Bench question.jsonl), reported per category.
+  config.prompt_file = ''
+  config.chat = True                            # render file prompts with the chat template
+  config.prompts_per_category = 0               # 0 = all the file's prompts
+  # Other engines on the target's weights, greedy rows (skipped with a reason if absent):
+  # 'transformers' (generate, and prompt_lookup_num_tokens) and 'llama.cpp' (f32 GGUF).
+  config.baselines = ()
+  config.prompt_lookup_tokens = 10              # their prompt lookup: tokens drafted (0 = off)
+  config.time_prefill = True                    # prefill ms and decode tok/s split
+  config.verify_cost = True                     # the verify-cost curve per batch size
+  config.cost_tokens = (1, 2, 4, 8, 16, 32, 64)
+  config.cost_context = 0                       # filled cache slots; 0 = half the capacity
+  config.cost_capacity = 0                      # cache slots; 0 = the benchmark's capacity
   config.num_prompts = 8                        # prompts from the validation split
   config.prompt_len = 64                        # tokens per prompt (bos included)
   config.max_new_tokens = 128                   # new tokens per prompt

@@ -176,11 +176,11 @@ def _name(method: str, typical: bool, stats: dict) -> str:
   return registry.get(method).label + ('_typical' if typical else '') + tree
 
 
-def _second_models(config) -> dict:
+def _second_models(config, methods) -> dict:
   """{method: restored second model (a draft, heads, or the method's own model)}."""
   from training import checkpoints
   second = {}
-  for name in config.methods:
+  for name in methods:
     method = registry.get(name)
     if method.second or method.own_model:
       workdir = config.get('workdirs', {}).get(name, '')
@@ -191,105 +191,502 @@ def _second_models(config) -> dict:
   return second
 
 
+# ---- memory -------------------------------------------------------------------------------
+
+def reset_peak_memory() -> None:
+  """Starts a new host peak: writing 5 to /proc/self/clear_refs resets the process's
+  peak resident set (VmHWM; Linux >= 4.0). tracemalloc and getrusage miss XLA's
+  allocations (or never reset), so the peak is read from the kernel. No-op elsewhere."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+  except OSError:
+    pass
+
+
+def _status_mb(field: str) -> float | None:
+  """A /proc/self/status memory field (VmHWM, VmRSS) in MiB, or None off Linux."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return None
+
+
+def peak_memory() -> dict:
+  """{'peak_rss_mb': the process's peak resident host memory since reset_peak_memory
+  (MiB; weights, caches, compilation and every engine in the process included),
+  'device_peak_mb': the first device's peak bytes in use (accelerators; None on CPU, whose
+  XLA allocations are host memory, counted in the RSS)}."""
+  stats = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # Backends without memory statistics.  # pylint: disable=broad-except
+    pass
+  device = stats.get('peak_bytes_in_use') if stats else None
+  return dict(peak_rss_mb=_status_mb('VmHWM'),
+              device_peak_mb=None if device is None else device / 2 ** 20)
+
+
+# ---- the verify-cost curve ----------------------------------------------------------------
+
+VERIFY_COST_FILE = 'verify_cost.json'
+VERIFY_COST_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@functools.lru_cache
+def _verify_program(model):
+  """jit: `steps` cached forward calls of T tokens [B, T] written at slots `start` + t, in
+  one lax.fori_loop (as decoding runs them: no host round trip, the cache carried). Each
+  call's tokens are the previous call's greedy choices, so no call can be hoisted out of
+  the loop. The write slots are explicit, so the cache keeps its length (the context)."""
+  vocab = model.config.vocab_size
+
+  @jax.jit
+  def run(params, cache, tokens, start, steps):
+    positions = start[:, None] + jnp.arange(tokens.shape[1])[None]
+
+    def body(_, carry):
+      cache, tokens = carry
+      out = model.apply({'params': params}, tokens, positions, cache=cache,
+                        write_slots=positions)
+      return out.cache, jnp.argmax(out.logits[..., :vocab], -1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, steps, body, (cache, tokens))
+
+  return run
+
+
+@functools.lru_cache
+def _fill_program(model, capacity: int):
+  """jit: a cache of `capacity` slots filled by one prefill call over `tokens` [B, C]."""
+  from models import KVCache
+
+  @jax.jit
+  def fill(params, tokens):
+    batch, context = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(context), tokens.shape)
+    cache = KVCache.empty(model.config, batch, capacity)
+    return model.apply({'params': params}, tokens, positions, cache=cache).cache
+
+  return fill
+
+
+_KEY_FIELDS = ('model', 'model_config', 'backend', 'device', 'batch_size', 'dtype', 'capacity',
+               'context')
+
+
+def verify_cost_key(restored, batch_size: int, context: int, capacity: int) -> dict:
+  """What a verify-cost measurement depends on: the model (its workdir and a digest of its
+  architecture), the backend and device, the batch size, the activation dtype, the cache
+  capacity and the context (filled slots)."""
+  import hashlib
+  config = restored.model.config
+  return dict(model=os.path.abspath(restored.workdir),
+              model_config=hashlib.sha1(repr(config).encode()).hexdigest()[:12],
+              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+              batch_size=batch_size, dtype=jnp.dtype(config.activation_dtype).name,
+              capacity=capacity, context=context)
+
+
+def measure_verify_cost(restored, batch_size: int, context: int, capacity: int | None = None,
+                        tokens=VERIFY_COST_TOKENS, seconds: float = 0.3, repeats: int = 3,
+                        seed: int = 0) -> dict:
+  """Measures the cost of ONE cached forward call of T tokens (a chain verify of T - 1
+  drafted tokens: the target's call in a speculative round, SpecInfer / Leviathan et al.
+  2023 Sec. 3.4's "cost coefficient" seen from the target's side) for each T in `tokens`,
+  on a cache of `capacity` slots holding `context` tokens, at `batch_size` rows.
+
+  Each T is its own compiled program (`_verify_program`): after a compiling run, `steps`
+  calls run in one loop, with steps chosen so a run lasts about `seconds`; the median of
+  `repeats` runs divided by steps is the call's time. Random prompt tokens fill the cache
+  (the cost does not depend on the values). capacity None: context + max(tokens).
+  Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
+  'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
+  Raises ValueError when context + max(tokens) does not fit the capacity or T = 1 is not
+  measured (the curve is relative to it).
+  """
+  tokens = sorted(set(int(t) for t in tokens))
+  capacity = capacity or context + tokens[-1]
+  if tokens[0] != 1 or context < 1 or context + tokens[-1] > capacity:
+    raise ValueError(f'The verify-cost curve needs T = 1 among the token counts and context '
+                     f'({context}) >= 1 with context + max T ({tokens[-1]}) <= capacity '
+                     f'({capacity}).')
+  model, params = restored.model, jax.device_put(restored.params)
+  rng = np.random.default_rng(seed)
+  vocab = model.config.vocab_size
+  filled = _fill_program(model, capacity)(
+      params, jnp.asarray(rng.integers(0, vocab, (batch_size, context)), jnp.int32))
+  run = _verify_program(model)
+  start = jnp.full((batch_size,), context, jnp.int32)
+  ms = []
+  for t in tokens:
+    ids = jnp.asarray(rng.integers(0, vocab, (batch_size, t)), jnp.int32)
+    jax.block_until_ready(run(params, filled, ids, start, 1))  # compiles
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params, filled, ids, start, 1))
+    steps = int(min(max(seconds / max(time.perf_counter() - t0, 1e-6), 1), 1000))
+    times = []
+    for _ in range(max(repeats, 1)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(run(params, filled, ids, start, steps))
+      times.append(time.perf_counter() - t0)
+    ms.append(1e3 * statistics.median(times) / steps)
+  return dict(verify_cost_key(restored, batch_size, context, capacity), tokens=tokens, ms=ms,
+              relative=[m / ms[0] for m in ms], measured_at=time.time())
+
+
+def _read_verify_costs(workdir: str) -> list[dict]:
+  try:
+    with open(os.path.join(workdir, VERIFY_COST_FILE)) as f:
+      entries = json.load(f)
+  except (OSError, ValueError):
+    return []
+  return entries if isinstance(entries, list) else []
+
+
+def _same_key(entry: dict, key: dict) -> bool:
+  return all(entry.get(k) == v for k, v in key.items())
+
+
+def save_verify_cost(workdir: str, entry: dict) -> bool:
+  """Stores a measure_verify_cost entry in WORKDIR/verify_cost.json, replacing one of the
+  same key. Returns False (and writes nothing) when the workdir is not writable."""
+  key = {k: entry[k] for k in _KEY_FIELDS}
+  entries = [e for e in _read_verify_costs(workdir) if not _same_key(e, key)] + [entry]
+  try:
+    with open(os.path.join(workdir, VERIFY_COST_FILE) + '.tmp', 'w') as f:
+      json.dump(entries, f, indent=1)
+    os.replace(os.path.join(workdir, VERIFY_COST_FILE) + '.tmp',
+               os.path.join(workdir, VERIFY_COST_FILE))
+  except OSError:
+    return False
+  return True
+
+
+def load_verify_cost(restored, batch_size: int, context: int, capacity: int) -> dict | None:
+  """The cached curve of this model, backend, device, batch size, dtype, capacity and
+  context (WORKDIR/verify_cost.json of the model's workdir) as {T: relative cost}, or None
+  when none was measured. For a cost model: a round of T target tokens costs
+  relative[T] target calls of one token."""
+  key = verify_cost_key(restored, batch_size, context, capacity)
+  for entry in reversed(_read_verify_costs(restored.workdir)):
+    if _same_key(entry, key):
+      return dict(zip(entry['tokens'], entry['relative']))
+  return None
+
+
+def verify_cost_curve(restored, batch_size: int, context: int, capacity: int | None = None,
+                      tokens=VERIFY_COST_TOKENS, reuse: bool = True, **measure) -> dict:
+  """{T: cost of one cached forward call of T tokens / cost at T = 1} for the restored
+  model on this backend at `batch_size` rows, a cache of `capacity` slots holding `context`
+  tokens (capacity None: context + max(tokens)). With reuse, a cached curve covering
+  `tokens` (load_verify_cost) is returned without measuring; otherwise it is measured
+  (measure_verify_cost; `measure` passes seconds / repeats / seed) and cached in the
+  model's workdir. Raises ValueError as measure_verify_cost does."""
+  capacity = capacity or context + max(tokens)
+  if reuse:
+    cached = load_verify_cost(restored, batch_size, context, capacity)
+    if cached is not None and set(tokens) <= set(cached):
+      return {t: cached[t] for t in sorted(set(tokens))}
+  entry = measure_verify_cost(restored, batch_size, context, capacity, tokens, **measure)
+  save_verify_cost(restored.workdir, entry)
+  return dict(zip(entry['tokens'], entry['relative']))
+
+
+def plot_verify_cost(entries: list[dict], path: str) -> None:
+  """T (log 2) against the relative cost of one call, one line per batch size; the dashed
+  line T is what T one-token calls would cost."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for entry in entries:
+    ax.plot(entry['tokens'], entry['relative'], marker='o',
+            label=f'batch {entry["batch_size"]} ({entry["ms"][0]:.1f} ms at T=1)')
+  top = max(max(e['tokens']) for e in entries)
+  ts = [2 ** i for i in range(top.bit_length()) if 2 ** i <= top]
+  ax.plot(ts, ts, linestyle='--', color='gray', label='T calls of one token')
+  ax.set_xscale('log', base=2)
+  ax.set_yscale('log', base=2)
+  ax.set_xlabel('tokens per call T')
+  ax.set_ylabel('cost / cost of one token')
+  e = entries[0]
+  ax.set_title(f'verify cost: {os.path.basename(e["model"])}, {e["backend"]}, {e["dtype"]}, '
+               f'context {e["context"]}/{e["capacity"]}', fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ---- prompts --------------------------------------------------------------------------------
+
+def prompt_sets(restored, config) -> dict[str, list[list[int]]]:
+  """{category: token prompts} in the model's own tokens: the prompts of
+  config.prompt_file (plain text, JSONL or Spec-Bench question.jsonl;
+  generation.read_prompt_file), rendered with the model's chat template when config.chat
+  and the model has one, grouped by category in file order (no category: 'all'), at most
+  config.prompts_per_category each (0 = all); without a prompt file, the validation split
+  (config.num_prompts of config.prompt_len tokens) as category 'validation'."""
+  from launch import generation
+  if not config.get('prompt_file'):
+    return {'validation': validation_prompts(restored, config.num_prompts, config.prompt_len)}
+  prompts = generation.read_prompt_file(config.prompt_file)
+  if not prompts:
+    raise ValueError(f'{config.prompt_file} holds no prompts.')
+  chat = bool(config.get('chat', True)) and restored.tokenizer.chat_template is not None
+  encoded = generation.encode_prompts(restored.tokenizer, prompts, chat)
+  sets, limit = {}, config.get('prompts_per_category', 0)
+  for prompt, ids in zip(prompts, encoded):
+    group = sets.setdefault(prompt.category or 'all', [])
+    if not limit or len(group) < limit:
+      group.append(ids)
+  return sets
+
+
+def _capacity(config, prompts: list[list[int]]) -> int:
+  """The context limit of a prompt set: the validation prompts' fixed length plus
+  max_new_tokens, or the longest prompt plus max_new_tokens (what launch.decode sizes)."""
+  if not config.get('prompt_file'):
+    return config.prompt_len + config.max_new_tokens
+  return max(map(len, prompts)) + config.max_new_tokens
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+
+_LATENCY = ('prefill_ms', 'decode_tokens_per_s')
+
+
+def _record(name, stats, ar, machine, **fields) -> dict:
+  """A bench row: counts, speed, latency split and memory, with ratios to our AR (`ar`:
+  AR's stats in the same group; None for AR itself)."""
+  ar = ar or stats
+  record = dict(method=name, **fields, mean_accepted=stats.get('mean_accepted', 1.0),
+                target_calls=stats.get('target_calls'), draft_calls=stats.get('draft_calls', 0),
+                new_tokens=stats['new_tokens'], wall_s=stats['wall_s'],
+                tokens_per_s=stats['tokens_per_s'],
+                speedup_vs_ar=stats['tokens_per_s'] / ar['tokens_per_s'],
+                compile_s=stats.get('compile_s'))
+  for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
+              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb'):
+    if key in stats:
+      record[key] = stats[key]
+  if 'decode_tokens_per_s' in stats and 'decode_tokens_per_s' in ar:
+    record['decode_speedup_vs_ar'] = stats['decode_tokens_per_s'] / ar['decode_tokens_per_s']
+  record.update(machine)
+  return record
+
+
+def _baseline_rows(config, restored, engines, category, prompts, batch_size, ar, machine,
+                   skipped) -> list[dict]:
+  """transformers and llama.cpp rows on the target's weights for one prompt set (greedy);
+  engines: {'transformers': model | None, 'llama.cpp': LlamaCpp | None} built once."""
+  from launch import baselines
+  rows, tok = [], restored.tokenizer
+  lookup = config.get('prompt_lookup_tokens', 0)
+  runs = [(e, k) for e in config.get('baselines', ()) for k in dict.fromkeys((0, lookup))]
+  for engine, k in runs:
+    name = f'{engine}_prompt_lookup({k})' if k else (
+        'transformers_generate' if engine == 'transformers' else engine)
+    if engine not in engines:  # Not installed or failed to load: in `skipped` once.
+      continue
+    if batch_size != 1 and (k or engine == 'llama.cpp'):
+      skipped.setdefault(f'{name} batch {batch_size}',
+                         f'{engine} drafts / decodes one row at a time here (batch 1 only)')
+      continue
+    reset_peak_memory()
+    if engine == 'transformers':
+      completions, stats = baselines.hf_generate(
+          engines[engine], prompts, batch_size, config.max_new_tokens, tok.eos_ids, tok.pad_id,
+          config.repeats, prompt_lookup=k, time_prefill=True)
+    else:
+      completions, stats = engines[engine].generate(prompts, config.max_new_tokens, tok.eos_ids,
+                                                    prompt_lookup=k, repeats=config.repeats)
+    stats.update(peak_memory())
+    rows.append(_record(name, stats, ar[1], machine, engine=engine, category=category,
+                        lossless=True, batch_size=batch_size, temperature=0.0,
+                        matches_ar=completions == ar[0], ar_agreement=None))
+  return rows
+
+
+def _engines(config, restored, capacity: int, directory: str, skipped: dict) -> dict:
+  """The other engines config.baselines names, loaded once on the target's weights; one
+  that cannot run is skipped with its reason in `skipped`."""
+  from launch import baselines
+  engines = {}
+  for engine in config.get('baselines', ()):
+    if engine not in baselines.ENGINES:
+      raise ValueError(f'Unknown baseline {engine!r}; known: {", ".join(baselines.ENGINES)}.')
+    reason = baselines.unavailable(engine)
+    if reason is not None:
+      skipped[engine] = reason
+      continue
+    if engine == 'transformers':
+      import torch
+      torch.set_num_threads(os.cpu_count() or 1)
+      engines[engine] = baselines.load_transformers(restored, os.path.join(directory, 'hf'))
+    else:
+      try:
+        engines[engine] = baselines.LlamaCpp(restored, os.path.join(directory, 'model-f32.gguf'),
+                                             capacity)
+      except Exception as e:  # pylint: disable=broad-except
+        # An optional engine built outside this project: its failure to load is reported
+        # as a skip, not allowed to end the benchmark of our own methods.
+        skipped[engine] = f'failed to load: {type(e).__name__}: {e}'.splitlines()[0]
+  return engines
+
+
+def _methods(config) -> list[str]:
+  """config.methods, plus (config.training_free) every registered method that decodes the
+  target with no second model (autoregressive, prompt lookup, Jacobi, ...)."""
+  methods = list(config.methods)
+  if config.get('training_free', False):
+    methods += [m.name for m in registry.METHODS.values()
+                if m.second is None and not m.own_model and m.name not in methods]
+  for name in methods:
+    registry.get(name)  # Unknown names fail here, before any work.
+  return methods
+
+
 def run(config, workdir: str) -> list[dict]:
-  """One record per model x method x batch size x temperature, each model's AR first:
-  the target with every method that decodes it, then (if 'mtp' is in config.methods)
-  the multi-token prediction model with its own AR and its self-speculation."""
+  """One record per prompt category x model x method x batch size x temperature, each
+  model's AR first in its group: the target with every method that decodes it, then (if
+  'mtp' is in config.methods) the multi-token prediction model with its own AR and its
+  self-speculation; at temperature 0 the other engines of config.baselines on the target's
+  weights; then (config.naive_reference) the naive Python loop.
+
+  Writes WORKDIR/bench.json ({'records', 'verify_cost', 'skipped'}), bench.md (the
+  table, the per-category table, the verify-cost curve, what was skipped and why),
+  bench.png and (config.verify_cost) verify_cost.png. Returns the records.
+  """
+  import tempfile
   from launch import generation
   from training import checkpoints
   registry.load_plugins(config.get('plugins', ()))
-  for name in config.methods:
-    registry.get(name)  # Unknown names fail here, before any work.
+  methods = _methods(config)
   restored = checkpoints.restore_model(config.target_workdir)
-  second = _second_models(config)
+  second = _second_models(config, methods)
   # (model, its label, [(method, tree, typical)]): speedups are against that model's AR.
-  on_target = [m for m in config.methods if not registry.get(m).own_model]
+  on_target = [m for m in methods if not registry.get(m).own_model]
   suites = [(restored, '', _method_variants(config, on_target))]
-  for name in config.methods:
+  for name in methods:
     if registry.get(name).own_model:
       suites.append((second.pop(name), f'{name} model', _method_variants(config, [name])))
-  # The same validation texts for every model, in each model's own tokens.
-  prompts = {id(model): validation_prompts(model, config.num_prompts, config.prompt_len)
-             for model, _, _ in suites}
+  # The same texts for every model, in each model's own tokens.
+  sets = {id(model): prompt_sets(model, config) for model, _, _ in suites}
+  categories = list(sets[id(restored)])
   machine = {'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
              'devices': jax.device_count(), 'host': platform.processor() or platform.machine(),
              'cpu_count': os.cpu_count(), 'jax': jax.__version__}
   groups = [(b, t) for b in config.batch_sizes for t in config.temperatures]
-  bar = tqdm.tqdm(total=len(groups) * sum(len(s[2]) for s in suites), desc='bench',
-                  dynamic_ncols=True)
-  records = []
-  for batch_size, temperature in groups:
-    options = generation.DecodeOptions(
-        max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
-        batch_size=batch_size, max_context=config.prompt_len + config.max_new_tokens,
-        num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
-        plugins=tuple(config.get('plugins', ())))
-    for model, label, methods in suites:
-      ar = None
-      for method, tree, typical in methods:
-        bar.set_postfix(method=method + tree, batch=batch_size, temperature=temperature)
-        method_options = registry.options_for(
-            registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
-        completions, stats = generation.decode_tokens(
-            model, prompts[id(model)], method, method_options, second.get(method),
-            repeats=config.repeats)
-        name = _name(method, typical, stats) + (
-            f'({label})' if method == 'autoregressive' and label else '')
-        bar.update(1)
-        ar = ar or (completions, stats)
-        lossless = stats['lossless']
-        records.append(dict(
-            method=name, lossless=lossless,
-            batch_size=batch_size, temperature=temperature,
-            mean_accepted=stats.get('mean_accepted', 1.0), target_calls=stats['target_calls'],
-            draft_calls=stats.get('draft_calls', 0), new_tokens=stats['new_tokens'],
-            wall_s=stats['wall_s'], tokens_per_s=stats['tokens_per_s'],
-            speedup_vs_ar=stats['tokens_per_s'] / ar[1]['tokens_per_s'],
-            compile_s=stats['compile_s'],
-            matches_ar=(completions == ar[0]) if lossless and temperature == 0 else None,
-            ar_agreement=(ar_agreement(restored.model, restored.params, prompts[id(restored)],
-                                       ar[0], completions)
-                          if lossless and temperature == 0 and model is restored else None),
-            **machine))
-      if model is restored:
-        target_ar = ar
-    if config.naive_reference and temperature == 0:
-      naive = _naive_record(restored, prompts[id(restored)], config, batch_size, target_ar[0])
-      naive['speedup_vs_ar'] = naive['tokens_per_s'] / target_ar[1]['tokens_per_s']
-      records.append(dict(naive, batch_size=batch_size, temperature=temperature, **machine))
+  bar = tqdm.tqdm(total=len(groups) * len(categories) * sum(len(s[2]) for s in suites),
+                  desc='bench', dynamic_ncols=True)
+  records, skipped = [], {}
+  time_prefill = config.get('time_prefill', True)
+  with tempfile.TemporaryDirectory() as exports:
+    capacity = max(_capacity(config, p) for p in sets[id(restored)].values())
+    engines = _engines(config, restored, capacity, exports, skipped)
+    for batch_size, temperature in groups:
+      for category in categories:
+        for model, label, variants in suites:
+          prompts = sets[id(model)][category]
+          options = generation.DecodeOptions(
+              max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
+              batch_size=batch_size, max_context=_capacity(config, prompts),
+              num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
+              plugins=tuple(config.get('plugins', ())))
+          ar = None
+          for method, tree, typical in variants:
+            bar.set_postfix(method=method + tree, category=category, batch=batch_size,
+                            temperature=temperature)
+            method_options = registry.options_for(
+                registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
+            reset_peak_memory()
+            completions, stats = generation.decode_tokens(
+                model, prompts, method, method_options, second.get(method),
+                repeats=config.repeats, time_prefill=time_prefill)
+            stats.update(peak_memory())
+            name = _name(method, typical, stats) + (
+                f'({label})' if method == 'autoregressive' and label else '')
+            bar.update(1)
+            ar = ar or (completions, stats)
+            lossless = stats['lossless']
+            greedy_lossless = lossless and temperature == 0
+            records.append(_record(
+                name, stats, ar[1], machine, engine='ours', category=category,
+                lossless=lossless, batch_size=batch_size, temperature=temperature,
+                matches_ar=(completions == ar[0]) if greedy_lossless else None,
+                ar_agreement=(ar_agreement(restored.model, restored.params, prompts, ar[0],
+                                           completions)
+                              if greedy_lossless and model is restored else None)))
+          if model is restored:
+            target_ar, target_prompts = ar, prompts
+        if temperature == 0:
+          records += _baseline_rows(config, restored, engines, category, target_prompts,
+                                    batch_size, target_ar, machine, skipped)
+        if config.naive_reference and temperature == 0 and not config.get('prompt_file'):
+          naive = _naive_record(restored, target_prompts, config, batch_size, target_ar[0])
+          naive['speedup_vs_ar'] = naive['tokens_per_s'] / target_ar[1]['tokens_per_s']
+          records.append(dict(naive, engine='ours', category=category, batch_size=batch_size,
+                              temperature=temperature, **machine))
   bar.close()
+  curves = []
+  if config.get('verify_cost', False):
+    for batch_size in config.batch_sizes:
+      context = config.get('cost_context', 0) or capacity // 2
+      cost_capacity = config.get('cost_capacity', 0) or capacity
+      entry = measure_verify_cost(restored, batch_size, context,
+                                  max(cost_capacity, context + max(config.cost_tokens)),
+                                  config.cost_tokens)
+      save_verify_cost(restored.workdir, entry)
+      curves.append(entry)
   os.makedirs(workdir, exist_ok=True)
+  skipped_list = [dict(what=k, reason=v) for k, v in skipped.items()]
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:
-    json.dump(records, f, indent=1)
-  table = markdown_table(records)
+    json.dump(dict(records=records, verify_cost=curves, skipped=skipped_list), f, indent=1)
   with open(os.path.join(workdir, 'bench.md'), 'w') as f:
-    f.write(table)
+    f.write(report(records, curves, skipped_list))
   plot(records, os.path.join(workdir, 'bench.png'))
+  if curves:
+    plot_verify_cost(curves, os.path.join(workdir, 'verify_cost.png'))
   return records
+
+
+def _group(r: dict) -> tuple:
+  return (r['batch_size'], r['temperature'], r.get('category', ''))
+
+
+def _group_label(group: tuple) -> str:
+  batch, temperature, category = group
+  return f'batch {batch}\nT={temperature:g}' + (f'\n{category}' if category else '')
 
 
 def plot(records: list[dict], path: str) -> None:
   """Speedup over autoregressive and tau per method, one group of bars per
-  (batch size, temperature)."""
+  (batch size, temperature, prompt category)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  groups = sorted({(r['batch_size'], r['temperature']) for r in records})
+  groups = list(dict.fromkeys(_group(r) for r in records))
   methods = list(dict.fromkeys(r['method'] for r in records))
-  by_key = {(r['method'], r['batch_size'], r['temperature']): r for r in records}
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  by_key = {(r['method'], *_group(r)): r for r in records}
+  fig, axes = plt.subplots(1, 2, figsize=(max(12, 2.2 * len(groups)), 4.5))
   width = 0.8 / len(methods)
   for panel, (key, title) in zip(axes, (('speedup_vs_ar', 'wall-clock speedup vs AR'),
                                          ('mean_accepted', 'tokens per target call (tau)'))):
     for i, method in enumerate(methods):
-      values = [by_key.get((method, b, t), {}).get(key, float('nan')) for b, t in groups]
+      values = [by_key.get((method, *g), {}).get(key, float('nan')) for g in groups]
       panel.bar([g + i * width for g in range(len(groups))], values, width, label=method)
     panel.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    panel.set_xticklabels([f'batch {b}\nT={t:g}' for b, t in groups])
+    panel.set_xticklabels([_group_label(g) for g in groups], fontsize=8)
     panel.set_title(title)
     if key == 'speedup_vs_ar':
       panel.axhline(1.0, color='black', linewidth=0.8)
-  axes[0].legend(fontsize=8)
+  axes[0].legend(fontsize=7)
   machine = records[0]
   fig.suptitle(f'{machine["backend"]} ({machine["device"]}), JAX {machine["jax"]}')
   fig.tight_layout()
@@ -297,15 +694,71 @@ def plot(records: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def _cell(value) -> str:
+  return f'{value:.2f}' if isinstance(value, float) else str(value)
+
+
 def markdown_table(records: list[dict]) -> str:
-  cols = ['method', 'batch_size', 'temperature', 'lossless', 'matches_ar', 'ar_agreement',
-          'mean_accepted',
-          'target_calls', 'draft_calls', 'tokens_per_s', 'speedup_vs_ar', 'compile_s']
+  """One row per record: counts, tau, speed, the latency split (prefill ms per batch call =
+  time to first token; decode tokens/s after the first token, and its ratio to our AR's)
+  and the peak host memory (MiB)."""
+  cols = ['method', 'category', 'batch_size', 'temperature', 'lossless', 'matches_ar',
+          'ar_agreement', 'mean_accepted', 'target_calls', 'draft_calls', 'tokens_per_s',
+          'speedup_vs_ar', 'prefill_ms', 'decode_tokens_per_s', 'decode_speedup_vs_ar',
+          'compile_s', 'peak_rss_mb']
+  if any(r.get('device_peak_mb') is not None for r in records):
+    cols.append('device_peak_mb')
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for r in records:
-    cells = [f'{r.get(c):.2f}' if isinstance(r.get(c), float) else str(r.get(c)) for c in cols]
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    lines.append('| ' + ' | '.join(_cell(r.get(c)) for c in cols) + ' |')
   machine = records[0]
   lines.append(f'\n{machine["backend"]} ({machine["device"]}, {machine["devices"]} device(s), '
                f'{machine["cpu_count"]} CPUs), JAX {machine["jax"]}')
   return '\n'.join(lines) + '\n'
+
+
+def category_table(records: list[dict], key: str = 'decode_speedup_vs_ar') -> str:
+  """Methods x prompt categories of `key` (default: decode tokens/s over our AR's), one
+  table per (batch size, temperature)."""
+  out = []
+  for batch, temperature in dict.fromkeys((r['batch_size'], r['temperature']) for r in records):
+    rows = [r for r in records if (r['batch_size'], r['temperature']) == (batch, temperature)]
+    categories = list(dict.fromkeys(r.get('category', '') for r in rows))
+    out += [f'{key}, batch {batch}, temperature {temperature:g}:', '',
+            '| method | ' + ' | '.join(categories) + ' |', '|---|' + '---|' * len(categories)]
+    values = {(r['method'], r.get('category', '')): r.get(key) for r in rows}
+    for method in dict.fromkeys(r['method'] for r in rows):
+      out.append(f'| {method} | ' + ' | '.join(_cell(values.get((method, c)))
+                                               for c in categories) + ' |')
+    out.append('')
+  return '\n'.join(out)
+
+
+def verify_cost_table(curves: list[dict]) -> str:
+  """T x batch size: cost of one cached forward call of T tokens relative to T = 1."""
+  if not curves:
+    return ''
+  tokens = curves[0]['tokens']
+  e = curves[0]
+  lines = [f'Verify cost (one cached call of T tokens / one token; {e["backend"]}, {e["dtype"]}, '
+           f'context {e["context"]} of capacity {e["capacity"]}):', '',
+           '| batch | ms at T=1 | ' + ' | '.join(f'T={t}' for t in tokens) + ' |',
+           '|---|---|' + '---|' * len(tokens)]
+  for c in curves:
+    lines.append(f'| {c["batch_size"]} | {c["ms"][0]:.2f} | ' +
+                 ' | '.join(f'{v:.2f}' for v in c['relative']) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def report(records: list[dict], curves=(), skipped=()) -> str:
+  """bench.md: the full table, the per-category decode speedups, the verify-cost curve and
+  the rows skipped (with why)."""
+  parts = [markdown_table(records)]
+  if any('decode_speedup_vs_ar' in r for r in records):
+    parts.append(category_table(records))
+  if curves:
+    parts.append(verify_cost_table(list(curves)))
+  if skipped:
+    parts.append('Skipped:\n' + '\n'.join(f'- {s["what"]}: {s["reason"]}' for s in skipped) +
+                 '\n')
+  return '\n'.join(parts)

@@ -16,9 +16,7 @@ Needs the `hf` extra (torch, transformers).
 import dataclasses
 import json
 import os
-import statistics
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -51,32 +49,12 @@ def _imported(workdir: str, directory: str):
   return restored, reference
 
 
-def _time_hf(fn, repeats):
-  fn()  # warm-up
-  times, out = [], None
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
-
-
 def _hf_generate(model, prompts, batch_size, max_new, eos, repeats, assistant=None):
-  """transformers greedy generate over `prompts` (all one length) in batches."""
-  import torch
-  wall, completions = 0.0, []
-  for start in range(0, len(prompts), batch_size):
-    ids = torch.tensor(prompts[start:start + batch_size])
-    kwargs = dict(do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
-                  pad_token_id=eos, attention_mask=torch.ones_like(ids))
-    if assistant is not None:
-      kwargs['assistant_model'] = assistant
-    with torch.no_grad():
-      seconds, out = _time_hf(lambda: model.generate(ids, **kwargs), repeats)
-    wall += seconds
-    for row in out[:, ids.shape[1]:].tolist():
-      completions.append(row[:row.index(eos) + 1] if eos in row else row)
-  return completions, wall
+  """-> (transformers' greedy completions, wall seconds): launch.baselines.hf_generate."""
+  from launch import baselines
+  completions, stats = baselines.hf_generate(model, prompts, batch_size, max_new, eos, eos,
+                                             repeats, assistant=assistant)
+  return completions, stats['wall_s']
 
 
 def compare(workdir, draft_workdir, batch_sizes, num_prompts, prompt_len, max_new, num_draft,

@@ -247,14 +247,35 @@ def _build(restored, method: registry.Method, options: DecodeOptions, capacity: 
   return config, drafter, params
 
 
+def _median_seconds(compiled, arguments: dict, repeats: int):
+  """(median wall seconds of `repeats` >= 1 runs of a compiled program, its output)."""
+  times, out = [], None
+  for _ in range(max(repeats, 1)):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(**arguments))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), out
+
+
 def decode_tokens(restored, prompts: list[list[int]], method: str, options: DecodeOptions,
-                  draft=None, repeats: int = 1) -> tuple[list[list[int]], dict]:
+                  draft=None, repeats: int = 1,
+                  time_prefill: bool = False) -> tuple[list[list[int]], dict]:
   """Decodes token prompts in batches of one shape (one compilation, excluded from
   wall_s). With repeats > 1 each batch runs that many times and the median counts.
 
   restored / draft: checkpoints.RestoredModel of the target and of the method's second
   model (a draft, heads), or None. Returns (new tokens per prompt, stats); stats'
   finish_reasons holds, per prompt, why it ended (driver.Output.finish_reasons).
+
+  time_prefill: also time the prefill alone (time to first token), so that latency reads
+  as users read it: stats gain prefill_s (seconds, summed over batches like wall_s),
+  prefill_ms (per batch call: the time to first token), decode_s = wall_s - prefill_s,
+  decode_tokens (new tokens after each row's first) and decode_tokens_per_s. The prefill
+  program is `driver.generate` itself with max_new_tokens = 1 on the same shapes (same
+  cache capacity, same prompts): the prefill call, the first token and the proposer's
+  start, after which every row is done and the loop runs no round. It is the same code as
+  the front of the full program, not a copy of it, at the price of a second compilation
+  (prefill_compile_s, not in compile_s).
   Raises ValueError for an unknown method, bad options or prompts, a missing or wrong
   second model.
   """
@@ -282,6 +303,9 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
                                     sharding.param_shardings(drafter.module, mesh))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
+  first_token = dataclasses.replace(config, max_new_tokens=1) if time_prefill else None
+  if time_prefill:
+    stats.update(prefill_s=0.0, prefill_compile_s=0.0)
   if getattr(config, 'tree', None) is not None:
     stats['tree'] = str(config.tree)
   histogram, draft_calls, compiled, finishes = None, 0, None, []
@@ -298,12 +322,15 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
         compiled = driver.generate.lower(model=model, config=config, drafter=drafter.module,
                                          **dynamic).compile()
         stats['compile_s'] = time.perf_counter() - t0
-      times = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(**dynamic))
-        times.append(time.perf_counter() - t0)
-      stats['wall_s'] += statistics.median(times)
+        if time_prefill:
+          t0 = time.perf_counter()
+          prefill_only = driver.generate.lower(model=model, config=first_token,
+                                               drafter=drafter.module, **dynamic).compile()
+          stats['prefill_compile_s'] = time.perf_counter() - t0
+      seconds, out = _median_seconds(compiled, dynamic, repeats)
+      stats['wall_s'] += seconds
+      if time_prefill:
+        stats['prefill_s'] += _median_seconds(prefill_only, dynamic, repeats)[0]
       new = out.completions()[:len(chunk)]
       completions += new
       finishes += out.finish_reasons()[:len(chunk)]
@@ -314,6 +341,14 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
         histogram = h if histogram is None else histogram + h
         draft_calls += int(out.stats['draft_calls'])
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
+  if time_prefill:
+    calls = -(-len(prompts) // batch)
+    stats['prefill_ms'] = 1e3 * stats['prefill_s'] / calls
+    # The prefill program's time is part of the full program's; what is left is the
+    # rounds. Noise can make it tiny on very short runs: floored, never negative.
+    stats['decode_s'] = max(stats['wall_s'] - stats['prefill_s'], 1e-9)
+    stats['decode_tokens'] = stats['new_tokens'] - len(prompts)
+    stats['decode_tokens_per_s'] = stats['decode_tokens'] / stats['decode_s']
   # Per prompt: {'reason': 'stop', 'stop_id': id} | {'reason': 'length'} | {'reason': 'context'}.
   stats['finish_reasons'] = finishes
   stats['lossless'] = entry.lossless(config)

@@ -1,9 +1,16 @@
-"""launch.bench end to end on the tiny model: records, schema, lossless outputs."""
+"""launch.bench end to end on the tiny model: records, schema, lossless outputs, the
+latency split, the verify-cost curve and its cache, real-prompt files per category, and
+the other engines' rows (or their skip). Nothing here asserts a speed."""
 import json
 import os
 
+import pytest
+
 from configs import bench as bench_config
-from launch import benchmarking
+from configs import bench_real
+from launch import baselines, benchmarking, generation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_records_and_tables(trained_tiny, tmp_path):
@@ -18,13 +25,35 @@ def test_bench_records_and_tables(trained_tiny, tmp_path):
   config.prompt_len = 12
   config.max_new_tokens = 8
   config.repeats = 1
+  config.cost_tokens = (1, 2, 4)
+  config.cost_context = 6
   records = benchmarking.run(config, str(tmp_path))
   with open(tmp_path / 'bench.json') as f:
-    assert json.load(f) == records
+    saved = json.load(f)
+  assert saved['records'] == records
   assert os.path.exists(tmp_path / 'bench.md') and os.path.getsize(tmp_path / 'bench.png') > 0
   keys = {'method', 'lossless', 'batch_size', 'temperature', 'mean_accepted', 'target_calls',
-          'tokens_per_s', 'speedup_vs_ar', 'compile_s', 'backend', 'device', 'matches_ar'}
+          'tokens_per_s', 'speedup_vs_ar', 'compile_s', 'backend', 'device', 'matches_ar',
+          'category', 'engine'}
   assert all(keys <= set(r) for r in records)
+  for r in records:
+    if r['method'] == 'naive_python_loop':
+      continue
+    # The latency split: the first token of each prompt is the prefill's.
+    assert r['decode_tokens'] == r['new_tokens'] - config.num_prompts
+    assert r['prefill_ms'] > 0 and r['decode_tokens_per_s'] > 0 and r['peak_rss_mb'] > 0
+    assert r['decode_s'] <= r['wall_s']
+  # The verify-cost curve: per batch size, T = 1, 2, 4, relative to T = 1, plotted, and
+  # cached in the target's workdir under its key.
+  (curve,) = saved['verify_cost']
+  assert curve['tokens'] == [1, 2, 4] and curve['relative'][0] == 1.0
+  assert curve['batch_size'] == 3 and curve['context'] == 6 and curve['capacity'] == 20
+  assert len(curve['ms']) == 3 and all(m > 0 for m in curve['ms'])
+  assert os.path.getsize(tmp_path / 'verify_cost.png') > 0
+  cached = benchmarking.load_verify_cost(trained_tiny, 3, 6, 20)
+  assert cached == dict(zip(curve['tokens'], curve['relative']))
+  assert benchmarking.load_verify_cost(trained_tiny, 5, 6, 20) is None  # another batch size
+  assert 'Verify cost' in (tmp_path / 'bench.md').read_text()
   methods = [(r['method'], r['batch_size'], r['temperature']) for r in records]
   spec, tree = 'speculative', 'speculative(2,1)'
   assert methods == [
@@ -70,3 +99,107 @@ def test_bench_with_heads_and_an_mtp_model(trained_tiny, trained_medusa, trained
   assert all(r['speedup_vs_ar'] == r['tokens_per_s'] / mtp_ar['tokens_per_s']
              for r in records[5:])
   assert all(r['mean_accepted'] >= 1.0 for r in records)
+
+
+def test_verify_cost_api(trained_tiny, tmp_path, monkeypatch):
+  """verify_cost_curve measures (T up to 4), caches under its key, reuses the cache and
+  refuses impossible settings before measuring."""
+  import dataclasses
+  import shutil
+  workdir = tmp_path / 'model'
+  shutil.copytree(trained_tiny.workdir, workdir,
+                  ignore=shutil.ignore_patterns(benchmarking.VERIFY_COST_FILE))
+  restored = dataclasses.replace(trained_tiny, workdir=str(workdir))
+  curve = benchmarking.verify_cost_curve(restored, 2, context=5, capacity=12, tokens=(1, 2, 4),
+                                         seconds=0.01, repeats=1)
+  assert sorted(curve) == [1, 2, 4] and curve[1] == 1.0 and all(v > 0 for v in curve.values())
+  with open(workdir / benchmarking.VERIFY_COST_FILE) as f:
+    (entry,) = json.load(f)
+  assert (entry['batch_size'], entry['context'], entry['capacity'], entry['dtype']) == (
+      2, 5, 12, 'float32')
+
+  def no_measuring(*args, **kwargs):
+    raise AssertionError('measured again although the curve is cached')
+
+  monkeypatch.setattr(benchmarking, 'measure_verify_cost', no_measuring)
+  assert benchmarking.verify_cost_curve(restored, 2, context=5, capacity=12,
+                                        tokens=(1, 2)) == {1: 1.0, 2: curve[2]}
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match='capacity'):
+    benchmarking.measure_verify_cost(restored, 1, context=10, capacity=12, tokens=(1, 4))
+  with pytest.raises(ValueError, match='T = 1'):
+    benchmarking.measure_verify_cost(restored, 1, context=2, capacity=12, tokens=(2, 4))
+
+
+def test_specbench_mini_prompt_file():
+  """The shipped prompt set parses as Spec-Bench question.jsonl with its four categories."""
+  prompts = generation.read_prompt_file(os.path.join(REPO, bench_real.get_config().prompt_file))
+  categories = [p.category for p in prompts]
+  assert sorted(set(categories)) == ['code_editing', 'qa', 'rag', 'summarization']
+  assert all(categories.count(c) == 4 for c in set(categories))
+  assert all(p.text and p.id for p in prompts)
+  assert max(len(p.text) for p in prompts) > 3000  # some prompts of about 1000 tokens
+
+
+def _real_prompts_config(trained_tiny, tmp_path):
+  path = tmp_path / 'question.jsonl'
+  lines = [dict(question_id=1, category='code', turns=['def add(a, b):\n  return a + b\n']),
+           dict(question_id=2, category='chat', turns=['Hello there, how are you']),
+           dict(question_id=3, category='code', turns=['import os\nimport sys\nimport os']),
+           dict(question_id=4, category='chat', turns=['What is a tree?', 'And a forest?'])]
+  path.write_text('\n'.join(json.dumps(line) for line in lines) + '\n')
+  config = bench_real.get_config()
+  config.target_workdir = trained_tiny.workdir
+  config.prompt_file = str(path)
+  config.training_free = False
+  config.batch_sizes = (1, 2)
+  config.max_new_tokens = 6
+  config.prompt_lookup_tokens = 3
+  config.verify_cost = False
+  return config
+
+
+def test_bench_real_prompts_per_category(trained_tiny, tmp_path):
+  """Records per category, each category's AR first; transformers rows on the same weights
+  where installed (greedy: the same tokens as ours), llama.cpp skipped with a reason where
+  llama-cpp-python is absent; the per-category table in bench.md."""
+  config = _real_prompts_config(trained_tiny, tmp_path)
+  records = benchmarking.run(config, str(tmp_path / 'out'))
+  with open(tmp_path / 'out' / 'bench.json') as f:
+    saved = json.load(f)
+  ours = [(r['category'], r['batch_size'], r['method']) for r in records if r['engine'] == 'ours']
+  assert ours == [('code', 1, 'autoregressive'), ('chat', 1, 'autoregressive'),
+                  ('code', 2, 'autoregressive'), ('chat', 2, 'autoregressive')]
+  assert all(r['new_tokens'] <= 2 * 6 and r['prefill_ms'] > 0 for r in records)
+  skipped = {s['what']: s['reason'] for s in saved['skipped']}
+  hf = [r for r in records if r['engine'] == 'transformers']
+  if baselines.unavailable('transformers') is None:
+    # batch 1: greedy and prompt lookup; batch 2: greedy only (its drafting is one row).
+    assert [(r['category'], r['batch_size'], r['method']) for r in hf] == [
+        ('code', 1, 'transformers_generate'), ('code', 1, 'transformers_prompt_lookup(3)'),
+        ('chat', 1, 'transformers_generate'), ('chat', 1, 'transformers_prompt_lookup(3)'),
+        ('code', 2, 'transformers_generate'), ('chat', 2, 'transformers_generate')]
+    assert all(r['matches_ar'] for r in hf if r['batch_size'] == 1)
+    assert 'transformers_prompt_lookup(3) batch 2' in skipped
+  if baselines.unavailable('llama.cpp') is not None:
+    assert 'not installed' in skipped['llama.cpp']
+    assert not [r for r in records if r['engine'] == 'llama.cpp']
+  report = (tmp_path / 'out' / 'bench.md').read_text()
+  assert '| method | code | chat |' in report and 'Skipped:' in report
+
+
+def test_bench_skips_an_absent_engine(trained_tiny, tmp_path, monkeypatch):
+  """Without transformers the bench still runs ours and says why the row is missing."""
+  config = _real_prompts_config(trained_tiny, tmp_path)
+  config.batch_sizes = (1,)
+  config.time_prefill = False
+  real = baselines.unavailable
+  monkeypatch.setattr(baselines, 'unavailable', lambda engine: (
+      'transformers, torch not installed (pip install -e .[hf])' if engine == 'transformers'
+      else real(engine)))
+  records = benchmarking.run(config, str(tmp_path / 'out'))
+  assert {r['engine'] for r in records} == {'ours'}
+  assert all('prefill_ms' not in r for r in records)
+  with open(tmp_path / 'out' / 'bench.json') as f:
+    skipped = {s['what']: s['reason'] for s in json.load(f)['skipped']}
+  assert skipped['transformers'].startswith('transformers, torch not installed')

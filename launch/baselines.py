@@ -1,0 +1,157 @@
+"""Other engines on the same weights, in the same run as ours (launch.bench, launch.compare_hf):
+
+  transformers `generate` on the workdir exported to the Hugging Face layout: greedy, and
+    with `prompt_lookup_num_tokens` (its prompt-lookup drafting, Saxena 2023);
+  llama.cpp (the `llama-cpp-python` package) on an f32 GGUF export of the workdir: greedy,
+    and with its prompt-lookup drafting (llama_speculative.LlamaPromptLookupDecoding).
+
+Each engine reports what ours reports (training-free rows of the bench table): new tokens,
+wall seconds, and the split of latency into prefill (time to first token) and decoding.
+An engine that is not installed is skipped with a one-line reason (`unavailable`), never
+installed from here: llama-cpp-python builds from source for minutes.
+"""
+import importlib.util
+import os
+import statistics
+import time
+
+ENGINES = ('transformers', 'llama.cpp')
+_PACKAGES = {'transformers': ('transformers', 'torch'), 'llama.cpp': ('llama_cpp',)}
+
+
+def unavailable(engine: str) -> str | None:
+  """None when `engine` (one of ENGINES) can run here, else why not (one line)."""
+  missing = [p for p in _PACKAGES[engine] if importlib.util.find_spec(p) is None]
+  if missing:
+    install = {'transformers': 'pip install -e .[hf]', 'llama.cpp': 'pip install llama-cpp-python'}
+    return f'{", ".join(missing)} not installed ({install[engine]})'
+  return None
+
+
+def cut_at_stop(ids: list[int], eos_ids) -> list[int]:
+  """The tokens up to and including the first stop id (our completions' convention)."""
+  stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+  return ids if stop is None else ids[:stop + 1]
+
+
+def latency_stats(new_tokens: int, wall_s: float, prefill_s: float, calls: int,
+                  num_prompts: int) -> dict:
+  """The latency fields every bench row carries (launch.generation.decode_tokens' names):
+  seconds summed over `calls` batch calls; the first token of each prompt is the prefill's."""
+  decode_s = max(wall_s - prefill_s, 1e-9)
+  return dict(new_tokens=new_tokens, wall_s=wall_s, tokens_per_s=new_tokens / max(wall_s, 1e-9),
+              prefill_s=prefill_s, prefill_ms=1e3 * prefill_s / max(calls, 1),
+              decode_s=decode_s, decode_tokens=new_tokens - num_prompts,
+              decode_tokens_per_s=(new_tokens - num_prompts) / decode_s)
+
+
+def load_transformers(restored, directory: str):
+  """The workdir's model exported to `directory` (Hugging Face layout) and loaded by
+  transformers in float32: the same weights our decoders read."""
+  import torch
+  import transformers
+  from launch import conversion
+  conversion.export_hf(restored.workdir, directory)
+  return transformers.AutoModelForCausalLM.from_pretrained(directory,
+                                                           dtype=torch.float32).eval()
+
+
+def _median_run(fn, repeats: int):
+  times, out = [], None
+  for _ in range(max(repeats, 1)):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), out
+
+
+def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
+                eos_ids, pad_id: int, repeats: int = 1, assistant=None,
+                prompt_lookup: int = 0, time_prefill: bool = False):
+  """transformers greedy `generate` over token prompts in batches (ragged prompts are
+  left-padded with an attention mask, as transformers expects for decoder-only models).
+
+  After one untimed warm-up per batch, the median of `repeats` runs counts. prompt_lookup
+  K > 0: `prompt_lookup_num_tokens=K`; assistant: an assistant model (assisted generation);
+  both draft for one row only, so they need batch_size 1. time_prefill: also time
+  `generate(max_new_tokens=1)` on the same batch (prefill and the first token).
+  Returns (completions cut after the first stop id, latency_stats(...) or {'wall_s'}).
+  Raises ValueError for drafting at batch_size > 1.
+  """
+  import torch
+  if (assistant is not None or prompt_lookup) and batch_size != 1:
+    raise ValueError('transformers drafts (assisted generation, prompt lookup) for batch '
+                     f'size 1 only, not {batch_size}.')
+  eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+  wall = prefill = 0.0
+  completions, calls = [], 0
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    width = max(map(len, chunk))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=eos_ids,
+                  pad_token_id=pad_id)
+    if assistant is not None:
+      kwargs['assistant_model'] = assistant
+    if prompt_lookup:
+      kwargs['prompt_lookup_num_tokens'] = prompt_lookup
+    with torch.no_grad():
+      run = lambda n: model.generate(ids, max_new_tokens=n, **kwargs)
+      run(max_new_tokens)  # warm-up
+      seconds, out = _median_run(lambda: run(max_new_tokens), repeats)
+      wall += seconds
+      if time_prefill:
+        prefill += _median_run(lambda: run(1), repeats)[0]
+    calls += 1
+    completions += [cut_at_stop(row, eos_ids) for row in out[:, width:].tolist()]
+  new_tokens = sum(map(len, completions))
+  if not time_prefill:
+    return completions, dict(new_tokens=new_tokens, wall_s=wall)
+  return completions, latency_stats(new_tokens, wall, prefill, calls, len(prompts))
+
+
+class LlamaCpp:
+  """llama.cpp through llama-cpp-python on an f32 GGUF export of a workdir (the same
+  weights as ours), one sequence at a time (its high-level API decodes one row)."""
+
+  def __init__(self, restored, path: str, context: int):
+    from launch import conversion
+    from llama_cpp import Llama
+    conversion.export_gguf(restored.workdir, path, 'f32')
+    self.llm = Llama(model_path=path, n_ctx=context, n_batch=min(context, 2048),
+                     n_threads=os.cpu_count(), verbose=False)
+
+  def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids,
+               prompt_lookup: int = 0, repeats: int = 1):
+    """Greedy (temp 0, no repetition penalty) decoding of each prompt; prompt_lookup K > 0
+    drafts with LlamaPromptLookupDecoding(num_pred_tokens=K) (max n-gram 2, as
+    transformers' default). Time to first token is read when the first token arrives.
+    Returns (completions, latency_stats(...))."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    self.llm.draft_model = (LlamaPromptLookupDecoding(max_ngram_size=2,
+                                                      num_pred_tokens=prompt_lookup)
+                            if prompt_lookup else None)
+    eos_ids = set([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+
+    def once(prompt):
+      out, first = [], None
+      t0 = time.perf_counter()
+      for token in self.llm.generate(list(prompt), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                     repeat_penalty=1.0, reset=True):
+        first = time.perf_counter() - t0 if first is None else first
+        out.append(int(token))
+        if token in eos_ids or len(out) >= max_new_tokens:
+          break
+      return time.perf_counter() - t0, first, out
+
+    wall = prefill = 0.0
+    completions = []
+    for prompt in prompts:
+      once(prompt)  # warm-up
+      runs = [once(prompt) for _ in range(max(repeats, 1))]
+      wall += statistics.median(r[0] for r in runs)
+      prefill += statistics.median(r[1] for r in runs)
+      completions.append(runs[-1][2])
+    new_tokens = sum(map(len, completions))
+    return completions, latency_stats(new_tokens, wall, prefill, len(prompts), len(prompts))
