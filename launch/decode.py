@@ -56,7 +56,8 @@ _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at mo
 _MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
 _DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir.')
-_NUM_DRAFT = flags.DEFINE_integer('num_draft', 4, 'speculative, lookup: drafted tokens per round.')
+_NUM_DRAFT = flags.DEFINE_string('num_draft', '4', 'speculative, lookup: drafted tokens per '
+                                  'round, or auto (the cost model picks it, or plain decoding).')
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
                                'speculative: stop drafting after a token the draft gives '
                                'less than this probability (0 = always K).')
@@ -76,8 +77,8 @@ _LOOKUP_MIN = flags.DEFINE_integer('lookup_min_ngram', 1,
                                    'lookup: shortest n-gram; no match = no draft.')
 _LOOKUP_BRANCHES = flags.DEFINE_integer('lookup_branches', 1,
                                         'lookup: matches per round (> 1 = a tree).')
-_JACOBI_WINDOW = flags.DEFINE_integer('jacobi_window', 4,
-                                      'jacobi: guesses refined per target call.')
+_JACOBI_WINDOW = flags.DEFINE_string('jacobi_window', '4',
+                                     'jacobi: guesses refined per target call, or auto.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -101,10 +102,10 @@ def main(argv):
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
-        num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value,
+        num_draft=generation.draft_length(_NUM_DRAFT.value, 'num_draft'), adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value,
         typical=_TYPICAL.value, lookup_max_ngram=_LOOKUP_MAX.value,
         lookup_min_ngram=_LOOKUP_MIN.value, lookup_branches=_LOOKUP_BRANCHES.value,
-        jacobi_window=_JACOBI_WINDOW.value, plugins=tuple(_PLUGINS.value))
+        jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'), plugins=tuple(_PLUGINS.value))
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
     if method.second and not second:
@@ -125,6 +126,12 @@ def main(argv):
     stop = f' (id {out["stop_id"]})' if 'stop_id' in out else ''
     print(f'--- finish: {out["finish_reason"]}{stop}', file=sys.stderr)
   s = result['stats']
+  if 'auto' in s:
+    a = s['auto']
+    chosen = (f'{a["option"]}={a["chosen"]}' if a['chosen'] else
+              'plain autoregressive decoding (no draft length predicted to win)')
+    print(f'--- auto: {chosen}; predicted speedup per {a["option"]}: '
+          f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '

@@ -33,7 +33,9 @@ class DecodeOptions:
   batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
   max_context: int = 1024       # cache capacity limit: prompt + new tokens
   model_parallelism: int = 1    # size of the mesh's model axis
-  num_draft: int = 4            # speculative chains: tokens drafted per round, at most
+  # speculative chains, lookup: tokens drafted per round, at most; 'auto' = the cost
+  # model's choice (launch/autotune.py), which may be plain decoding
+  num_draft: int | str = 4
   adaptive_threshold: float = 0.0  # speculative chains: stop drafting after an unsure token
   # The draft tree, one name for every method that drafts one: children per depth
   # ('3,2,1'; Medusa/MTP: head d's top-b_d), sparse node paths ('paths:0;1;0.0'), or an
@@ -47,12 +49,25 @@ class DecodeOptions:
   lookup_max_ngram: int = 3
   lookup_min_ngram: int = 1
   lookup_branches: int = 1
-  jacobi_window: int = 4        # jacobi (decoding/jacobi.py): guesses refined per call
+  jacobi_window: int | str = 4  # jacobi (decoding/jacobi.py): guesses refined per call; 'auto'
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                           min_p=self.min_p)
+
+
+def draft_length(text: str, flag: str) -> int | str:
+  """A draft-length flag's value: a positive int or 'auto'. Raises ValueError."""
+  if text == 'auto':
+    return text
+  try:
+    value = int(text)
+  except ValueError:
+    raise ValueError(f'--{flag} must be a positive integer or auto, got {text!r}.') from None
+  if value < 1:
+    raise ValueError(f'--{flag} must be a positive integer or auto, got {value}.')
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +297,15 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   registry.load_plugins(options.plugins)
   entry = registry.get(method)
   options.sampling()  # Validates the sampling settings before any work.
+  from launch import autotune
+  if autotune.wants_auto(entry, options):
+    check_draft(restored, draft)
+    run, options, auto = autotune.resolve(restored, prompts, method, options, draft)
+    completions, stats = decode_tokens(restored, prompts, run, options,
+                                       None if run == 'autoregressive' else draft, repeats,
+                                       time_prefill)
+    stats['auto'] = auto
+    return completions, stats
   check_draft(restored, draft)
   tokenizer, model = restored.tokenizer, restored.model
   longest = max(len(p) for p in prompts)

@@ -48,3 +48,30 @@ def test_overhead_per_round_and_per_drafted_token():
   assert per_round.num_draft == per_token.num_draft == 3
   assert per_token.predicted[1] == pytest.approx(2 / (1.1 + 1 / 3))
   assert cost_model.choose_num_draft(histogram, curve, overhead=5.0).num_draft == 0
+
+
+def test_auto_draft_length_decodes_like_ar_and_reports_its_choice(trained_tiny):
+  from launch import generation
+  tok = trained_tiny.tokenizer
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport os\n', 'def f(x):\n')]
+  ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
+                                   generation.DecodeOptions(max_new_tokens=24))
+  out, stats = generation.decode_tokens(
+      trained_tiny, prompts, 'lookup', generation.DecodeOptions(max_new_tokens=24,
+                                                                num_draft='auto'))
+  assert out == ar
+  auto = stats['auto']
+  assert auto['option'] == 'num_draft' and 0 <= auto['chosen'] <= 8
+  assert set(auto['predicted_speedup']) == {str(k) for k in range(9)}
+  assert sum(auto['calibration_histogram']) > 0
+
+
+def test_auto_is_refused_where_a_method_has_no_draft_length():
+  from decoding import registry
+  from launch import autotune, generation
+  with pytest.raises(ValueError, match='--num_draft=auto: --method=jacobi has no automatic'):
+    autotune.wants_auto(registry.get('jacobi'), generation.DecodeOptions(num_draft='auto'))
+  assert autotune.wants_auto(registry.get('jacobi'),
+                             generation.DecodeOptions(jacobi_window='auto'))
+  with pytest.raises(ValueError, match='positive integer or auto'):
+    generation.draft_length('0', 'num_draft')
