@@ -279,6 +279,28 @@ def finish_round(state: State, accepted_tokens, num_accepted, next_token, target
       **updates)
 
 
+def _verify_call(model, params, proposal, root, mask, cache):
+  """The round's one target call on the proposal's nodes. A chain that some rows may leave
+  empty (Proposal.num_drafted; prompt lookup without a match) costs a plain step when
+  every row drafted nothing: lax.cond takes a one-token call on the roots then, padded to
+  the proposal's shape (only node 0's logits are read: nothing drafted is accepted), so a
+  round without drafts never pays for the K + 1 token call on a compute-bound device."""
+  positions = root[:, None] + proposal.depths
+  full = lambda: model.apply({'params': params}, proposal.tokens, positions, mask, cache)
+  if mask is not None or proposal.num_drafted is None:
+    return full()
+
+  def root_only():
+    out = model.apply({'params': params}, proposal.tokens[:, :1], positions[:, :1], None, cache)
+    width = proposal.tokens.shape[1]
+    pad = lambda x: None if x is None else jnp.repeat(x[:, :1], width, axis=1)
+    return out.replace(logits=pad(out.logits), hidden=pad(out.hidden),
+                       future_logits=pad(out.future_logits),
+                       cache=out.cache.keep(out.cache.lengths + width - 1))
+
+  return jax.lax.cond(jnp.all(proposal.num_drafted == 0), root_only, full)
+
+
 def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
                       cache_size: int, state: State) -> State:
   """propose -> one target call under the proposal's mask -> processed log-probs ->
@@ -289,8 +311,7 @@ def speculative_round(model, params: Params, proposer: Proposer, config: DecodeC
   rows, root = jnp.arange(state.tokens.shape[0]), state.lengths - 1
   tree = proposal.ancestors is not None
   mask = masks.tree_mask(proposal.ancestors, root, cache_size) if tree else None
-  out = model.apply({'params': params.target}, proposal.tokens, root[:, None] + proposal.depths,
-                    mask, state.target_cache)
+  out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
   target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
   path, num_accepted, next_token = verify.accept(
       keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance)
