@@ -9,13 +9,14 @@ Options are read duck-typed from `options` (launch.generation.DecodeOptions): th
 sampling settings (`options.sampling()`), max_new_tokens, num_draft,
 adaptive_threshold, tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default)
-and typical.
+typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup) and
+jacobi_window.
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import autoregressive, driver, eagle, medusa, speculative, trees
+from decoding import autoregressive, driver, eagle, jacobi, lookup, medusa, speculative, trees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,20 @@ def _eagle(options, capacity, eos_ids, model, drafter):
   return eagle.EagleConfig(**base_settings(options, capacity, eos_ids), tree=tree)
 
 
+def _lookup(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return lookup.LookupConfig(**base_settings(options, capacity, eos_ids),
+                             num_draft=options.num_draft, max_ngram=options.lookup_max_ngram,
+                             min_ngram=options.lookup_min_ngram,
+                             branches=options.lookup_branches)
+
+
+def _jacobi(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return jacobi.JacobiConfig(**base_settings(options, capacity, eos_ids),
+                             window=options.jacobi_window)
+
+
 def _draft_model(second) -> Drafter:
   if second is None:
     raise ValueError('The speculative method needs a draft model (--draft_workdir).')
@@ -173,3 +188,6 @@ register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle
                 options=('tree',)))
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
                 tuned_tree=True, options=('tree', 'typical')))
+register(Method('lookup', 'lookup', _lookup,
+                options=('num_draft', 'lookup_max_ngram', 'lookup_min_ngram', 'lookup_branches')))
+register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',)))

@@ -36,7 +36,8 @@ def accept(rng: jax.Array, proposal, target_logp: jax.Array, greedy: bool,
   A chain drawn from a draft distribution goes through `chain_accept` (token-level
   rejection sampling); a tree, or a chain of deterministic candidates (draft_logp
   None: the point-mass rule), through `tree_accept` (SpecInfer's multi-candidate rule,
-  or typical acceptance if given).
+  or typical acceptance if given); there the chain's num_drafted [B], if given, is
+  honoured: nodes past it are never accepted.
 
   Returns (path [B, D + 1] accepted node indices, path[:, 0] = 0 and entries past the
   accepted depth 0; num_accepted [B] int32; next_token [B] int32).
@@ -54,8 +55,15 @@ def accept(rng: jax.Array, proposal, target_logp: jax.Array, greedy: bool,
                                             num_drafted)
     index = jnp.arange(k + 1)[None]
     return jnp.where(index <= num_accepted[:, None], index, 0), num_accepted, next_token
-  return tree_accept(rng, proposal.tokens, jnp.asarray(proposal.parents), target_logp,
-                     proposal.depth, proposal.max_children, proposal.draft_logp, greedy,
+  parents = jnp.asarray(proposal.parents)
+  if proposal.num_drafted is not None:
+    # A chain of deterministic candidates with fewer real tokens in some rows (a lookup
+    # without a match, a window cut at the row's limit): nodes past num_drafted are
+    # nobody's child, so the walk stops there (next token from p, or the residual).
+    nodes = jnp.arange(proposal.tokens.shape[1])[None]
+    parents = jnp.where(nodes <= proposal.num_drafted[:, None], parents[None], -2)
+  return tree_accept(rng, proposal.tokens, parents, target_logp, proposal.depth,
+                     proposal.max_children, proposal.draft_logp, greedy,
                      None if typical is None else (typical.epsilon, typical.delta))
 
 

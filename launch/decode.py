@@ -56,7 +56,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at mo
 _MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
 _DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir.')
-_NUM_DRAFT = flags.DEFINE_integer('num_draft', 4, 'speculative: drafted tokens per round.')
+_NUM_DRAFT = flags.DEFINE_integer('num_draft', 4, 'speculative, lookup: drafted tokens per round.')
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
                                'speculative: stop drafting after a token the draft gives '
                                'less than this probability (0 = always K).')
@@ -70,6 +70,14 @@ _HEADS = flags.DEFINE_string('heads_workdir', None,
 _PLUGINS = flags.DEFINE_list('plugins', [], 'Modules that register more decoding methods '
                              '(decoding/registry.py).')
 _TYPICAL = flags.DEFINE_bool('typical', False, 'medusa, mtp: typical acceptance (LOSSY).')
+_LOOKUP_MAX = flags.DEFINE_integer('lookup_max_ngram', 3,
+                                   'lookup: longest suffix n-gram matched in the row.')
+_LOOKUP_MIN = flags.DEFINE_integer('lookup_min_ngram', 1,
+                                   'lookup: shortest n-gram; no match = no draft.')
+_LOOKUP_BRANCHES = flags.DEFINE_integer('lookup_branches', 1,
+                                        'lookup: matches per round (> 1 = a tree).')
+_JACOBI_WINDOW = flags.DEFINE_integer('jacobi_window', 4,
+                                      'jacobi: guesses refined per target call.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -94,7 +102,9 @@ def main(argv):
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
         num_draft=_NUM_DRAFT.value, adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value,
-        typical=_TYPICAL.value, plugins=tuple(_PLUGINS.value))
+        typical=_TYPICAL.value, lookup_max_ngram=_LOOKUP_MAX.value,
+        lookup_min_ngram=_LOOKUP_MIN.value, lookup_branches=_LOOKUP_BRANCHES.value,
+        jacobi_window=_JACOBI_WINDOW.value, plugins=tuple(_PLUGINS.value))
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
     if method.second and not second:

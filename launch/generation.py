@@ -42,6 +42,12 @@ class DecodeOptions:
   # dynamic:4,5,24 for eagle.
   tree: str = ''
   typical: bool = False         # medusa, mtp: typical acceptance (LOSSY)
+  # lookup (decoding/lookup.py; num_draft is its K): the longest and shortest suffix
+  # n-gram matched in the row's own tokens, and how many matches make its tree (1 = chain).
+  lookup_max_ngram: int = 3
+  lookup_min_ngram: int = 1
+  lookup_branches: int = 1
+  jacobi_window: int = 4        # jacobi (decoding/jacobi.py): guesses refined per call
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:
