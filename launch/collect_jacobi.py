@@ -36,7 +36,8 @@ _BLOCK = flags.DEFINE_integer('block_size', 16, 'Jacobi block (window) size n.')
 _BLOCKS = flags.DEFINE_integer('num_blocks', 4, 'Blocks decoded per prompt.')
 _MAX_ITERS = flags.DEFINE_integer('max_iterations', 0, 'Jacobi iterations per block at most '
                                   '(0 = block_size + 1: greedy Jacobi always converges).')
-_INIT = flags.DEFINE_string('init', 'random', 'Initial guess of a block (decoding/jacobi.py).')
+_INIT = flags.DEFINE_enum('init', 'context', ['context', 'repeat'],
+                          'Initial guess of a block (decoding/jacobi.initial_guess).')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Prompts per collector call.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the initial guesses.')
 _JSON = flags.DEFINE_bool('json', False, 'Print the statistics as one JSON object.')
@@ -73,7 +74,8 @@ def main(argv):
   else:
     print(f'{stats["records"]} blocks of {stats["block_size"]} tokens: '
           f'{stats["iterations_per_block"]:.2f} Jacobi iterations per block, '
-          f'{stats["iterations_per_token"]:.3f} per token'
+          f'{stats["iterations_per_token"]:.3f} per token '
+          f'({stats["calls_per_token"]:.3f} target calls per token)'
           + (f'; written to {_OUT.value}' if _OUT.value else ''))
 
 

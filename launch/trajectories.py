@@ -19,7 +19,7 @@ def _source_rows(lengths: np.ndarray, prompt_lengths: np.ndarray, block_size: in
 
 def collect(restored, prompts: list[list[int]], *, block_size: int, num_blocks: int,
             max_iterations: int = 0, batch_size: int = 16, seed: int = 0,
-            init: str = 'random') -> dict:
+            init: str = 'context') -> dict:
   """Jacobi trajectories of `restored` (checkpoints.RestoredModel) on token prompts.
 
   Calls decoding.jacobi.collect_trajectories on batches of `batch_size` prompts (the
@@ -73,11 +73,13 @@ def collect(restored, prompts: list[list[int]], *, block_size: int, num_blocks: 
 
 
 def summary(arrays: dict) -> dict:
-  """records, mean Jacobi iterations per block, and iterations per token (a block's
-  iterations over its n tokens: 1 = no faster than autoregressive, 1/n = one shot)."""
+  """records; iterations_per_block: mean m, the Jacobi updates a block of n tokens needed
+  to reach its fixed point (decoding/jacobi.py: y^m = y*; 0 <= m <= n, n = no better than
+  autoregressive decoding); iterations_per_token: m / n; calls_per_token: the target
+  calls (m + 1, the last one confirming the fixed point) per token."""
   iterations = arrays['iterations'].astype(np.float64)
   n = arrays['fixed_point'].shape[1]
   return {'records': int(len(iterations)), 'block_size': int(n),
           'iterations_per_block': float(iterations.mean()),
-          'iterations_per_token': float(iterations.sum() / (n * len(iterations))),
-          'tokens_per_iteration': float(n * len(iterations) / max(iterations.sum(), 1))}
+          'iterations_per_token': float(iterations.mean() / n),
+          'calls_per_token': float((iterations.mean() + 1) / n)}

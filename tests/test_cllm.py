@@ -136,7 +136,7 @@ def test_collect_train_restore_and_decode(trained_tiny, tfds_dir, tmp_path):
                                 batch_size=8, seed=0)
   stats = trajectories.summary(arrays)
   assert stats['records'] <= 16 and arrays['states'].shape[1:] == (7, 6)
-  assert 1 <= stats['iterations_per_block'] <= 7
+  assert 0 < stats['iterations_per_block'] <= 6
   # Every fixed point is the target's own greedy continuation of its context.
   ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
                                    generation.DecodeOptions(max_new_tokens=12))
