@@ -27,12 +27,16 @@ def get_config(arg: str | None = None):
       ar_weight=10.0,             # w in L_GC + w * L_AR (the authors' training code)
       label_smoothing=0.1,        # of the AR loss (the authors' training code)
   ))
-  # A fine-tune: a few hundred steps at a lower peak rate than pre-training, no weight
-  # decay (the authors' code: 2e-5 on 7B models, weight decay 0, warmup 3%, cosine).
-  config.num_train_steps = 200
-  config.learning_rate = 1e-3 if args.size == 'tiny' else 3e-4
-  config.warmup_steps = 10
+  # A short fine-tune at a peak rate well below pre-training's, no weight decay (the
+  # authors' code: 2e-5 on 7B models, weight decay 0, warmup 3%, cosine). The rate sets
+  # the trade-off between fewer Jacobi iterations and the LM loss on real text; on the
+  # tiny target (README, consistency training) 1e-4 for 400 steps halves the iterations
+  # per token for +0.3 nats/byte of validation loss, higher rates buy more speed-up with
+  # more loss.
+  config.num_train_steps = 400
+  config.learning_rate = 1e-4
+  config.warmup_steps = 12
   config.weight_decay = 0.0
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 100
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
   return config

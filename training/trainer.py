@@ -234,7 +234,7 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
 
   own_data = objective.train_dataset(_local_batch(config), config.seed, jax.process_index(),
                                      jax.process_count())
-  train_data = own_data or data.train_dataset(
+  train_data = own_data if own_data is not None else data.train_dataset(
       sources['train'], tokenizer, batch_size=_local_batch(config), seq_len=config.seq_len,
       seed=config.seed, rows_shuffle_window=config.data.rows_shuffle_window,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -247,7 +247,10 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
   if own_data is None:
     setup = build(config, objective, example, devices)
   else:  # Training batches of another structure (e.g. Jacobi trajectories).
-    setup = build(config, objective, next(iter(train_data)), devices, eval_example=example)
+    peek = iter(train_data)
+    train_example = next(peek)
+    peek.close()
+    setup = build(config, objective, train_example, devices, eval_example=example)
 
   manager = checkpoints.make_manager(workdir, save_every=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)
