@@ -111,7 +111,10 @@ def find_drafts(tokens: jax.Array, lengths: jax.Array, num_draft: int, max_ngram
   count = match_lengths(tokens, lengths, max_ngram)
   ends = jnp.arange(size)[None]
   score = jnp.where(count >= min_ngram, count * size + ends, -1)          # [B, S]
-  best, end = jax.lax.top_k(score, num_matches)                           # [B, M]
+  best, end = jax.lax.top_k(score, min(num_matches, size))                # [B, M]
+  if num_matches > size:  # A buffer shorter than M holds fewer matches.
+    best = jnp.pad(best, ((0, 0), (0, num_matches - size)), constant_values=-1)
+    end = jnp.pad(end, ((0, 0), (0, num_matches - size)))
   found = best >= 0
   period = jnp.maximum(lengths[:, None] - 1 - end, 1)                     # [B, M]
   index = end[..., None] + 1 + jnp.arange(num_draft) % period[..., None]  # [B, M, K]

@@ -8,7 +8,7 @@ in the researcher's own module loaded with --plugins=module.name.
 Options are read duck-typed from `options` (launch.generation.DecodeOptions): the
 sampling settings (`options.sampling()`), max_new_tokens, num_draft,
 adaptive_threshold, tree (one spec string for every method that drafts a tree:
-"3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default)
+"3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default),
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup) and
 jacobi_window.
 """
