@@ -58,18 +58,24 @@ def ar_agreement(model, params, prompts, ar_completions, completions) -> str:
   return verdict
 
 
-def validation_prompts(restored, num_prompts: int, prompt_len: int) -> list[list[int]]:
-  """The first `prompt_len` tokens ([bos] + text) of validation documents long enough."""
+def validation_prompts(restored, num_prompts: int, prompt_len: int, split: str = 'validation',
+                       skip: int = 0) -> list[list[int]]:
+  """The first `prompt_len` tokens ([bos] + text) of validation documents long enough
+  (of the `split` split, 'train' or 'validation'; after the first `skip` such ones)."""
   from training import data
+  if split not in ('train', 'validation'):
+    raise ValueError(f'Unknown corpus split {split!r}: expected train or validation.')
   sources = data.load_sources(restored.config.data)
-  tok, prompts = restored.tokenizer, []
-  for text in sources['validation'].texts():
+  tok, prompts, seen = restored.tokenizer, [], 0
+  for text in sources[split].texts():
     ids = [*tok.bos_prefix, *tok.encode(text)[:prompt_len - len(tok.bos_prefix)].tolist()]
     if len(ids) == prompt_len:
-      prompts.append(ids)
+      seen += 1
+      if seen > skip:
+        prompts.append(ids)
     if len(prompts) == num_prompts:
       return prompts
-  raise ValueError(f'The validation split has fewer than {num_prompts} documents of '
+  raise ValueError(f'The {split} split has fewer than {skip + num_prompts} documents of '
                    f'{prompt_len} tokens.')
 
 

@@ -14,6 +14,8 @@ This module imports nothing from training/ or configs/.
   medusa    MedusaHeads(target, K)        {'heads'}; Medusa-2 (medusa.joint): {'heads', 'base'},
                                           'base' shaped as the target Transformer
   eagle     EagleDrafter(target)          the drafter's one layer (+ fc)
+  cllm      Transformer(config.model)     the Transformer's: a target fine-tuned by consistency
+                                          training, still a plain LM
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 from models import EagleDrafter, MedusaHeads, Transformer, TransformerConfig, masks
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp')
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm')
 HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -37,6 +39,7 @@ _MODULES = {
     'mtp': lambda config, trunk: Transformer(trunk),
     'medusa': lambda config, trunk: MedusaHeads(trunk, config.medusa.num_heads),
     'eagle': lambda config, trunk: EagleDrafter(trunk),
+    'cllm': lambda config, trunk: Transformer(trunk),
 }
 
 

@@ -233,3 +233,100 @@ def eval_batches(source: TextSource, tokenizer, *, batch_size: int, seq_len: int
     if i >= num_batches:
       return
     yield batch
+
+
+# Jacobi trajectories (consistency training, CLLM; training/objectives/consistency.py).
+#
+# Storage: a directory with one .npy file per field plus trajectories.json (field
+# shapes, block size, the target and collection settings). Every record is a set of
+# fixed-shape integer arrays, so column files hold them with no serialization step;
+# np.load(mmap_mode='r') gives grain random access without reading the whole dataset
+# into memory, and numpy needs no extra dependency. array_record (what the text corpus
+# uses, through TFDS) would pay an encode/decode per record for nothing here: its
+# strength is variable-length records and sharded streaming of corpora far larger than
+# a trajectory set (CLLM trains on ~1M tokens of trajectories).
+
+TRAJECTORY_META = 'trajectories.json'
+# field -> (rank, dtype): context [R, C], context_lengths [R], states [R, J, n],
+# fixed_point [R, n], iterations [R], block_mask [R, n] (1 for the fixed point's
+# tokens up to and including its first EOS).
+TRAJECTORY_FIELDS = {'context': (2, np.int32), 'context_lengths': (1, np.int32),
+                     'states': (3, np.int32), 'fixed_point': (2, np.int32),
+                     'iterations': (1, np.int32), 'block_mask': (2, np.int32)}
+
+
+def save_trajectories(directory: str, arrays: dict, meta: dict) -> None:
+  """Writes a trajectory dataset (fields of TRAJECTORY_FIELDS, R records each) and its
+  metadata (any JSON-serializable dict; block_size and num_records are added)."""
+  import json
+  _check_trajectories(arrays, directory)
+  os.makedirs(directory, exist_ok=True)
+  for name, (_, dtype) in TRAJECTORY_FIELDS.items():
+    np.save(os.path.join(directory, f'{name}.npy'), np.asarray(arrays[name], dtype))
+  meta = dict(meta, block_size=int(arrays['fixed_point'].shape[1]),
+              num_records=int(arrays['context'].shape[0]),
+              shapes={k: list(np.shape(arrays[k])) for k in TRAJECTORY_FIELDS})
+  with open(os.path.join(directory, TRAJECTORY_META), 'w') as f:
+    json.dump(meta, f, indent=2)
+
+
+def _check_trajectories(arrays: dict, where: str) -> None:
+  missing = [k for k in TRAJECTORY_FIELDS if k not in arrays]
+  if missing:
+    raise ValueError(f'Trajectory dataset {where} lacks {", ".join(missing)}.')
+  records = np.shape(arrays['context'])[0]
+  for name, (rank, _) in TRAJECTORY_FIELDS.items():
+    shape = np.shape(arrays[name])
+    if len(shape) != rank or shape[0] != records:
+      raise ValueError(f'Trajectory dataset {where}: {name} has shape {shape}; expected '
+                       f'{rank} axes with {records} records first.')
+  n = np.shape(arrays['fixed_point'])[1]
+  if np.shape(arrays['states'])[2] != n or np.shape(arrays['block_mask'])[1] != n:
+    raise ValueError(f'Trajectory dataset {where}: states, fixed_point and block_mask '
+                     'disagree on the block size.')
+  if records == 0:
+    raise ValueError(f'Trajectory dataset {where} holds no records.')
+
+
+class TrajectorySource:
+  """Random access to the records of a trajectory dataset (memory-mapped .npy files):
+  record i -> {field: array} without the record axis."""
+
+  def __init__(self, directory: str):
+    import json
+    path = os.path.join(directory, TRAJECTORY_META)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{directory} is not a trajectory dataset (no {TRAJECTORY_META}); '
+                              'collect one with python -m launch.collect_jacobi.')
+    with open(path) as f:
+      self.meta = json.load(f)
+    self.arrays = {name: np.load(os.path.join(directory, f'{name}.npy'), mmap_mode='r')
+                   for name in TRAJECTORY_FIELDS}
+    _check_trajectories(self.arrays, directory)
+    lengths = np.asarray(self.arrays['context_lengths'])
+    if lengths.min() < 1 or lengths.max() > self.arrays['context'].shape[1]:
+      raise ValueError(f'Trajectory dataset {directory}: context_lengths must lie in '
+                       f'[1, {self.arrays["context"].shape[1]}].')
+
+  def __len__(self) -> int:
+    return int(self.arrays['context'].shape[0])
+
+  def __getitem__(self, index: int) -> dict:
+    return {name: np.array(values[index]) for name, values in self.arrays.items()}
+
+
+def trajectory_dataset(directory: str, *, batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> grain.IterDataset:
+  """Endless batches of trajectory records (each field [B, ...]), shuffled every epoch.
+
+  `batch_size` is the per-process batch. Raises ValueError when the dataset has fewer
+  records than one batch.
+  """
+  source = TrajectorySource(directory)
+  if len(source) // process_count < batch_size:
+    raise ValueError(f'Trajectory dataset {directory} has {len(source)} records, fewer than '
+                     f'one batch of {batch_size} per process; collect more or lower batch_size.')
+  records = grain.MapDataset.source(source)[process_index::process_count]
+  batches = records.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  return grain.experimental.ThreadPrefetchIterDataset(batches.to_iter_dataset(),
+                                                      prefetch_buffer_size=2)

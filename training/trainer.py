@@ -63,16 +63,22 @@ class Setup:
   mesh: jax.sharding.Mesh
   state_shardings: Any
   abstract_state: Any        # TrainState of ShapeDtypeStructs carrying their shardings
-  batch_shardings: Any
+  batch_shardings: Any       # of a training batch
   init_state: Callable[[], TrainState]
   train_step: Callable     # (state, batch, frozen) -> (state, metrics)
   eval_step: Callable      # (params, batch, frozen) -> metric sums
   frozen: Any              # the objective's frozen parameters on the mesh (or None)
+  eval_batch_shardings: Any = None   # of an eval batch (its structure may differ)
 
 
 def build(config, objective: objectives.Objective, example_batch: dict,
-          devices=None, rules=sharding.DEFAULT_RULES) -> Setup:
-  """Mesh, shardings from the logical axis rules, jitted init / train / eval steps."""
+          devices=None, rules=sharding.DEFAULT_RULES, eval_example: Optional[dict] = None
+          ) -> Setup:
+  """Mesh, shardings from the logical axis rules, jitted init / train / eval steps.
+
+  example_batch: a training batch (init's shapes, the train step's batch shardings);
+  eval_example: an eval batch where its structure differs (default: example_batch).
+  """
   mesh = sharding.make_mesh(config.model_parallelism, devices)
   if config.batch_size % mesh.shape['data']:
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the mesh data axis '
@@ -89,8 +95,10 @@ def build(config, objective: objectives.Objective, example_batch: dict,
   replicated = sharding.replicated(mesh)
   state_shardings = TrainState(step=replicated, params=param_shardings,
                                opt_state=opt_shardings, rng=replicated)
-  batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)),
-                                 example_batch)
+  def shardings_of(batch):
+    return jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x)), batch)
+  batch_shardings = shardings_of(example_batch)
+  eval_shardings = shardings_of(example_batch if eval_example is None else eval_example)
   frozen_shardings = None
   if objective.frozen_params is not None:
     frozen_shardings = sharding.param_shardings(objective.frozen_model, mesh, rules)
@@ -114,7 +122,7 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'finite': finite, **sums}
 
   def eval_step(params, batch, frozen):
-    return objective.loss(params, batch, rng, jnp.zeros((), jnp.int32), frozen)[1]
+    return objective.eval_sums(params, batch, rng, jnp.zeros((), jnp.int32), frozen)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jit_init = jax.jit(init_state, in_shardings=(frozen_shardings,),
@@ -122,7 +130,7 @@ def build(config, objective: objectives.Objective, example_batch: dict,
     jit_train = jax.jit(train_step,
                         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                         out_shardings=(state_shardings, replicated), donate_argnums=0)
-    jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch_shardings,
+    jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, eval_shardings,
                                                 frozen_shardings), out_shardings=replicated)
   frozen = None
   if objective.frozen_params is not None:
@@ -142,7 +150,7 @@ def build(config, objective: objectives.Objective, example_batch: dict,
 
   return Setup(objective, optimizer, mesh, state_shardings, abstract_state, batch_shardings,
                under_rules(lambda: jit_init(frozen)), under_rules(jit_train),
-               under_rules(jit_eval), frozen)
+               under_rules(jit_eval), frozen, eval_shardings)
 
 
 def to_device(batch: dict, shardings) -> dict:
@@ -157,7 +165,7 @@ def evaluate(setup: Setup, params, source, tokenizer, config) -> dict:
                                  seq_len=config.seq_len, num_batches=config.eval_batches,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-    sums = setup.eval_step(params, to_device(batch, setup.batch_shardings), setup.frozen)
+    sums = setup.eval_step(params, to_device(batch, setup.eval_batch_shardings), setup.frozen)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('The validation split is too small for one eval batch '
@@ -224,7 +232,9 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
   tokenizer = prepare_tokenizer(config, workdir, sources['train'])
   objective = objective or objectives.build(config, tokenizer.vocab_size)
 
-  train_data = data.train_dataset(
+  own_data = objective.train_dataset(_local_batch(config), config.seed, jax.process_index(),
+                                     jax.process_count())
+  train_data = own_data if own_data is not None else data.train_dataset(
       sources['train'], tokenizer, batch_size=_local_batch(config), seq_len=config.seq_len,
       seed=config.seed, rows_shuffle_window=config.data.rows_shuffle_window,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -234,7 +244,13 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
                                         seq_len=config.seq_len, num_batches=1)), None)
   if example is None:
     example = next(iter(train_data))
-  setup = build(config, objective, example, devices)
+  if own_data is None:
+    setup = build(config, objective, example, devices)
+  else:  # Training batches of another structure (e.g. Jacobi trajectories).
+    peek = iter(train_data)
+    train_example = next(peek)
+    peek.close()
+    setup = build(config, objective, train_example, devices, eval_example=example)
 
   manager = checkpoints.make_manager(workdir, save_every=config.checkpoint_every_steps,
                                      keep=config.keep_checkpoints)

@@ -44,6 +44,20 @@ class Objective(abc.ABC):
     del frozen
     return params
 
+  def eval_sums(self, params: Params, batch: dict, rng: jax.Array, step: jax.Array,
+                frozen=None) -> dict:
+    """Metric sums of an eval batch (the validation split's packed text). Default: the
+    training loss's metrics; an objective trained on other data (e.g. consistency
+    training on Jacobi trajectories) gives the LM's next-token sums here."""
+    return self.loss(params, batch, rng, step, frozen)[1]
+
+  def train_dataset(self, batch_size: int, seed: int, process_index: int,
+                    process_count: int):
+    """The training batches (a grain IterDataset of [batch_size, ...] dicts), or None for
+    the packed text corpus of config.data (every family but consistency training)."""
+    del batch_size, seed, process_index, process_count
+    return None
+
   def example_batch(self) -> dict:
     """A [1, 1] batch: enough for init to know every parameter's shape."""
     return families.example_batch()
