@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
       speculative=('', '3,2,1', 'dynamic:4,5,24'), medusa=('4,2,2', ''),
       eagle=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
   config.typical = ('medusa',)                  # also typical acceptance (LOSSY), last tree
+  config.auto = ()                              # also with num_draft=auto (launch/autotune.py)
   config.num_draft = 4                          # speculative chain: K
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps

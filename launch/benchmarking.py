@@ -159,20 +159,26 @@ def _naive_record(restored, prompts, config, batch_size, ar_completions) -> dict
               matches_ar=completions == ar_completions)
 
 
-def _method_variants(config, methods) -> list[tuple[str, str, bool]]:
-  """(method, tree, typical) for each run of `methods` on one model: autoregressive
+def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
+  """(method, tree, typical, auto) for each run of `methods` on one model: autoregressive
   first, then each method once per entry of config.trees.<method> ('' = the method's
-  default tree; a method with no entry runs once with ''), and methods listed in
-  config.typical once more with typical acceptance (LOSSY) on their last tree."""
+  default tree; a method with no entry runs once with ''), methods listed in
+  config.typical once more with typical acceptance (LOSSY) on their last tree, and
+  methods listed in config.auto once more with their draft length chosen by the cost
+  model (launch/autotune.py: `--num_draft=auto`)."""
   trees_of = config.get('trees', {})
-  runs = [('autoregressive', '', False)]
+  runs = [('autoregressive', '', False, False)]
   for method in methods:
     if method == 'autoregressive':
       continue
     variants = tuple(trees_of.get(method, ('',))) or ('',)
-    runs += [(method, tree, False) for tree in variants]
+    runs += [(method, tree, False, False) for tree in variants]
     if method in config.get('typical', ()):
-      runs.append((method, variants[-1], True))
+      runs.append((method, variants[-1], True, False))
+    if method in config.get('auto', ()):
+      if registry.get(method).draft_length is None:
+        raise ValueError(f'config.auto: {method} has no draft length to choose.')
+      runs.append((method, '', False, True))
   return runs
 
 
@@ -478,7 +484,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
                 speedup_vs_ar=stats['tokens_per_s'] / ar['tokens_per_s'],
                 compile_s=stats.get('compile_s'))
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
-              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb'):
+              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto'):
     if key in stats:
       record[key] = stats[key]
   if 'decode_tokens_per_s' in stats and 'decode_tokens_per_s' in ar:
@@ -606,18 +612,23 @@ def run(config, workdir: str) -> list[dict]:
               num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
               plugins=tuple(config.get('plugins', ())))
           ar = None
-          for method, tree, typical in variants:
+          for method, tree, typical, auto in variants:
             bar.set_postfix(method=method + tree, category=category, batch=batch_size,
                             temperature=temperature)
             method_options = registry.options_for(
                 registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
+            if auto:
+              method_options = dataclasses.replace(
+                  method_options, **{registry.get(method).draft_length: 'auto'})
             reset_peak_memory()
             completions, stats = generation.decode_tokens(
                 model, prompts, method, method_options, second.get(method),
                 repeats=config.repeats, time_prefill=time_prefill)
             stats.update(peak_memory())
             name = _name(method, typical, stats) + (
-                f'({label})' if method == 'autoregressive' and label else '')
+                f'({label})' if method == 'autoregressive' and label else '') + (
+                    f' auto({stats["auto"]["option"]}={stats["auto"]["chosen"]})' if auto
+                    else '')
             bar.update(1)
             ar = ar or (completions, stats)
             lossless = stats['lossless']

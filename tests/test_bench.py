@@ -203,3 +203,16 @@ def test_bench_skips_an_absent_engine(trained_tiny, tmp_path, monkeypatch):
   with open(tmp_path / 'out' / 'bench.json') as f:
     skipped = {s['what']: s['reason'] for s in json.load(f)['skipped']}
   assert skipped['transformers'].startswith('transformers, torch not installed')
+
+
+def test_auto_variants_of_the_bench():
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(trees={'speculative': ('', '3,2')}, typical=(),
+                                          auto=('speculative', 'lookup')))
+  assert benchmarking._method_variants(config, ['autoregressive', 'speculative', 'lookup']) == [
+      ('autoregressive', '', False, False), ('speculative', '', False, False),
+      ('speculative', '3,2', False, False), ('speculative', '', False, True),
+      ('lookup', '', False, False), ('lookup', '', False, True)]
+  config.auto = ('medusa',)
+  with pytest.raises(ValueError, match='medusa has no draft length'):
+    benchmarking._method_variants(config, ['medusa'])
