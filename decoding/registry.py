@@ -9,13 +9,13 @@ Options are read duck-typed from `options` (launch.generation.DecodeOptions): th
 sampling settings (`options.sampling()`), max_new_tokens, num_draft,
 adaptive_threshold, tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default)
-and typical.
+typical, and lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import autoregressive, driver, eagle, medusa, speculative, trees
+from decoding import autoregressive, driver, eagle, lookahead, medusa, speculative, trees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,13 @@ def _eagle(options, capacity, eos_ids, model, drafter):
   return eagle.EagleConfig(**base_settings(options, capacity, eos_ids), tree=tree)
 
 
+def _lookahead(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return lookahead.LookaheadConfig(
+      **base_settings(options, capacity, eos_ids), window=options.lookahead_window,
+      ngram=options.lookahead_ngram, candidates=options.lookahead_candidates)
+
+
 def _draft_model(second) -> Drafter:
   if second is None:
     raise ValueError('The speculative method needs a draft model (--draft_workdir).')
@@ -173,3 +180,5 @@ register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle
                 options=('tree',)))
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
                 tuned_tree=True, options=('tree', 'typical')))
+register(Method('lookahead', 'lookahead', _lookahead,
+                options=('lookahead_window', 'lookahead_ngram', 'lookahead_candidates')))
