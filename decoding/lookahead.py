@@ -193,6 +193,9 @@ class LookaheadProposer(Proposer):
     return tokens.reshape(batch, -1), parents.astype(jnp.int32)
 
   def propose(self, params, state: LookaheadState, loop_state, key):
+    """-> (the round's Proposal: root, the verification trie, the window's cells; N =
+    num_nodes nodes per row under the combined mask; the state unchanged; 0 drafter
+    calls). Needs no key: candidates and window are deterministic."""
     del params, key
     batch = state.window.shape[0]
     rows = jnp.arange(batch)
