@@ -9,14 +9,15 @@ Options are read duck-typed from `options` (launch.generation.DecodeOptions): th
 sampling settings (`options.sampling()`), max_new_tokens, num_draft,
 adaptive_threshold, tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default),
-typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup) and
-jacobi_window.
+typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
+jacobi_window, and lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import autoregressive, driver, eagle, jacobi, lookup, medusa, speculative, trees
+from decoding import (autoregressive, driver, eagle, jacobi, lookahead, lookup, medusa,
+                      speculative, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +154,13 @@ def _jacobi(options, capacity, eos_ids, model, drafter):
                              window=options.jacobi_window)
 
 
+def _lookahead(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return lookahead.LookaheadConfig(
+      **base_settings(options, capacity, eos_ids), window=options.lookahead_window,
+      ngram=options.lookahead_ngram, candidates=options.lookahead_candidates)
+
+
 def _draft_model(second) -> Drafter:
   if second is None:
     raise ValueError('The speculative method needs a draft model (--draft_workdir).')
@@ -197,3 +205,5 @@ register(Method('lookup', 'lookup', _lookup,
                 draft_length='num_draft'))
 register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',),
                 draft_length='jacobi_window'))
+register(Method('lookahead', 'lookahead', _lookahead,
+                options=('lookahead_window', 'lookahead_ngram', 'lookahead_candidates')))

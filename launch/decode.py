@@ -11,6 +11,8 @@
   python -m launch.decode --workdir=TARGET --method=eagle --heads_workdir=EAGLE \
       [--tree=dynamic:4,5,24]
   python -m launch.decode --workdir=MTP_MODEL --method=mtp [--tree=1,1,1 (a chain)]
+  python -m launch.decode --workdir=DIR --method=lookahead [--lookahead_window=5 \
+      --lookahead_ngram=5 --lookahead_candidates=5]
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
@@ -79,6 +81,14 @@ _LOOKUP_BRANCHES = flags.DEFINE_integer('lookup_branches', 1,
                                         'lookup: matches per round (> 1 = a tree).')
 _JACOBI_WINDOW = flags.DEFINE_string('jacobi_window', '4',
                                      'jacobi: guesses refined per target call, or auto.')
+# None = the method's default (decoding/lookahead.py, read through DecodeOptions).
+_LOOKAHEAD = {
+    'lookahead_window': flags.DEFINE_integer(
+        'lookahead_window', None, 'lookahead: W, columns of the 2-D Jacobi window.'),
+    'lookahead_ngram': flags.DEFINE_integer(
+        'lookahead_ngram', None, 'lookahead: N, the n-gram size (N - 1 window levels).'),
+    'lookahead_candidates': flags.DEFINE_integer(
+        'lookahead_candidates', None, 'lookahead: G, pool n-grams verified per round.')}
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 flags.mark_flags_as_required(['workdir'])
 
@@ -102,10 +112,13 @@ def main(argv):
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
-        num_draft=generation.draft_length(_NUM_DRAFT.value, 'num_draft'), adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value,
-        typical=_TYPICAL.value, lookup_max_ngram=_LOOKUP_MAX.value,
-        lookup_min_ngram=_LOOKUP_MIN.value, lookup_branches=_LOOKUP_BRANCHES.value,
-        jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'), plugins=tuple(_PLUGINS.value))
+        num_draft=generation.draft_length(_NUM_DRAFT.value, 'num_draft'),
+        adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value, typical=_TYPICAL.value,
+        lookup_max_ngram=_LOOKUP_MAX.value, lookup_min_ngram=_LOOKUP_MIN.value,
+        lookup_branches=_LOOKUP_BRANCHES.value,
+        jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
+        plugins=tuple(_PLUGINS.value),
+        **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
     if method.second and not second:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from decoding import driver, registry
+from decoding import driver, lookahead, registry
 from decoding.sampling import SamplingConfig
 from launch import tree_tuning
 from models import sharding
@@ -50,6 +50,10 @@ class DecodeOptions:
   lookup_min_ngram: int = 1
   lookup_branches: int = 1
   jacobi_window: int | str = 4  # jacobi (decoding/jacobi.py): guesses refined per call; 'auto'
+  # lookahead (Fu et al. 2024): W window columns, N-gram size (N - 1 levels), G candidates
+  lookahead_window: int = lookahead.DEFAULT_WINDOW
+  lookahead_ngram: int = lookahead.DEFAULT_NGRAM
+  lookahead_candidates: int = lookahead.DEFAULT_CANDIDATES
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:
