@@ -24,7 +24,8 @@ SPEC_SHAPES = {'chain': dict(num_draft=3), 'static-tree': dict(tree=trees.TreeSp
 
 
 def _every_method(prompts, max_new, capacity, eos_ids, sampling_config=SamplingConfig()):
-  """{method: Output} for AR, the draft model's three shapes and Medusa."""
+  """{method: Output} for AR, the draft model's three shapes, Medusa, and the methods
+  that need no drafter (prompt lookup, Jacobi, lookahead)."""
   outs = {'autoregressive': _ar_eos(prompts, max_new, capacity, eos_ids, sampling_config)}
   padded, lengths = driver.pad_prompts(prompts)
   for name, shape in SPEC_SHAPES.items():
@@ -34,6 +35,16 @@ def _every_method(prompts, max_new, capacity, eos_ids, sampling_config=SamplingC
   outs['medusa'] = _medusa(TARGET, _heads(TARGET[0], 2, seed=2), prompts, max_new, capacity,
                            tree=trees.TreeSpec((2, 2)), eos_ids=eos_ids,
                            sampling=sampling_config)
+  from decoding import jacobi, lookahead, lookup
+  for name, config in (('lookup', lookup.LookupConfig(max_new, capacity, sampling_config,
+                                                      eos_ids, min_ngram=1)),
+                       ('jacobi', jacobi.JacobiConfig(max_new, capacity, sampling_config,
+                                                      eos_ids, window=3)),
+                       ('lookahead', lookahead.LookaheadConfig(
+                           max_new, capacity, sampling_config, eos_ids, window=2, ngram=3,
+                           candidates=2))):
+    outs[name] = driver.generate(TARGET[0], TARGET[1], jnp.asarray(padded), jnp.asarray(lengths),
+                                 config, jax.random.PRNGKey(0))
   return outs
 
 
@@ -277,7 +288,7 @@ def test_an_option_of_another_method_is_refused():
   from decoding import registry
   from launch import generation
   options = generation.DecodeOptions(num_draft=6)
-  with pytest.raises(ValueError, match=r'--num_draft is an option of speculative, not of '
+  with pytest.raises(ValueError, match=r'--num_draft is an option of speculative, lookup, not of '
                                        r'--method=autoregressive'):
     registry.check_options(registry.get('autoregressive'), options)
   registry.check_options(registry.get('speculative'), options)
