@@ -100,10 +100,9 @@ def main(argv):
   common.setup_logging()
   with common.user_errors_as_messages():
     restored = checkpoints.restore_model(f.workdir)
-    model, params = restored.model, restored.params
     if f.dtype:
-      model, params = common.with_dtype(model, params, f.dtype)
-    params = jax.device_put(params)
+      restored = checkpoints.with_dtype(restored, f.dtype)
+    model, params = restored.model, jax.device_put(restored.params)
     report = {'dtype': model.config.dtype, 'forward': [], 'ar_step': {}}
     lengths_T = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= f.max_T]
     for batch in map(int, f.batch_sizes.split(',')):

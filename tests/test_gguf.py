@@ -302,11 +302,22 @@ def test_a_small_written_file_imports(tmp_path):
   restored = conversion.import_gguf(_write(tmp_path / 'ok.gguf'), str(tmp_path / 'w'))
   assert restored.model.config.vocab_size == 32 and restored.model.config.tie_embeddings
   half = conversion.import_gguf(str(tmp_path / 'ok.gguf'), str(tmp_path / 'half'), 'bfloat16')
-  assert half.params['block_0']['mlp']['up'].dtype == jnp.bfloat16
+  assert half.params['layers']['mlp']['up'].dtype == jnp.bfloat16
   for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16,
                 gguf.GGMLQuantizationType.Q4_0):
     conversion.import_gguf(_write(tmp_path / f'{qtype.name}.gguf', tensor_type=qtype),
                            str(tmp_path / 'w'), overwrite=True)
+
+
+def test_a_checkpoint_in_the_per_layer_layout_restores_stacked(tmp_path):
+  """Checkpoints written before the layer scan (block_0 .. block_{L-1}) still restore."""
+  from models import transformer
+  restored = conversion.import_gguf(_write(tmp_path / 'ok.gguf'), str(tmp_path / 'w'))
+  checkpoints.save_params(str(tmp_path / 'w'), transformer.unstack_layer_params(restored.params),
+                          step=1)
+  again = checkpoints.restore_model(str(tmp_path / 'w'))
+  assert again.step == 1 and 'block_0' not in again.params
+  jax.tree.map(np.testing.assert_array_equal, again.params, restored.params)
 
 
 def _bad_inputs(tmp_path):
