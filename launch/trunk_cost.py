@@ -10,6 +10,7 @@ they take a Flax model and its parameters and import nothing from the other laun
 modules. Wall-clock figures on a shared machine are noisy: read ratios measured in one
 run, each the median of several repeats.
 """
+import functools
 import json
 import statistics
 import time
@@ -38,6 +39,8 @@ def forward_cost(model, params, batch: int, context: int, capacity: int,
   model: a models.Transformer (or a module called like it); params: its parameters.
   batch: rows B; context: tokens already in every row's cache (its lengths); capacity:
   the cache's slots S (>= context + max(lengths_T)); lengths_T: the T values.
+  The cache is donated to each call and taken back (as a decoding loop updates it in
+  place), so the figure is the forward alone.
   Returns {'batch', 'context', 'capacity', 'seconds': {T: median seconds per call},
   'relative': {T: seconds / seconds at the first T}}.
   Raises ValueError when a call would not fit the capacity.
@@ -46,17 +49,26 @@ def forward_cost(model, params, batch: int, context: int, capacity: int,
   if context + max(lengths_T) > capacity:
     raise ValueError(f'context {context} + T {max(lengths_T)} exceeds capacity {capacity}.')
   config = model.config
-  cache = KVCache.empty(config, batch, capacity).keep(jnp.full((batch,), context, jnp.int32))
+  state = {'cache': KVCache.empty(config, batch, capacity).keep(
+      jnp.full((batch,), context, jnp.int32))}
 
-  @jax.jit
+  # The cache is donated and returned (its lengths kept at `context`), as inside a
+  # decoding loop, where it is updated in place: a non-donated cache would add a copy
+  # of the whole cache to every call.
+  @functools.partial(jax.jit, donate_argnums=1)
   def call(params, cache, tokens, positions):
-    return model.apply({'params': params}, tokens, positions, cache=cache).logits
+    out = model.apply({'params': params}, tokens, positions, cache=cache)
+    return out.logits, out.cache.keep(cache.lengths)
+
+  def step(tokens, positions):
+    logits, state['cache'] = call(params, state['cache'], tokens, positions)
+    return logits
 
   seconds = {}
   for length in lengths_T:
     tokens = jnp.ones((batch, length), jnp.int32)
     positions = jnp.broadcast_to(context + jnp.arange(length), (batch, length))
-    seconds[length] = _median_seconds(lambda: call(params, cache, tokens, positions), repeats)
+    seconds[length] = _median_seconds(lambda: step(tokens, positions), repeats)
   first = seconds[lengths_T[0]]
   return dict(batch=batch, context=context, capacity=capacity, seconds=seconds,
               relative={t: s / first for t, s in seconds.items()})

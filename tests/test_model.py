@@ -207,8 +207,9 @@ def test_stacked_layers_convert_to_and_from_the_per_layer_layout():
   old = transformer.unstack_layer_params(params)
   assert {'block_0', 'block_1', 'block_2', 'future_2', 'future_3'} <= set(old)
   assert 'layers' not in old and 'future' not in old
-  np.testing.assert_array_equal(old['block_1']['attention']['q'], params['layers']['attention']['q'][1])
-  np.testing.assert_array_equal(old['future_3']['mlp']['down'], params['future']['mlp']['down'][1])
+  layers, future = params['layers'], params['future']
+  np.testing.assert_array_equal(old['block_1']['attention']['q'], layers['attention']['q'][1])
+  np.testing.assert_array_equal(old['future_3']['mlp']['down'], future['mlp']['down'][1])
   back = transformer.stack_layer_params(old)
   jax.tree.map(np.testing.assert_array_equal, back, params)
   jax.tree.map(np.testing.assert_array_equal, transformer.stack_layer_params(params), params)
