@@ -3,6 +3,7 @@
   python -m launch.decode --workdir=DIR --method=autoregressive --prompt='def main(' [--json]
   python -m launch.decode --workdir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9
   python -m launch.decode --workdir=SMOLLM2 --chat --prompt='Write a haiku about rain.'
+  python -m launch.decode --workdir=SMOLLM2 --dtype=bfloat16 --prompt='...'  # f32 weights, bf16 math
   python -m launch.decode --workdir=SMOLLM2 --chat --prompt_file=question.jsonl  # Spec-Bench
   python -m launch.decode --workdir=TARGET --method=speculative --draft_workdir=DRAFT \
       --num_draft=4 [--adaptive_threshold=0.3 | --tree=3,2,1 | --tree=dynamic:4,5,24]
@@ -90,6 +91,8 @@ _LOOKAHEAD = {
     'lookahead_candidates': flags.DEFINE_integer(
         'lookahead_candidates', None, 'lookahead: G, pool n-grams verified per round.')}
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
+_DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
+                             '(float32 | bfloat16); default: the checkpoint\'s.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -124,8 +127,13 @@ def main(argv):
     if method.second and not second:
       raise ValueError(f'--method={method.name} needs --{method.second}=DIR (its trained '
                        f'{"draft" if method.second == "draft_workdir" else "heads"}).')
+    if _DTYPE.value and _DTYPE.value not in checkpoints.DTYPES:
+      raise ValueError(f'--dtype={_DTYPE.value}; expected one of {", ".join(checkpoints.DTYPES)}.')
     restored = checkpoints.restore_model(_WORKDIR.value)
     draft = checkpoints.restore_model(second) if second else None
+    if _DTYPE.value:
+      restored = checkpoints.with_dtype(restored, _DTYPE.value)
+      draft = draft and checkpoints.with_dtype(draft, _DTYPE.value)
     result = generation.decode_texts(restored, texts, _METHOD.value, options, draft,
                                      chat=_CHAT.value)
   if _JSON.value:

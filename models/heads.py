@@ -106,7 +106,7 @@ class EagleDrafter(nn.Module):
     write_slots = cache.append_slots(length) if append else write_slots      # [B, T]
     if attention_mask is None:
       attention_mask = masks.slot_causal_mask(write_slots, cache.capacity)
-    out, (k, v) = Block(c, name='layer')(x, positions, attention_mask, (cache.k[0], cache.v[0]),
+    out, (k, v) = Block(c, name='layer')(x, positions, attention_mask, (cache.k, cache.v),
                                          write_slots)
-    return out, KVCache(k=k[None], v=v[None],
+    return out, KVCache(k=k, v=v,
                         lengths=cache.lengths + length if append else cache.lengths)

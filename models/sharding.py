@@ -21,7 +21,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('head_dim', None),
     ('length', None),
     ('cache_length', None),
-    ('layers', None),
+    ('layers', None),      # the stacked blocks' leading axis (models/transformer.py)
 )
 
 

@@ -8,8 +8,17 @@ Axis letters used in shapes and einsums:
 The module is pure: tokens, positions, the attention mask and the KV cache are
 all arguments, and the new cache is a result. Parameters carry logical axis
 names (see models/sharding.py) so a mesh rule table decides their layout.
+
+Speed on CPU (issue #17, measured with launch/trunk_cost.py): the blocks are one
+lax.scan over parameters stacked on a 'layers' axis (one block body to compile, not
+L); the cache [L, B, S, K, H] is the scan's carry, written at the layer index by a
+scatter that XLA performs in place inside a decoding while_loop; cached attention
+reads only the slot prefix the mask can reach (attention_windows), so a step costs
+what its context needs, not what the capacity holds.
 """
 import dataclasses
+import functools
+import re
 from typing import Optional
 
 import flax
@@ -124,16 +133,76 @@ class RMSNorm(nn.Module):
     return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+def _attend(q, k, v, mask, config):
+  """Grouped-query softmax attention. q: [B, T, K, G, H]; k, v: [B, S, K, H];
+  mask: [B, T, S] bool. Returns [B, T, N, H] in the activation dtype."""
+  dtype = config.activation_dtype
+  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k.astype(dtype)).astype(jnp.float32)
+  scores = scores * config.head_dim ** -0.5
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v.astype(dtype))
+  return out.reshape(out.shape[:2] + (config.num_heads, config.head_dim))
+
+
+# The smallest key window of cached attention; windows double up to the capacity.
+MIN_ATTENTION_WINDOW = 128
+
+
+def attention_windows(capacity: int) -> tuple[int, ...]:
+  """The key-prefix lengths cached attention chooses from: 128, 256, ... (doubling) below
+  `capacity`, then the capacity itself."""
+  sizes, size = [], MIN_ATTENTION_WINDOW
+  while size < capacity:
+    sizes.append(size)
+    size *= 2
+  return tuple(sizes) + (capacity,)
+
+
+def _cached_attend(q, cache_k, cache_v, layer, mask, config):
+  """Attention of q [B, T, K, G, H] over cache layer `layer` of cache_k/v [L, B, S, K, H],
+  reading only the slot prefix that any query may see.
+
+  The prefix is the smallest of attention_windows(S) covering the last slot the mask
+  [B, T, S] allows (a lax.switch over static prefix lengths), so the cost follows the
+  used part of the cache (the longest row's context plus this call's slots), not the
+  capacity. Slots past it are masked for every query: their softmax weights are exactly
+  0 (exp of float32 min minus the row max underflows), so the result equals attention
+  over all S slots; tokens were checked bit-identical (tests/test_model.py).
+  """
+  _, batch, capacity = cache_k.shape[:3]
+  windows = attention_windows(capacity)
+
+  def attend(size):
+    def branch(q, cache_k, cache_v, mask):
+      start = (layer, 0, 0, 0, 0)
+      shape = (1, batch, size) + cache_k.shape[3:]
+      k = jax.lax.dynamic_slice(cache_k, start, shape)[0]
+      v = jax.lax.dynamic_slice(cache_v, start, shape)[0]
+      return _attend(q, k, v, mask[:, :, :size], config)
+    return branch
+
+  if len(windows) == 1:
+    return attend(capacity)(q, cache_k, cache_v, mask)
+  used = jnp.max(jnp.where(jnp.any(mask, axis=(0, 1)), jnp.arange(1, capacity + 1), 0))
+  index = jnp.searchsorted(jnp.asarray(windows), used)
+  return jax.lax.switch(index, [attend(s) for s in windows], q, cache_k, cache_v, mask)
+
+
 class Attention(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv, write_slots):
+  def __call__(self, x, positions, mask, cache_kv, write_slots, layer=0):
     """x: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool.
 
-    cache_kv: None (keys are this call's T tokens, S = T) or (k, v) each [B, S, K, H];
-    write_slots: [B, T] cache slots receiving this call's keys/values.
-    Returns ([B, T, D], new (k, v) or None).
+    cache_kv: None (keys are this call's T tokens, S = T) or the whole cache (k, v),
+    each [L, B, S, K, H], of which this block owns layer `layer` (an int or a traced
+    int32 scalar: the index inside a layer scan); write_slots: [B, T] cache slots
+    receiving this call's keys/values (slots >= S are dropped). The new keys/values
+    are scattered into the buffers at [layer, b, write_slots[b]] (in place inside a
+    jitted loop: nothing else is copied).
+    Returns ([B, T, D], the updated (k, v) buffers or None).
     """
     c = self.config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
@@ -159,23 +228,20 @@ class Attention(nn.Module):
       v += self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
                       (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
     q, k = rope.rotate(q, positions, c), rope.rotate(k, positions, c)
-
-    new_kv = None
-    if cache_kv is not None:
-      # Scatter this call's keys into each row's own slots; out-of-range slots are dropped.
-      rows = jnp.arange(x.shape[0])[:, None]                                 # [B, 1]
-      k = cache_kv[0].at[rows, write_slots].set(k.astype(cache_kv[0].dtype), mode='drop')
-      v = cache_kv[1].at[rows, write_slots].set(v.astype(cache_kv[1].dtype), mode='drop')
-      new_kv = (k, v)                                                        # [B, S, K, H]
-
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(q.shape[:2] + (c.num_kv_heads, groups, c.head_dim))       # [B, T, K, G, H]
-    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k.astype(dtype)).astype(jnp.float32)
-    scores = scores * c.head_dim ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v.astype(dtype))
-    out = out.reshape(out.shape[:2] + (c.num_heads, c.head_dim))
+
+    new_kv = None
+    if cache_kv is None:
+      out = _attend(q, k, v, mask, c)
+    else:
+      # Scatter this call's keys into each row's own slots; out-of-range slots are dropped.
+      cache_k, cache_v = cache_kv
+      rows = jnp.arange(x.shape[0])[:, None]                                 # [B, 1]
+      cache_k = cache_k.at[layer, rows, write_slots].set(k.astype(cache_k.dtype), mode='drop')
+      cache_v = cache_v.at[layer, rows, write_slots].set(v.astype(cache_v.dtype), mode='drop')
+      new_kv = (cache_k, cache_v)                                            # [L, B, S, K, H]
+      out = _cached_attend(q, cache_k, cache_v, layer, mask, c)
     return jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype)), new_kv
 
 
@@ -200,14 +266,65 @@ class Block(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv, write_slots):
+  def __call__(self, x, positions, mask, cache_kv, write_slots, layer=0):
+    """One decoder layer; the arguments and the cache as in Attention."""
     c = self.config
     norm = lambda name: RMSNorm(c.norm_eps, c.activation_dtype, _DTYPES[c.param_dtype], name=name)
     attn_out, new_kv = Attention(c, name='attention')(
-        norm('attention_norm')(x), positions, mask, cache_kv, write_slots)
+        norm('attention_norm')(x), positions, mask, cache_kv, write_slots, layer)
     x = x + attn_out
     x = x + MLP(c, name='mlp')(norm('mlp_norm')(x))
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
+
+
+def _stacked_block_init(config: TransformerConfig, count: int):
+  """Initializer of `count` blocks' parameters stacked on a leading 'layers' axis (each
+  block drawn from its own key, as separate blocks would be)."""
+  def init(rng):
+    x = jnp.zeros((1, 1, config.d_model), config.activation_dtype)
+    positions = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    one = lambda key: Block(config, parent=None).init(key, x, positions, mask, None, None)['params']
+    stacked = jax.vmap(one)(jax.random.split(rng, count))
+    return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: 'layers'}), stacked,
+                        is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
+  return init
+
+
+_OLD_LAYER_KEY = re.compile(r'(block|future)_(\d+)')
+
+
+def stack_layer_params(params: dict) -> dict:
+  """Parameters in the per-layer layout of checkpoints written before the layer scan
+  (top-level 'block_0' .. 'block_{L-1}', MTP heads 'future_2' .. 'future_n') ->
+  today's layout ('layers' and 'future': each leaf stacked on a leading axis). Trees
+  without such keys (today's layout, heads, drafters) are returned as they are.
+  The one place old checkpoints are converted (training/checkpoints.restore_model)."""
+  groups: dict = {}
+  rest = {}
+  for key, value in params.items():
+    match = _OLD_LAYER_KEY.fullmatch(key)
+    if match is None:
+      rest[key] = value
+    else:
+      groups.setdefault(match.group(1), {})[int(match.group(2))] = value
+  for kind, layers in groups.items():
+    ordered = [layers[i] for i in sorted(layers)]
+    rest['layers' if kind == 'block' else 'future'] = jax.tree.map(
+        lambda *leaves: jnp.stack(leaves), *ordered)
+  return rest
+
+
+def unstack_layer_params(params: dict) -> dict:
+  """The inverse of stack_layer_params: per-layer 'block_i' / 'future_i' trees (what the
+  HF and GGUF exporters name tensor by tensor)."""
+  out = {k: v for k, v in params.items() if k not in ('layers', 'future')}
+  for kind, first, name in (('layers', 0, 'block'), ('future', 2, 'future')):
+    if kind in params:
+      count = jax.tree.leaves(params[kind])[0].shape[0]
+      for i in range(count):
+        out[f'{name}_{first + i}'] = jax.tree.map(lambda leaf, i=i: leaf[i], params[kind])
+  return out
 
 
 class Transformer(nn.Module):
@@ -215,12 +332,18 @@ class Transformer(nn.Module):
 
   Other families reuse this trunk and add heads or a different mask rule.
 
+  The blocks' parameters are stacked on a leading 'layers' axis (params['layers'],
+  each leaf [L, ...]) and run as one lax.scan, so a 30-layer model compiles one block
+  body instead of 30; the KV cache [L, B, S, K, H] is carried through the scan and
+  written in place at the layer index.
+
   Multi-token prediction (Gloeckle et al. 2024; config.mtp_heads = n > 1): blocks
   0 .. L-2 are the shared trunk, block L-1 is head 1 (next token) and n - 1 more
-  blocks `future_i` read the trunk's output in parallel, head i predicting token
-  t + i; all heads share the final norm and the unembedding. Head 1 alone is exactly
-  an L-layer LM, so every decoding method decodes an MTP model as its head 1, and
-  the extra heads only draft (self-speculation in decoding/medusa.py).
+  blocks (params['future'], stacked) read the trunk's output in parallel, head i
+  predicting token t + i and holding cache layer L + i - 2; all heads share the final
+  norm and the unembedding. Head 1 alone is exactly an L-layer LM, so every decoding
+  method decodes an MTP model as its head 1, and the extra heads only draft
+  (self-speculation in decoding/medusa.py).
   """
   config: TransformerConfig
 
@@ -229,8 +352,9 @@ class Transformer(nn.Module):
     pdtype = _DTYPES[c.param_dtype]
     self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
                                 (c.padded_vocab_size, c.d_model), pdtype)
-    self.layers = [Block(c, name=f'block_{i}') for i in range(c.num_layers)]
-    self.future_blocks = [Block(c, name=f'future_{i}') for i in range(2, c.mtp_heads + 1)]
+    self.layer_params = self.param('layers', _stacked_block_init(c, c.num_layers))
+    if c.mtp_heads > 1:
+      self.future_params = self.param('future', _stacked_block_init(c, c.mtp_heads - 1))
     self.final_norm = RMSNorm(c.norm_eps, c.activation_dtype, pdtype, name='final_norm')
     if not c.tie_embeddings:
       self.lm_head = self.param('lm_head', _init(c.d_model ** -0.5, ('embed', 'vocab')),
@@ -271,15 +395,43 @@ class Transformer(nn.Module):
                        'blocks.')
     attention_mask, write_slots = self._mask_and_slots(x.shape[:2], attention_mask, cache,
                                                        write_slots, positions)
-    new_kv, outputs = [], []
-    for layer in range(start, stop):
-      x = self._run(self.layers[layer], layer, x, positions, attention_mask, cache,
-                    write_slots, new_kv)
-      outputs.append(x)
+    x, kv, outputs = self._scan(self.layer_params, start, stop, x, positions, attention_mask,
+                                cache, write_slots, collect=True)
     if cache is not None:
-      cache = cache.replace(k=cache.k.at[start:stop].set(jnp.stack([k for k, _ in new_kv])),
-                            v=cache.v.at[start:stop].set(jnp.stack([v for _, v in new_kv])))
+      cache = cache.replace(k=kv[0], v=kv[1])
     return x, cache, tuple(outputs)
+
+  def _scan(self, params, start, stop, x, positions, attention_masks, cache, write_slots,
+            collect=False, chain=True, first_layer=None):
+    """Blocks start .. stop - 1 of the stacked `params` as one lax.scan.
+
+    chain: each block reads the previous one's output (the trunk); False: every block
+    reads x (the MTP heads). first_layer: the cache layer of block `start` (default
+    start). Returns (the last output [B, T, D], the cache's (k, v) or None, the
+    outputs [stop - start, B, T, D] when collect or chain=False, else None).
+    """
+    c = self.config
+    first_layer = start if first_layer is None else first_layer
+    layer_params = jax.tree.map(lambda leaf: leaf[start:stop], params)
+    full, windowed = attention_masks
+    flags = [c.windowed(first_layer + i) for i in range(stop - start)]
+    mixed = windowed is not None and len(set(flags)) > 1
+    if windowed is not None and not mixed:
+      full = windowed if flags[0] else full
+    block = Block(c, parent=None)
+
+    def body(carry, xs):
+      h, kv = carry
+      p, layer, flag = xs
+      mask = jnp.where(flag, windowed, full) if mixed else full
+      out, kv = block.apply({'params': p}, h if chain else x, positions, mask, kv,
+                            write_slots, layer)
+      return (out if chain else h, kv), (out if collect or not chain else None)
+
+    kv = None if cache is None else (cache.k, cache.v)
+    layers = first_layer + jnp.arange(stop - start, dtype=jnp.int32)
+    (h, kv), outputs = jax.lax.scan(body, (x, kv), (layer_params, layers, jnp.asarray(flags)))
+    return (h if chain else outputs[-1]), kv, outputs
 
   def _mask_and_slots(self, shape, attention_mask, cache, write_slots, positions):
     """The default mask (causal; over cache slots with a cache) and write slots (an
@@ -317,16 +469,6 @@ class Transformer(nn.Module):
     return attention_mask, masks.sliding_window_mask(attention_mask, positions,
                                                      key_positions, window)
 
-  @staticmethod
-  def _run(block, layer, x, positions, attention_masks, cache, write_slots, new_kv):
-    cache_kv = None if cache is None else (cache.k[layer], cache.v[layer])
-    full, windowed = attention_masks
-    mask = windowed if block.config.windowed(layer) else full
-    x, kv = block(x, positions, mask, cache_kv, write_slots)
-    if kv is not None:
-      new_kv.append(kv)
-    return x
-
   def __call__(self, tokens, positions, attention_mask=None, cache: Optional[KVCache] = None,
                return_layer_hidden: bool = False,
                write_slots: Optional[jax.Array] = None) -> ForwardOutput:
@@ -341,28 +483,37 @@ class Transformer(nn.Module):
       caller keeps what it decides to keep: models/kv_cache.py); slots >= capacity
       are dropped.
     """
+    c = self.config
     batch, length = tokens.shape
     append = cache is not None and write_slots is None
     attention_mask, write_slots = self._mask_and_slots((batch, length), attention_mask, cache,
                                                        write_slots, positions)
     x = nn.with_logical_constraint(self.embed(tokens), ('batch', 'length', 'embed'))
-    new_kv, layer_hidden = [], []
-    trunk = x
-    for i, block in enumerate(self.layers):
-      trunk = x  # the input of the last block: what every MTP head reads
-      x = self._run(block, i, x, positions, attention_mask, cache, write_slots, new_kv)
-      layer_hidden.append(x)
-    hidden = self.final_norm(x)
+    run = functools.partial(self._scan, positions=positions, attention_masks=attention_mask,
+                            write_slots=write_slots)
+    collect = return_layer_hidden
     future_logits = None
-    if self.future_blocks:
-      future = [self.final_norm(self._run(block, self.config.num_layers + j, trunk, positions,
-                                          attention_mask, cache, write_slots, new_kv))
-                for j, block in enumerate(self.future_blocks)]
-      future_logits = jnp.stack([self.logits(h) for h in future], axis=2)      # [B, T, n-1, V]
+    if c.mtp_heads == 1:
+      x, kv, layer_hidden = run(self.layer_params, 0, c.num_layers, x, cache=cache,
+                                collect=collect)
+    else:
+      # The trunk (blocks 0 .. L-2), head 1's block, then the future heads reading the trunk.
+      trunk, kv, hidden_trunk = (run(self.layer_params, 0, c.num_layers - 1, x, cache=cache,
+                                     collect=collect) if c.num_layers > 1 else (x, None, None))
+      kv_cache = cache if kv is None else cache.replace(k=kv[0], v=kv[1])
+      x, kv, hidden_last = run(self.layer_params, c.num_layers - 1, c.num_layers, trunk,
+                               cache=kv_cache, collect=collect)
+      layer_hidden = (hidden_last if hidden_trunk is None
+                      else jnp.concatenate([hidden_trunk, hidden_last]))
+      kv_cache = cache if kv is None else cache.replace(k=kv[0], v=kv[1])
+      _, kv, future = run(self.future_params, 0, c.mtp_heads - 1, trunk, cache=kv_cache,
+                          chain=False, first_layer=c.num_layers)
+      future_logits = jnp.stack([self.logits(self.final_norm(h)) for h in future],
+                                axis=2)                                      # [B, T, n-1, V]
+    hidden = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=jnp.stack([k for k, _ in new_kv]),
-                          v=jnp.stack([v for _, v in new_kv]),
+      new_cache = KVCache(k=kv[0], v=kv[1],
                           lengths=cache.lengths + length if append else cache.lengths)
     return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
                          layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
@@ -374,15 +525,21 @@ class Transformer(nn.Module):
   def trunk(self, tokens, positions, attention_mask) -> jax.Array:
     """[B, T] tokens -> [B, T, D] the shared trunk's output (the last block's input)."""
     x = self.embed(tokens)
-    full, windowed = self._with_window(attention_mask, positions, positions)
-    for i, block in enumerate(self.layers[:-1]):
-      x, _ = block(x, positions, windowed if self.config.windowed(i) else full, None, None)
+    if self.config.num_layers == 1:
+      return x
+    masks_ = self._with_window(attention_mask, positions, positions)
+    x, _, _ = self._scan(self.layer_params, 0, self.config.num_layers - 1, x, positions,
+                         masks_, None, None)
     return x
 
   def head_logits(self, head: int, trunk, positions, attention_mask) -> jax.Array:
     """Head `head` (1 = next token, i = token t + i) on the trunk's output -> [B, T, V]."""
-    block = self.layers[-1] if head == 1 else self.future_blocks[head - 2]
-    layer = self.config.num_layers - 2 + head
-    full, windowed = self._with_window(attention_mask, positions, positions)
-    x, _ = block(trunk, positions, windowed if self.config.windowed(layer) else full, None, None)
+    c = self.config
+    masks_ = self._with_window(attention_mask, positions, positions)
+    if head == 1:
+      x, _, _ = self._scan(self.layer_params, c.num_layers - 1, c.num_layers, trunk, positions,
+                           masks_, None, None)
+    else:
+      x, _, _ = self._scan(self.future_params, head - 2, head - 1, trunk, positions, masks_,
+                           None, None, first_layer=c.num_layers + head - 2)
     return self.logits(self.final_norm(x))

@@ -52,6 +52,7 @@ def test_command_line_json(trained_tiny, tmp_path):
     (['--method=telepathy'], "Unknown decoding method 'telepathy'"),
     (['--top_p=0'], r'top_p must be in (0, 1]'),
     (['--max_context=4'], 'longer than the context (4 tokens)'),
+    (['--dtype=float16'], "--dtype=float16; expected one of float32, bfloat16"),
 ])
 def test_command_line_errors_are_clear(trained_tiny, args, message):
   """One message per kind of check (method, sampling settings, prompt vs context) through
@@ -95,3 +96,23 @@ def test_heads_methods_name_what_is_missing(trained_tiny):
     generation.decode_tokens(trained_tiny, prompts, 'eagle', options)
   with pytest.raises(ValueError, match='needs a Medusa heads workdir'):
     generation.decode_tokens(trained_tiny, prompts, 'medusa', options, draft=trained_tiny)
+
+
+def test_a_float32_checkpoint_decodes_in_bfloat16(trained_tiny):
+  """checkpoints.with_dtype (launch.decode --dtype): weights, activations and cache in
+  bfloat16 from the float32 checkpoint; the first new token agrees with float32's."""
+  import jax
+  import jax.numpy as jnp
+  from training import checkpoints
+  half = checkpoints.with_dtype(trained_tiny, 'bfloat16')
+  assert half.model.config.dtype == half.model.config.param_dtype == 'bfloat16'
+  assert {x.dtype for x in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert trained_tiny.model.config.dtype == 'float32'  # the original is left alone
+  options = generation.DecodeOptions(max_new_tokens=12)
+  texts = ['import os', 'def f(']
+  ours = generation.decode_texts(half, texts, options=options)['outputs']
+  full = generation.decode_texts(trained_tiny, texts, options=options)['outputs']
+  assert all(len(o['tokens']) == 12 or o['tokens'][-1] == half.tokenizer.eos_id for o in ours)
+  assert [o['tokens'][0] for o in ours] == [f['tokens'][0] for f in full], (ours, full)
+  with pytest.raises(ValueError, match='expected one of float32, bfloat16'):
+    checkpoints.with_dtype(trained_tiny, 'int8')

@@ -100,7 +100,7 @@ def test_options_keep_cache_consistency(overrides):
   if overrides.get('tie_embeddings'):
     assert 'lm_head' not in params['params']
   if overrides.get('qkv_bias'):
-    assert 'q_bias' in params['params']['block_0']['attention']
+    assert 'q_bias' in params['params']['layers']['attention']
 
 
 def test_rope_theta_changes_the_function():
@@ -128,8 +128,8 @@ def test_outputs_and_logical_axis_names():
   boxed = model.init(jax.random.PRNGKey(0), tokens, tokens)
   specs = nn.get_partition_spec(boxed)['params']
   assert tuple(specs['embedding']) == ('vocab', 'embed')
-  assert tuple(specs['block_0']['attention']['q']) == ('embed', 'heads', 'head_dim')
-  assert tuple(specs['block_0']['mlp']['down']) == ('mlp', 'embed')
+  assert tuple(specs['layers']['attention']['q']) == ('layers', 'embed', 'heads', 'head_dim')
+  assert tuple(specs['layers']['mlp']['down']) == ('layers', 'mlp', 'embed')
   out = model.apply(nn.meta.unbox(boxed), tokens, tokens, return_layer_hidden=True)
   assert out.logits.shape == (2, 5, config.padded_vocab_size) and config.padded_vocab_size == 384
   assert out.hidden.shape == (2, 5, config.d_model)
@@ -180,3 +180,36 @@ def test_explicit_write_slots_write_anywhere_and_keep_nothing():
                              atol=1e-6)
   kept = scattered.cache.keep(jnp.asarray([10]))
   assert int(kept.lengths[0]) == 10
+
+
+def test_attention_over_the_used_prefix_equals_attention_over_the_capacity(monkeypatch):
+  """Cached attention reads only the smallest window (128, 256, ..., S) covering the slots
+  the mask allows; the logits are those of attention over all S slots, bit for bit,
+  whichever window each call lands in (contexts crossing 128 and 256 of S = 300)."""
+  from models import transformer
+  config, model, params = _model_and_params()
+  tokens = jax.random.randint(jax.random.PRNGKey(8), (2, 290), 3, 300)
+  assert transformer.attention_windows(300) == (128, 256, 300)
+  windowed = _incremental_logits(model, params, config, tokens, [100, 60], 300, chunk=40)
+  monkeypatch.setattr(transformer, 'MIN_ATTENTION_WINDOW', 10 ** 9)
+  assert transformer.attention_windows(300) == (300,)
+  whole = _incremental_logits(model, params, config, tokens, [100, 60], 300, chunk=40)
+  np.testing.assert_array_equal(windowed, whole)
+
+
+def test_stacked_layers_convert_to_and_from_the_per_layer_layout():
+  """Checkpoints written before the layer scan (block_i, future_i) restore into the
+  stacked layout, and the exporters' per-layer view inverts it."""
+  from models import transformer
+  _, model, params = _model_and_params(num_layers=3, mtp_heads=3)
+  params = params['params']
+  assert params['layers']['mlp']['up'].shape[0] == 3 and params['future']['mlp']['up'].shape[0] == 2
+  old = transformer.unstack_layer_params(params)
+  assert {'block_0', 'block_1', 'block_2', 'future_2', 'future_3'} <= set(old)
+  assert 'layers' not in old and 'future' not in old
+  layers, future = params['layers'], params['future']
+  np.testing.assert_array_equal(old['block_1']['attention']['q'], layers['attention']['q'][1])
+  np.testing.assert_array_equal(old['future_3']['mlp']['down'], future['mlp']['down'][1])
+  back = transformer.stack_layer_params(old)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  jax.tree.map(np.testing.assert_array_equal, transformer.stack_layer_params(params), params)

@@ -116,8 +116,8 @@ def test_sharded_train_step_matches_single_device(tiny_config, tmp_path):
     setup = trainer.build(tiny_config, objective, batch, devices)
     state = setup.init_state()
     if model_parallelism == 2:
-      q = state.params['block_0']['attention']['q']
-      assert q.sharding.spec == jax.sharding.PartitionSpec(None, 'model', None)
+      q = state.params['layers']['attention']['q']                        # [L, D, N, H]
+      assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, 'model', None)
     for _ in range(2):
       state, metrics = setup.train_step(state, trainer.to_device(batch, setup.batch_shardings),
                                         setup.frozen)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from models import families
+from models import families, transformer
 from training import tokenizers
 
 CONFIG_FILE = 'config.json'
@@ -162,7 +162,8 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   finally:
     manager.close()
-  params = state['state']['params']
+  # Checkpoints written before the layer scan name each block; today's trunk stacks them.
+  params = transformer.stack_layer_params(state['state']['params'])
   want = _shapes(families.abstract_params(config, tokenizer.vocab_size))
   got = _shapes(params)
   if want != got:
@@ -171,6 +172,31 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     raise ConfigMismatchError(f'The checkpoint in {workdir} does not match its config.json:\n  '
                               + '\n  '.join(diffs[:10]))
   return RestoredModel(config, tokenizer, model, params, int(step), workdir)
+
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def with_dtype(restored: RestoredModel, dtype: str) -> RestoredModel:
+  """`restored` decoded in `dtype` (float32 | bfloat16): floating parameters cast, and the
+  module's config set to that activation and parameter dtype (so the KV cache and
+  every activation follow; logits stay float32). A float32 checkpoint decodes in
+  bfloat16 this way without re-importing it. The one place decode, bench and
+  launch.trunk_cost change a model's dtype.
+  Raises ValueError for another dtype or a module without a TransformerConfig."""
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r}; expected one of {", ".join(DTYPES)}.')
+  config = getattr(restored.model, 'config', None)
+  if not dataclasses.is_dataclass(config) or not hasattr(config, 'param_dtype'):
+    raise ValueError(f'{type(restored.model).__name__} has no TransformerConfig to set a dtype in.')
+  if config.dtype == config.param_dtype == dtype:
+    return restored
+  model = restored.model.clone(config=dataclasses.replace(config, dtype=dtype,
+                                                          param_dtype=dtype))
+  import jax.numpy as jnp
+  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, restored.params)
+  return dataclasses.replace(restored, model=model, params=params)
 
 
 def _shapes(tree) -> dict:

@@ -319,7 +319,8 @@ def load_params(reader, config, path: str = 'the GGUF file', arch: str = 'llama'
     for key in param_path[:-1]:
       node = node.setdefault(key, {})
     node[param_path[-1]] = value
-  return params
+  from models import transformer
+  return transformer.stack_layer_params(params)
 
 
 # --------------------------------------------------------------------------- tokenizer

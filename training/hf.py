@@ -17,7 +17,9 @@ Tensor mapping (HF Linear weights are [out, in]; ours are [in, ...] einsum opera
   layers.i.mlp.down_proj.weight [D, F]              -> mlp.down [F, D]
 Rotary embeddings agree without permuting: HF's `rotate_half` pairs the first and
 second halves of the head dim, as models/transformer.py does, with the same
-frequencies theta^(-2i / H).
+frequencies theta^(-2i / H). The layout is written per layer (block_i); load_params
+stacks the blocks into the trunk's 'layers' tree (models.transformer.stack_layer_params)
+and export_tensors unstacks them.
 """
 import json
 import logging
@@ -242,11 +244,14 @@ def load_params(directory: str, config) -> dict:
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = value
-  return params
+  from models import transformer
+  return transformer.stack_layer_params(params)
 
 
 def export_tensors(params, config) -> dict:
   """The inverse of load_params: {HF name: array [out, in] layout}, vocab padding cut."""
+  from models import transformer
+  params = transformer.unstack_layer_params(params)
   out = {}
   for name, (path, shape, _) in _layout(config).items():
     value = params
