@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import driver, medusa, trees
+from decoding import driver, medusa, registry, trees
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import MedusaHeads
@@ -107,7 +107,8 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):
            '    return self.', 'for i in range(', '        if not ']
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
   options = generation.DecodeOptions(max_new_tokens=48, tree='3,2,2')
-  plain, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive', options)
+  plain, _ = generation.decode_tokens(
+      trained_tiny, prompts, 'autoregressive', registry.options_for(registry.get('autoregressive'), options))
   taus = {}
   untrained = jax.tree.map(lambda x: x, trained.params)
   untrained['heads'] = {**untrained['heads'], 'block': 0 * untrained['heads']['block'],
@@ -167,5 +168,6 @@ def test_medusa2_trains_the_target_with_its_heads(trained_tiny, tfds_dir, tmp_pa
   out, _ = generation.decode_tokens(trained_tiny, prompts, 'medusa', options, joint)
   tuned = checkpoints.RestoredModel(trained_tiny.config, trained_tiny.tokenizer,
                                     trained_tiny.model, joint.params['base'], 2, '')
-  plain, _ = generation.decode_tokens(tuned, prompts, 'autoregressive', options)
+  plain, _ = generation.decode_tokens(
+      tuned, prompts, 'autoregressive', registry.options_for(registry.get('autoregressive'), options))
   assert out == plain   # Medusa-2 decodes its own jointly trained base, exactly.

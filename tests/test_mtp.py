@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import driver, medusa, trees
+from decoding import driver, medusa, registry, trees
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import KVCache, Transformer, TransformerConfig
@@ -123,7 +123,8 @@ def test_trained_mtp_heads_beat_random_heads(trained_mtp):
   texts = ('import os\nimport sys\n', 'def __init__(self', 'class Foo:\n    ', '# Copyright')
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
   options = generation.DecodeOptions(max_new_tokens=40, tree='3,2')
-  plain, _ = generation.decode_tokens(trained, prompts, 'autoregressive', options)
+  plain, _ = generation.decode_tokens(
+      trained, prompts, 'autoregressive', registry.options_for(registry.get('autoregressive'), options))
   fresh = nn.meta.unbox(trained.model.init(jax.random.PRNGKey(7), jnp.zeros((1, 1), jnp.int32),
                                            jnp.zeros((1, 1), jnp.int32)))['params']
   randomized = dict(trained.params, **{k: v for k, v in fresh.items() if k == 'future'})
