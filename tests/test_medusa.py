@@ -108,7 +108,8 @@ def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
   options = generation.DecodeOptions(max_new_tokens=48, tree='3,2,2')
   plain, _ = generation.decode_tokens(
-      trained_tiny, prompts, 'autoregressive', registry.options_for(registry.get('autoregressive'), options))
+      trained_tiny, prompts, 'autoregressive',
+      registry.options_for(registry.get('autoregressive'), options))
   taus = {}
   untrained = jax.tree.map(lambda x: x, trained.params)
   untrained['heads'] = {**untrained['heads'], 'block': 0 * untrained['heads']['block'],
@@ -169,5 +170,6 @@ def test_medusa2_trains_the_target_with_its_heads(trained_tiny, tfds_dir, tmp_pa
   tuned = checkpoints.RestoredModel(trained_tiny.config, trained_tiny.tokenizer,
                                     trained_tiny.model, joint.params['base'], 2, '')
   plain, _ = generation.decode_tokens(
-      tuned, prompts, 'autoregressive', registry.options_for(registry.get('autoregressive'), options))
+      tuned, prompts, 'autoregressive',
+      registry.options_for(registry.get('autoregressive'), options))
   assert out == plain   # Medusa-2 decodes its own jointly trained base, exactly.

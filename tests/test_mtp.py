@@ -124,7 +124,8 @@ def test_trained_mtp_heads_beat_random_heads(trained_mtp):
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
   options = generation.DecodeOptions(max_new_tokens=40, tree='3,2')
   plain, _ = generation.decode_tokens(
-      trained, prompts, 'autoregressive', registry.options_for(registry.get('autoregressive'), options))
+      trained, prompts, 'autoregressive',
+      registry.options_for(registry.get('autoregressive'), options))
   fresh = nn.meta.unbox(trained.model.init(jax.random.PRNGKey(7), jnp.zeros((1, 1), jnp.int32),
                                            jnp.zeros((1, 1), jnp.int32)))['params']
   randomized = dict(trained.params, **{k: v for k, v in fresh.items() if k == 'future'})
