@@ -11,7 +11,13 @@ model's chat template), reported per category; in the same run, transformers `ge
 lookup) on the same weights where installed. Greedy at batch 1 by default; prefill ms,
 decode tokens/s, peak memory, and the verify-cost curve per batch size.
 """
+import os
+
 from configs import bench
+
+# The prompts shipped with the repository, wherever the command runs from.
+PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data',
+                       'prompts', 'specbench_mini.jsonl')
 
 
 def get_config(arg: str | None = None):
@@ -25,7 +31,7 @@ def get_config(arg: str | None = None):
   config.trees = {}
   config.typical = ()
   config.naive_reference = False
-  config.prompt_file = 'data/prompts/specbench_mini.jsonl'
+  config.prompt_file = PROMPTS
   config.chat = True
   config.prompts_per_category = 0
   config.baselines = ('transformers', 'llama.cpp')
