@@ -37,7 +37,12 @@ def wants_auto(method: registry.Method, options) -> bool:
     if getattr(options, name, None) == AUTO and name != method.draft_length:
       raise ValueError(f'--{name}=auto: --method={method.name} has no automatic '
                        f'{name} (its draft length option: {method.draft_length or "none"}).')
-  return method.draft_length is not None and getattr(options, method.draft_length) == AUTO
+  wanted = method.draft_length is not None and getattr(options, method.draft_length) == AUTO
+  if wanted and (getattr(options, 'tree', '') or getattr(options, 'lookup_branches', 1) > 1):
+    # The cost model prices a chain: k drafted tokens, one k + 1 token call, min(n, k).
+    raise ValueError(f'--{method.draft_length}=auto chooses a chain length; it does not '
+                     'apply with --tree or --lookup_branches > 1.')
+  return wanted
 
 
 def resolve(restored, prompts: list[list[int]], method: str, options, draft=None):
@@ -73,6 +78,14 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
   curve = benchmarking.verify_cost_curve(
       restored, batch, context, tokens=tuple(t for t in benchmarking.VERIFY_COST_TOKENS
                                              if t <= 2 * (AUTO_MAX_DRAFT + 1)))
+  if sum(spec['accepted_histogram']) == 0:
+    # Every calibration row ended at its first token (max_new_tokens 1, an EOS, a full
+    # context): nothing to calibrate on, and nothing a draft could speed up.
+    report = dict(option=name, chosen=0, predicted_speedup={'0': 1.0},
+                  calibration_histogram=spec['accepted_histogram'],
+                  reason='no speculative round ran in the calibration',
+                  calibration_s=round(time.perf_counter() - t0, 2))
+    return 'autoregressive', registry.options_for(registry.get('autoregressive'), options), report
   per_token = spec.get('draft_calls', 0) > 0
   overhead = cost_model.measured_overhead(round_steps, AUTO_MAX_DRAFT, curve, per_token)
   choice = cost_model.choose_num_draft(spec['accepted_histogram'], curve, overhead, per_token)

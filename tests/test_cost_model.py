@@ -75,3 +75,18 @@ def test_auto_is_refused_where_a_method_has_no_draft_length():
                              generation.DecodeOptions(jacobi_window='auto'))
   with pytest.raises(ValueError, match='positive integer or auto'):
     generation.draft_length('0', 'num_draft')
+
+
+def test_auto_with_nothing_to_calibrate_is_plain_decoding(trained_tiny):
+  from launch import generation
+  tok = trained_tiny.tokenizer
+  prompts = [[tok.bos_id, *tok.encode('import os\n')]]
+  out, stats = generation.decode_tokens(
+      trained_tiny, prompts, 'lookup', generation.DecodeOptions(max_new_tokens=1,
+                                                                num_draft='auto'))
+  assert stats['auto']['chosen'] == 0 and len(out[0]) == 1
+  from decoding import registry
+  from launch import autotune
+  with pytest.raises(ValueError, match='does not apply with --tree or --lookup_branches'):
+    autotune.wants_auto(registry.get('lookup'), generation.DecodeOptions(
+        num_draft='auto', lookup_branches=3))
