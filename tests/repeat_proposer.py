@@ -37,4 +37,5 @@ class RepeatProposer(Proposer):
 registry.register(registry.Method(
     'repeat_last', 'repeat_last',
     lambda options, capacity, eos_ids, model, drafter: RepeatConfig(
-        **registry.base_settings(options, capacity, eos_ids), num_draft=options.num_draft)))
+        **registry.base_settings(options, capacity, eos_ids), num_draft=options.num_draft),
+    options=('num_draft',)))  # the method-specific options it reads (check_options)
