@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import autoregressive, driver, jacobi, registry, verify
+from decoding import autoregressive, driver, jacobi, registry
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import ForwardOutput, sharding
 from tests.stub_model import StubConfig, StubModel
-from tests.test_speculative import EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint, _g_test
+from tests.test_speculative import (EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
+                                    _g_test, _sampled, _wrong_rule_fails)
 
 
 def _jacobi(model, params, prompts, max_new, capacity, sampling=SamplingConfig(), seed=0,
@@ -109,21 +110,11 @@ def test_jacobi_sampling_is_lossless(sampling, power, monkeypatch):
   config = jacobi.JacobiConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(),
                                window=2)
 
-  def sample():
-    out = driver.generate(*VOCAB6_TARGET, jnp.asarray([prompt] * rows),
-                          jnp.full((rows,), len(prompt), jnp.int32), config,
-                          jax.random.PRNGKey(7))
-    return np.asarray(out.tokens[:, len(prompt):]), out
-
-  samples, out = sample()
-  hist = np.asarray(out.stats['accepted_histogram'])
+  samples, hist = _sampled(config, prompt, rows, 7)
   assert hist[0] > 0 and hist[1:].sum() > 0, 'the guesses are neither always right nor wrong'
   assert _g_test(samples, exact) > 1e-3
   if power:  # A wrong rule (p not renormalised after a rejected guess) must fail.
-    jax.clear_caches()
-    monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
-    assert _g_test(sample()[0], exact) < 1e-3
-    jax.clear_caches()
+    _wrong_rule_fails(monkeypatch, lambda: _sampled(config, prompt, rows, 7)[0], exact)
 
 
 def test_eight_devices_give_the_tokens_of_one():

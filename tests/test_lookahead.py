@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import driver, registry, verify
+from decoding import driver, registry
 from decoding.lookahead import LookaheadConfig, LookaheadProposer
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import ForwardOutput, sharding
 from tests.stub_model import StubConfig, StubModel, random_table
 from tests.test_speculative import (EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
-                                    _g_test)
+                                    _g_test, _sampled, _wrong_rule_fails)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,23 +127,12 @@ def test_sampling_is_lossless(sampling, kw, monkeypatch):
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
   config = LookaheadConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(), **kw)
 
-  def sample():
-    out = driver.generate(*VOCAB6_TARGET, jnp.asarray([prompt] * rows),
-                          jnp.full((rows,), len(prompt), jnp.int32), config,
-                          jax.random.PRNGKey(11))
-    return np.asarray(out.tokens[:, len(prompt):]), out
-
-  samples, out = sample()
-  hist = np.asarray(out.stats['accepted_histogram'])
+  samples, hist = _sampled(config, prompt, rows, 11)
   assert hist[1:].sum() > 1000, 'too few accepted candidates to test the rule'
   assert _g_test(samples, exact) > 1e-3
-  if kw['ngram'] != 2:  # The power check runs once (CI time).
-    return
-  # Power: after a rejected candidate, drawing from p instead of p without it is wrong.
-  jax.clear_caches()
-  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
-  assert _g_test(sample()[0], exact) < 1e-3
-  jax.clear_caches()
+  if kw['ngram'] == 2:  # The power check runs once (CI time): after a rejected candidate,
+    # drawing from p instead of p without it is wrong.
+    _wrong_rule_fails(monkeypatch, lambda: _sampled(config, prompt, rows, 11)[0], exact)
 
 
 class _Recording(LookaheadProposer):

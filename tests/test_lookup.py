@@ -18,7 +18,7 @@ from launch import generation
 from models import sharding
 from tests.test_proposer import REPO
 from tests.test_speculative import (EOS, STUB, TABLE, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
-                                    _g_test)
+                                    _g_test, _sampled, _wrong_rule_fails)
 
 
 def _lookup(model, params, prompts, max_new, capacity, sampling=SamplingConfig(), seed=0,
@@ -137,21 +137,11 @@ def test_lookup_sampling_is_lossless(sampling, kw, power, monkeypatch):
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
   config = lookup.LookupConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(), **kw)
 
-  def sample():
-    out = driver.generate(*VOCAB6_TARGET, jnp.asarray([prompt] * rows),
-                          jnp.full((rows,), len(prompt), jnp.int32), config,
-                          jax.random.PRNGKey(11))
-    return np.asarray(out.tokens[:, len(prompt):]), out
-
-  samples, out = sample()
-  hist = np.asarray(out.stats['accepted_histogram'])
+  samples, hist = _sampled(config, prompt, rows, 11)
   assert hist[0] > 0 and hist[1:].sum() > 0, 'the lookup is neither always right nor wrong'
   assert _g_test(samples, exact) > 1e-3
   if power:  # A wrong rule (p not renormalised after a rejected candidate) must fail.
-    jax.clear_caches()
-    monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
-    assert _g_test(sample()[0], exact) < 1e-3
-    jax.clear_caches()
+    _wrong_rule_fails(monkeypatch, lambda: _sampled(config, prompt, rows, 11)[0], exact)
 
 
 @pytest.mark.parametrize('kw', [dict(num_draft=3), dict(num_draft=3, branches=2)], ids=str)

@@ -162,6 +162,28 @@ VOCAB6_TARGET = _tiny(5, vocab=6, num_layers=2)
 VOCAB6_DRAFT = _tiny(6, vocab=6, num_layers=1, d_model=32, num_heads=2, num_kv_heads=1)
 
 
+def _sampled(config, prompt, rows, seed, *draft):
+  """`rows` copies of one prompt decoded by `config` on VOCAB6_TARGET (and a draft) ->
+  (new tokens [rows, steps] int, the accepted histogram [D + 1])."""
+  out = driver.generate(*VOCAB6_TARGET, jnp.asarray([prompt] * rows),
+                        jnp.full((rows,), len(prompt), jnp.int32), config,
+                        jax.random.PRNGKey(seed), *draft)
+  return np.asarray(out.tokens[:, len(prompt):]), np.asarray(out.stats['accepted_histogram'])
+
+
+def _wrong_rule_fails(monkeypatch, sample, exact) -> None:
+  """The G-test's power: redrawing from p instead of the residual after a rejection
+  (for deterministic candidates: not renormalising p without the rejected one) is a
+  wrong rule, and `sample()` (-> tokens) under it must fail against `exact`."""
+  jax.clear_caches()
+  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
+  try:
+    assert _g_test(sample(), exact) < 1e-3
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize('sampling,kw', [
     (SamplingConfig(temperature=1.0), dict(num_draft=2)),
     (SamplingConfig(temperature=1.3), dict(num_draft=3, adaptive_threshold=0.3)),
@@ -176,26 +198,12 @@ def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
   rows, steps, prompt = 20_000, 3, [1, 3]
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
   config = SpeculativeConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(), **kw)
-  prompts = jnp.asarray([prompt] * rows)
-  lengths = jnp.full((rows,), len(prompt), jnp.int32)
-
-  def sample():
-    out = driver.generate(*VOCAB6_TARGET, prompts, lengths, config, jax.random.PRNGKey(11),
-                          *VOCAB6_DRAFT)
-    return np.asarray(out.tokens[:, len(prompt):]), out
-
-  samples, out = sample()
-  hist = np.asarray(out.stats['accepted_histogram'])
+  samples, hist = _sampled(config, prompt, rows, 11, *VOCAB6_DRAFT)
   assert hist[0] > 0 and hist[1:].sum() > 0, 'the draft is neither always right nor wrong'
   assert _g_test(samples, exact) > 1e-3
-  if sampling.top_k:  # The power check below runs once per acceptance rule (CI time).
-    return
-  # Power: resampling from p instead of norm(max(p - q, 0)) after a rejection is wrong
-  # (for top-k candidates: not renormalising p after a rejected sibling).
-  jax.clear_caches()
-  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
-  assert _g_test(sample()[0], exact) < 1e-3
-  jax.clear_caches()
+  if not sampling.top_k:  # The power check runs once per acceptance rule (CI time).
+    _wrong_rule_fails(monkeypatch, lambda: _sampled(config, prompt, rows, 11, *VOCAB6_DRAFT)[0],
+                      exact)
 
 
 @pytest.mark.parametrize('kw', [dict(num_draft=3), dict(tree=TreeSpec((3, 2))),
