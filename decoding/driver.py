@@ -280,25 +280,17 @@ def finish_round(state: State, accepted_tokens, num_accepted, next_token, target
 
 
 def _verify_call(model, params, proposal, root, mask, cache):
-  """The round's one target call on the proposal's nodes. A chain that some rows may leave
-  empty (Proposal.num_drafted; prompt lookup without a match) costs a plain step when
-  every row drafted nothing: lax.cond takes a one-token call on the roots then, padded to
-  the proposal's shape (only node 0's logits are read: nothing drafted is accepted), so a
-  round without drafts never pays for the K + 1 token call on a compute-bound device."""
+  """The round's one target call on the proposal's nodes, at the fixed width N = nodes.
+
+  A round in which no row drafted anything (Proposal.num_drafted 0: prompt lookup without
+  a match) still pays the full-width call. A lax.cond to a one-token call was tried and
+  removed: an XLA conditional whose branches write the KV cache cannot update it in place
+  (each branch returns a fresh buffer), so the compiled loop copied the whole cache in and
+  out every round (6 cache-sized copies beyond AR's in the HLO), a cost that grows with the
+  capacity, while the saving is at most 1 - 1 / c(N) of a no-draft round (c(5) = 1.1 on a
+  CPU at batch 1). tests/test_driver_hlo.py checks that no chain method copies the cache."""
   positions = root[:, None] + proposal.depths
-  full = lambda: model.apply({'params': params}, proposal.tokens, positions, mask, cache)
-  if mask is not None or proposal.num_drafted is None:
-    return full()
-
-  def root_only():
-    out = model.apply({'params': params}, proposal.tokens[:, :1], positions[:, :1], None, cache)
-    width = proposal.tokens.shape[1]
-    pad = lambda x: None if x is None else jnp.repeat(x[:, :1], width, axis=1)
-    return out.replace(logits=pad(out.logits), hidden=pad(out.hidden),
-                       future_logits=pad(out.future_logits),
-                       cache=out.cache.keep(out.cache.lengths + width - 1))
-
-  return jax.lax.cond(jnp.all(proposal.num_drafted == 0), root_only, full)
+  return model.apply({'params': params}, proposal.tokens, positions, mask, cache)
 
 
 def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
