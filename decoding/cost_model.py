@@ -25,6 +25,12 @@ committing), in plain steps, also measured in the calibration run: per drafted t
 for a method that calls a draft model (its calls grow with k), per round otherwise.
 The choice is the k with the largest predicted speedup, and plain decoding (k = 0)
 when no k beats it by `margin`: the fallback that keeps `auto` from losing to AR.
+
+For a static tree of Medusa / MTP heads (`--tree=auto`) the same holds with the tree's
+node count b in place of k: Medusa's greedy growth adds nodes in order of measured
+acceptance chance, so the b-node tree is a subtree of the (b+1)-node one and
+tokens(b) = 1 + the sum of its b chances (launch/tree_tuning.py measures them);
+cost(b) = c(b + 1) + the round overhead (choose_tree_size).
 """
 import dataclasses
 import math
@@ -113,7 +119,30 @@ def choose_num_draft(histogram: Sequence[float], curve: Mapping[int, float],
   for k in range(1, len(histogram)):
     cost = verify_cost(curve, k + 1) + overhead * (k if per_token else 1)
     predicted[k] = expected_tokens(histogram, k) / cost
+  return _best(predicted, margin)
+
+
+def choose_tree_size(tokens: Sequence[float], curve: Mapping[int, float],
+                     overhead: float = 0.0, margin: float = 1.05) -> Choice:
+  """The static tree size (nodes besides the root) with the largest predicted speedup,
+  or 0 (plain decoding) when none is predicted to beat it by `margin`.
+
+  tokens: [B_max + 1], tokens[b] = expected tokens per round of the b-node tree
+  (tokens[0] = 1: plain decoding), e.g. 1 + the cumulative sum of the greedy-ordered node
+  chances (trees.grow_tree); curve: the verify-cost curve {T: cost}; overhead: the round's
+  cost beyond its verify call, in plain steps. Choice.num_draft holds the node count.
+  Raises ValueError for a bad curve, tokens[0] != 1, or margin < 1."""
+  if margin < 1.0 or math.isnan(margin):
+    raise ValueError(f'margin must be >= 1, got {margin}.')
+  if not len(tokens) or abs(tokens[0] - 1.0) > 1e-9:
+    raise ValueError(f'tokens[0] is plain decoding\'s one token per step; got {list(tokens)[:1]}.')
+  predicted = {0: 1.0}
+  for b in range(1, len(tokens)):
+    predicted[b] = float(tokens[b]) / (verify_cost(curve, b + 1) + overhead)
+  return _best(predicted, margin)
+
+
+def _best(predicted: dict, margin: float) -> Choice:
+  """The key with the largest predicted speedup (the smaller on ties), 0 below margin."""
   best = max(predicted, key=lambda k: (predicted[k], -k))
-  if predicted[best] < margin:
-    best = 0
-  return Choice(num_draft=best, predicted=predicted)
+  return Choice(num_draft=best if predicted[best] >= margin else 0, predicted=predicted)

@@ -350,13 +350,12 @@ def path_chances(ranks: np.ndarray) -> dict:
   return {path: n / len(ranks) for path, n in counts.items()}
 
 
-def grow_tree(chances: dict, budget: int) -> tuple[SparseTree, float]:
-  """Medusa's greedy sparse tree (Cai et al. 2024, section 2.1.2 / appendix): the
-  `budget` nodes (root excluded) of highest acceptance chance, parents before their
-  children (a path's chance never exceeds its parent's, so greedy growth is optimal
-  for each size). -> (tree, expected tau = 1 + the sum of its nodes' chances).
-  Raises ValueError for budget < 1.
-  """
+def greedy_order(chances: dict, budget: int) -> list:
+  """The first `budget` node paths of Medusa's greedy growth (Cai et al. 2024, section
+  2.1.2 / appendix), in the order they are added: highest acceptance chance first, a
+  parent before its children (a path's chance never exceeds its parent's, so every
+  prefix of the order is the optimal tree of its size), padded with first-level nodes
+  when too few paths were seen. Raises ValueError for budget < 1."""
   if budget < 1:
     raise ValueError(f'budget={budget}: a tree needs at least one node.')
   # Shallower first among equal chances, then lower ranks: parents precede children.
@@ -370,4 +369,12 @@ def grow_tree(chances: dict, budget: int) -> tuple[SparseTree, float]:
   for rank in range(budget):  # Too few accepted paths seen: pad with first-level nodes.
     if len(chosen) < budget and (rank,) not in chosen:
       chosen.append((rank,))
+  return chosen
+
+
+def grow_tree(chances: dict, budget: int) -> tuple[SparseTree, float]:
+  """Medusa's greedy sparse tree: the `budget` nodes (root excluded) of greedy_order.
+  -> (tree, expected tau = 1 + the sum of its nodes' chances). Raises ValueError for
+  budget < 1."""
+  chosen = greedy_order(chances, budget)
   return SparseTree(tuple(chosen)), 1.0 + sum(chances.get(p, 0.0) for p in chosen)

@@ -14,6 +14,15 @@ num_draft; jacobi: jacobi_window) may be given 'auto' there. Before the real dec
      tokens is min(n, k)), the curve, and the round overhead the calibration measured
      beyond its verify call; or plain decoding when no k is predicted to beat it by 5%.
 
+`--tree=auto` (methods with a tuned static tree: medusa, mtp) is the same for the tree's
+size: the calibration measures the heads' path acceptance chances on the calibration
+prompts' greedy continuations (launch/tree_tuning.acceptance_ranks), Medusa's greedy
+growth orders the nodes (trees.greedy_order: every prefix is the best tree of its size),
+and one calibration decode with the largest tree (AUTO_MAX_TREE nodes) measures the round
+overhead and the tau actually reached under the run's sampling settings, which rescales
+the greedy chances (tokens(b) = 1 + s * (sum of the first b chances), s = measured over
+predicted tau - 1 at AUTO_MAX_TREE); cost_model.choose_tree_size picks the size.
+
 The calibration prompts are the workload's own first prompts (their first
 CALIBRATION_TOKENS tokens): the acceptance of prompt lookup depends on the prompt, so a
 fixed calibration set would answer for another workload. Its cost is reported
@@ -25,18 +34,24 @@ from decoding import cost_model, registry
 
 AUTO = 'auto'
 AUTO_MAX_DRAFT = 8
+AUTO_MAX_TREE = 48      # nodes besides the root: the largest static tree --tree=auto weighs
 CALIBRATION_PROMPTS = 2
 CALIBRATION_TOKENS = 48
 
 
 def wants_auto(method: registry.Method, options) -> bool:
-  """Whether `options` asks for the automatic draft length of `method`. Raises ValueError
-  when 'auto' is given to an option the method does not read, or to a method without a
-  draft length."""
+  """Whether `options` asks for the automatic draft length (or tree size) of `method`.
+  Raises ValueError when 'auto' is given to an option the method does not read, or to a
+  method without a draft length or tuned tree."""
   for name in ('num_draft', 'jacobi_window'):
     if getattr(options, name, None) == AUTO and name != method.draft_length:
       raise ValueError(f'--{name}=auto: --method={method.name} has no automatic '
                        f'{name} (its draft length option: {method.draft_length or "none"}).')
+  if getattr(options, 'tree', '') == AUTO:
+    if not method.tuned_tree:
+      raise ValueError(f'--tree=auto sizes the static tree of Medusa or MTP heads from their '
+                       f'measured acceptance; --method={method.name} has no such tree.')
+    return True
   wanted = method.draft_length is not None and getattr(options, method.draft_length) == AUTO
   if wanted and (getattr(options, 'tree', '') or getattr(options, 'lookup_branches', 1) > 1):
     # The cost model prices a chain: k drafted tokens, one k + 1 token call, min(n, k).
@@ -45,39 +60,64 @@ def wants_auto(method: registry.Method, options) -> bool:
   return wanted
 
 
+def _calibrate(restored, calibration, method: str, options, draft):
+  """Plain decoding and `method` (with `options`, already at the largest setting) on the
+  calibration prompts, prefill timed apart. -> (method's stats, its round time in plain
+  decoding steps)."""
+  from launch import generation
+  base = registry.options_for(registry.get('autoregressive'), options)
+  _, ar = generation.decode_tokens(restored, calibration, 'autoregressive', base,
+                                   time_prefill=True)
+  _, spec = generation.decode_tokens(restored, calibration, method, options, draft,
+                                     time_prefill=True)
+  # Plain steps: every target call after the prefill; method rounds likewise.
+  calls = -(-len(calibration) // options.batch_size)
+  ar_step = ar['decode_s'] / max(ar['target_calls'] - calls, 1)
+  return spec, spec['decode_s'] / max(spec['target_calls'] - calls, 1) / ar_step
+
+
+def _short(prompts, options):
+  """The calibration prompts and options (fewer new tokens, one batch)."""
+  calibration = prompts[:CALIBRATION_PROMPTS]
+  return calibration, dataclasses.replace(
+      options, max_new_tokens=min(options.max_new_tokens, CALIBRATION_TOKENS),
+      batch_size=options.batch_size or len(calibration))
+
+
+def _curve(restored, prompts, options, largest: int) -> dict:
+  """The verify-cost curve at the run's batch size and mid-decode context, up to T =
+  `largest` (cached in the model's workdir)."""
+  from launch import benchmarking
+  context = max(len(p) for p in prompts) + options.max_new_tokens // 2
+  batch = options.batch_size or min(len(prompts), 8)
+  return benchmarking.verify_cost_curve(
+      restored, batch, context,
+      tokens=tuple(t for t in benchmarking.VERIFY_COST_TOKENS if t <= 2 * largest))
+
+
+def _plain(options):
+  return 'autoregressive', registry.options_for(registry.get('autoregressive'), options)
+
+
 def resolve(restored, prompts: list[list[int]], method: str, options, draft=None):
-  """The options with the method's draft length chosen by the cost model (see the module
-  docstring), and a report {'auto': {...}} for the stats: the chosen length (0 = the
-  method is replaced by plain autoregressive decoding), the predicted speedup per k, the
-  calibration's accepted histogram, overhead and time.
+  """The options with the method's draft length (or tree) chosen by the cost model (see
+  the module docstring), and a report {'auto': {...}} for the stats: the chosen length (0
+  = the method is replaced by plain autoregressive decoding), the predicted speedup per
+  k, the calibration's accepted histogram, overhead and time.
 
   restored / draft: checkpoints.RestoredModel of the target and the method's second
   model; prompts: the token prompts to decode. Returns (method name to run, options,
   report). Raises ValueError as launch.generation.decode_tokens does."""
   import time
-  from launch import benchmarking, generation
   entry = registry.get(method)
+  if entry.tuned_tree and getattr(options, 'tree', '') == AUTO:
+    return _resolve_tree(restored, prompts, method, options, draft)
   name = entry.draft_length
   t0 = time.perf_counter()
-  calibration = prompts[:CALIBRATION_PROMPTS]
-  short = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens,
-                                                          CALIBRATION_TOKENS),
-                              batch_size=options.batch_size or len(calibration))
-  base = registry.options_for(registry.get('autoregressive'), short)
-  _, ar = generation.decode_tokens(restored, calibration, 'autoregressive', base,
-                                   time_prefill=True)
-  longest = dataclasses.replace(short, **{name: AUTO_MAX_DRAFT})
-  _, spec = generation.decode_tokens(restored, calibration, method, longest, draft,
-                                     time_prefill=True)
-  # Plain steps: every target call after the prefill; method rounds likewise.
-  calls = -(-len(calibration) // short.batch_size)
-  ar_step = ar['decode_s'] / max(ar['target_calls'] - calls, 1)
-  round_steps = spec['decode_s'] / max(spec['target_calls'] - calls, 1) / ar_step
-  batch = short.batch_size
-  context = max(len(p) for p in prompts) + options.max_new_tokens // 2
-  curve = benchmarking.verify_cost_curve(
-      restored, batch, context, tokens=tuple(t for t in benchmarking.VERIFY_COST_TOKENS
-                                             if t <= 2 * (AUTO_MAX_DRAFT + 1)))
+  calibration, short = _short(prompts, options)
+  spec, round_steps = _calibrate(restored, calibration, method,
+                                 dataclasses.replace(short, **{name: AUTO_MAX_DRAFT}), draft)
+  curve = _curve(restored, prompts, options, AUTO_MAX_DRAFT + 1)
   if sum(spec['accepted_histogram']) == 0:
     # Every calibration row ended at its first token (max_new_tokens 1, an EOS, a full
     # context): nothing to calibrate on, and nothing a draft could speed up.
@@ -85,7 +125,7 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
                   calibration_histogram=spec['accepted_histogram'],
                   reason='no speculative round ran in the calibration',
                   calibration_s=round(time.perf_counter() - t0, 2))
-    return 'autoregressive', registry.options_for(registry.get('autoregressive'), options), report
+    return (*_plain(options), report)
   per_token = spec.get('draft_calls', 0) > 0
   overhead = cost_model.measured_overhead(round_steps, AUTO_MAX_DRAFT, curve, per_token)
   choice = cost_model.choose_num_draft(spec['accepted_histogram'], curve, overhead, per_token)
@@ -96,5 +136,43 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
                 overhead_per='drafted token' if per_token else 'round',
                 calibration_s=round(time.perf_counter() - t0, 2))
   if choice.num_draft == 0:
-    return 'autoregressive', registry.options_for(registry.get('autoregressive'), options), report
+    return (*_plain(options), report)
   return method, dataclasses.replace(options, **{name: choice.num_draft}), report
+
+
+def _resolve_tree(restored, prompts, method: str, options, draft):
+  """resolve() for `--tree=auto` (see the module docstring)."""
+  import time
+  import numpy as np
+  from decoding import trees
+  from launch import tree_tuning
+  t0 = time.perf_counter()
+  calibration, short = _short(prompts, options)
+  ranks = tree_tuning.acceptance_ranks(restored, draft, calibration, short.max_new_tokens)
+  chances = trees.path_chances(ranks) if len(ranks) else {}
+  order = trees.greedy_order(chances, AUTO_MAX_TREE)
+  greedy_tokens = 1.0 + np.cumsum([0.0] + [chances.get(p, 0.0) for p in order])
+  largest = str(trees.SparseTree(tuple(order)))
+  spec, round_steps = _calibrate(restored, calibration, method,
+                                 dataclasses.replace(short, tree=largest), draft)
+  curve = _curve(restored, prompts, options, AUTO_MAX_TREE + 1)
+  measured_tau = spec['mean_accepted']   # tau: tokens per row per round
+  # The greedy chances give the shape of tokens(b); the calibration decode, run with the
+  # real sampling settings, its level (at temperature 0 the scale is close to 1).
+  predicted_tau = greedy_tokens[-1]
+  scale = (measured_tau - 1.0) / (predicted_tau - 1.0) if predicted_tau > 1.0 else 0.0
+  tokens = 1.0 + scale * (greedy_tokens - 1.0)
+  overhead = max(round_steps - cost_model.verify_cost(curve, AUTO_MAX_TREE + 1), 0.0)
+  choice = cost_model.choose_tree_size(tokens, curve, overhead)
+  chosen = str(trees.SparseTree(tuple(order[:choice.num_draft]))) if choice.num_draft else ''
+  report = dict(option='tree', chosen=choice.num_draft, tree=chosen,
+                predicted_speedup={str(b): round(v, 3) for b, v in choice.predicted.items()
+                                   if b in (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+                                   or b == choice.num_draft},
+                calibration_tau=round(float(measured_tau), 3),
+                greedy_chance_tau=round(float(predicted_tau), 3),
+                calibration_round_steps=round(round_steps, 3), overhead_steps=round(overhead, 3),
+                calibration_s=round(time.perf_counter() - t0, 2))
+  if not choice.num_draft:
+    return (*_plain(options), report)
+  return method, dataclasses.replace(options, tree=chosen), report

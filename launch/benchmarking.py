@@ -176,8 +176,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
     if method in config.get('typical', ()):
       runs.append((method, variants[-1], True, False))
     if method in config.get('auto', ()):
-      if registry.get(method).draft_length is None:
-        raise ValueError(f'config.auto: {method} has no draft length to choose.')
+      if registry.get(method).draft_length is None and not registry.get(method).tuned_tree:
+        raise ValueError(f'config.auto: {method} has no draft length or static tree to choose.')
       runs.append((method, '', False, True))
   return runs
 
@@ -617,9 +617,10 @@ def run(config, workdir: str) -> list[dict]:
                             temperature=temperature)
             method_options = registry.options_for(
                 registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
-            if auto:
+            if auto:   # the cost model's draft length, or tree size (launch/autotune.py)
+              entry = registry.get(method)
               method_options = dataclasses.replace(
-                  method_options, **{registry.get(method).draft_length: 'auto'})
+                  method_options, **{entry.draft_length or 'tree': 'auto'})
             reset_peak_memory()
             completions, stats = generation.decode_tokens(
                 model, prompts, method, method_options, second.get(method),

@@ -90,3 +90,39 @@ def test_auto_with_nothing_to_calibrate_is_plain_decoding(trained_tiny):
   with pytest.raises(ValueError, match='does not apply with --tree or --lookup_branches'):
     autotune.wants_auto(registry.get('lookup'), generation.DecodeOptions(
         num_draft='auto', lookup_branches=3))
+
+
+def test_tree_size_weighs_the_greedy_chances_against_the_curve():
+  from decoding import trees
+  chances = {(0,): .6, (1,): .2, (0, 0): .4, (0, 0, 0): .1, (2,): .05}
+  order = trees.greedy_order(chances, 5)
+  assert order == [(0,), (0, 0), (1,), (0, 0, 0), (2,)]   # every prefix is a tree
+  tokens = [1.0, 1.6, 2.0, 2.2, 2.3, 2.35]
+  flat = {1: 1.0, 8: 1.0}
+  assert cost_model.choose_tree_size(tokens, flat).num_draft == 5
+  # c(b + 1) = 1 + 0.25 b: 2.0 / 1.5 = 1.33 at b = 2 beats 2.2 / 1.75 = 1.26 at b = 3.
+  linear = {1: 1.0, 2: 1.25, 4: 1.75, 8: 2.75}
+  choice = cost_model.choose_tree_size(tokens, linear)
+  assert choice.num_draft == 2 and choice.predicted[2] == pytest.approx(2.0 / 1.5)
+  assert cost_model.choose_tree_size(tokens, linear, overhead=1.0).num_draft == 0
+  with pytest.raises(ValueError, match='plain decoding'):
+    cost_model.choose_tree_size([2.0, 3.0], flat)
+
+
+def test_auto_tree_of_medusa_heads_decodes_like_ar(trained_tiny, trained_medusa):
+  from decoding import registry
+  from launch import autotune, generation
+  tok = trained_tiny.tokenizer
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport sys\n', 'def f(x):\n')]
+  ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
+                                   generation.DecodeOptions(max_new_tokens=16))
+  out, stats = generation.decode_tokens(trained_tiny, prompts, 'medusa',
+                                        generation.DecodeOptions(max_new_tokens=16, tree='auto'),
+                                        trained_medusa[1])
+  assert out == ar
+  auto = stats['auto']
+  assert auto['option'] == 'tree' and 0 <= auto['chosen'] <= autotune.AUTO_MAX_TREE
+  assert auto['calibration_tau'] >= 1.0 and auto['greedy_chance_tau'] >= 1.0
+  assert (stats.get('tree', '') == auto['tree']) if auto['chosen'] else 'tree' not in stats
+  with pytest.raises(ValueError, match='--tree=auto sizes the static tree of Medusa or MTP'):
+    autotune.wants_auto(registry.get('eagle'), generation.DecodeOptions(tree='auto'))
