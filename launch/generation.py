@@ -41,7 +41,7 @@ class DecodeOptions:
   # ('3,2,1'; Medusa/MTP: head d's top-b_d), sparse node paths ('paths:0;1;0.0'), or an
   # EAGLE-2 tree ('dynamic:TOP_K,DEPTH,BUDGET'). '' = the method's default: a chain for
   # speculative, the heads' tuned tree (launch.tune_tree) else 4,2,2 for medusa / mtp,
-  # dynamic:4,5,24 for eagle.
+  # dynamic:4,5,24 for eagle. 'auto' (medusa, mtp): the tree size the cost model picks.
   tree: str = ''
   typical: bool = False         # medusa, mtp: typical acceptance (LOSSY)
   # lookup (decoding/lookup.py; num_draft is its K): the longest and shortest suffix
