@@ -122,6 +122,10 @@ class LlamaCpp:
     self.llm = Llama(model_path=path, n_ctx=context, n_batch=min(context, 2048),
                      n_threads=os.cpu_count(), verbose=False)
 
+  def close(self) -> None:
+    """Frees the model now (llama-cpp-python's finalizer fails at interpreter exit)."""
+    self.llm.close()
+
   def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids,
                prompt_lookup: int = 0, repeats: int = 1):
     """Greedy (temp 0, no repetition penalty) decoding of each prompt; prompt_lookup K > 0

@@ -651,6 +651,8 @@ def run(config, workdir: str) -> list[dict]:
           naive['speedup_vs_ar'] = naive['tokens_per_s'] / target_ar[1]['tokens_per_s']
           records.append(dict(naive, engine='ours', category=category, batch_size=batch_size,
                               temperature=temperature, **machine))
+    for engine in engines.values():   # free llama.cpp's model while its library is loaded
+      getattr(engine, 'close', lambda: None)()
   bar.close()
   curves = []
   if config.get('verify_cost', False):

@@ -377,7 +377,11 @@ def tokenizer_json(meta: dict, path: str = 'the GGUF file') -> str:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(' ', 1)) for m in merges],
                                fuse_unk=False, byte_fallback=False))
     split = PRE_TOKENIZER_SPLITS.get(meta.get('tokenizer.ggml.pre'))
-    if split is None:
+    if meta.get('tokenizer.ggml.pre') == 'smollm':   # llama.cpp: each digit alone, then GPT-2's
+      tok.pre_tokenizer = pre_tokenizers.Sequence([
+          pre_tokenizers.Digits(individual_digits=True),
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif split is None:
       tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
       tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -541,7 +545,9 @@ def _tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
       split = re.search(r'"Regex": ("(?:[^"\\]|\\.)*")', pre)
       split = json.loads(split.group(1)) if split else None
       if split is None:
-        name = 'smollm' if '"Digits"' in pre else 'gpt2'
+        # llama.cpp's names (llama-vocab.cpp): 'gpt-2' is GPT-2's ByteLevel regex,
+        # 'smollm' the same with every digit split off first.
+        name = 'smollm' if '"Digits"' in pre else 'gpt-2'
       elif split in names:
         name = names[split]
       else:
