@@ -237,6 +237,8 @@ def test_hf_tokenizer_workdir_round_trip(smollm2, tmp_path):
   assert meta['model'] == 'gpt2' and len(meta['tokens']) == 49152
   reader = gguf_io.open_reader(smollm2[0])
   original = gguf_io.metadata(reader)
+  # The pre-tokenizer under llama.cpp's name for it (an unknown name fails llama.cpp's load).
+  assert meta['pre'] == original['tokenizer.ggml.pre'] == 'smollm'
   assert meta['tokens'] == original['tokenizer.ggml.tokens']
   assert meta['types'] == original['tokenizer.ggml.token_type']
   assert meta['merges'] == original['tokenizer.ggml.merges']
