@@ -117,14 +117,21 @@ class LlamaCpp:
 
   def __init__(self, restored, path: str, context: int):
     from launch import conversion
-    from llama_cpp import Llama
     conversion.export_gguf(restored.workdir, path, 'f32')
-    self.llm = Llama(model_path=path, n_ctx=context, n_batch=min(context, 2048),
-                     n_threads=os.cpu_count(), verbose=False)
+    self.path, self.context = path, context
+    self.llm = self._load(logits_all=False)
+    self.lookup_llm = None   # loaded on first use: prompt lookup needs every position's logits
+
+  def _load(self, logits_all: bool):
+    from llama_cpp import Llama
+    return Llama(model_path=self.path, n_ctx=self.context, n_batch=min(self.context, 2048),
+                 n_threads=os.cpu_count(), logits_all=logits_all, verbose=False)
 
   def close(self) -> None:
     """Frees the model now (llama-cpp-python's finalizer fails at interpreter exit)."""
-    self.llm.close()
+    for llm in (self.llm, self.lookup_llm):
+      if llm is not None:
+        llm.close()
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids,
                prompt_lookup: int = 0, repeats: int = 1):
@@ -133,16 +140,21 @@ class LlamaCpp:
     transformers' default). Time to first token is read when the first token arrives.
     Returns (completions, latency_stats(...))."""
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-    self.llm.draft_model = (LlamaPromptLookupDecoding(max_ngram_size=2,
-                                                      num_pred_tokens=prompt_lookup)
-                            if prompt_lookup else None)
+    llm = self.llm
+    if prompt_lookup:
+      # llama-cpp-python verifies drafts from every position's logits: without
+      # logits_all its sampler asserts (GGML_ASSERT(logits != nullptr)) and aborts.
+      self.lookup_llm = self.lookup_llm or self._load(logits_all=True)
+      llm = self.lookup_llm
+      llm.draft_model = LlamaPromptLookupDecoding(max_ngram_size=2,
+                                                  num_pred_tokens=prompt_lookup)
     eos_ids = set([eos_ids] if isinstance(eos_ids, int) else eos_ids)
 
     def once(prompt):
       out, first = [], None
       t0 = time.perf_counter()
-      for token in self.llm.generate(list(prompt), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                     repeat_penalty=1.0, reset=True):
+      for token in llm.generate(list(prompt), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                repeat_penalty=1.0, reset=True):
         first = time.perf_counter() - t0 if first is None else first
         out.append(int(token))
         if token in eos_ids or len(out) >= max_new_tokens:
