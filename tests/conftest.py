@@ -90,3 +90,15 @@ def trained_mtp(tfds_dir, tmp_path_factory):
   from configs import mtp
   return _train_briefly(mtp.get_config('size=tiny,heads=3'), tfds_dir,
                         str(tmp_path_factory.mktemp('mtp')))
+
+
+@pytest.fixture
+def quick_verify_cost(monkeypatch):
+  """launch.benchmarking.measure_verify_cost timing ~0.02 s once per T instead of 0.3 s three
+  times (its defaults): for tests that check the curve's plumbing and the choices made from
+  it, never a timing. Compilation and every code path stay the same."""
+  import functools
+  from launch import benchmarking
+  monkeypatch.setattr(benchmarking, 'measure_verify_cost',
+                      functools.partial(benchmarking.measure_verify_cost, seconds=0.02,
+                                        repeats=1))

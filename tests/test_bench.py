@@ -13,7 +13,7 @@ from launch import baselines, benchmarking, generation
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_records_and_tables(trained_tiny, tmp_path):
+def test_bench_records_and_tables(trained_tiny, tmp_path, quick_verify_cost):
   config = bench_config.get_config()
   config.target_workdir = trained_tiny.workdir
   config.workdirs.speculative = trained_tiny.workdir  # the target as its own draft: tau = K + 1
@@ -89,6 +89,10 @@ def test_bench_with_heads_and_an_mtp_model(trained_tiny, trained_medusa, trained
   config.prompt_len = 12
   config.max_new_tokens = 12
   config.repeats = 1
+  # Nothing here reads the latency split or the verify-cost curve (both are checked in
+  # test_bench_records_and_tables): no prefill-only programs, no curve measurement.
+  config.time_prefill = False
+  config.verify_cost = False
   records = benchmarking.run(config, str(tmp_path))
   assert [(r['method'], r['lossless']) for r in records] == [
       ('autoregressive', True), ('medusa(2,2)', True), ('medusa(1,1,1)', True),

@@ -40,28 +40,29 @@ def _direct(objective, params, context, block):
   """Log-probs [n, V] predicting each block token: one unpadded causal forward pass."""
   tokens = jnp.asarray(np.concatenate([context, block]))[None]
   positions = jnp.arange(tokens.shape[1])[None]
-  logits = objective.model.apply({'params': params}, tokens, positions).logits[0]
+  logits = jax.jit(objective.model.apply)({'params': params}, tokens, positions).logits[0]
   return jax.nn.log_softmax(logits[len(context) - 1:len(context) - 1 + len(block)], -1)
 
 
 def test_consistency_loss_is_the_forward_kl_to_the_fixed_point():
   objective = _objective(ar_weight=10.0, label_smoothing=0.0)
   params = _params(objective)
+  loss_fn = jax.jit(objective.loss)
   rng = np.random.default_rng(0)
   lengths, n = [3, 6, 1], 5
   batch = _record_batch(rng, lengths, width=6, n=n, num_states=1)
   batch['states'][0, 0, :2] = batch['fixed_point'][0, :2]  # first mismatch at 2 in row 0
   batch['block_mask'][2, 3:] = 0                           # an EOS at position 2 of row 2
-  loss, sums = objective.loss(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0),
-                              jnp.zeros((), jnp.int32))
+  loss, sums = loss_fn(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0),
+                       jnp.zeros((), jnp.int32))
   kl_sum = positions = nll_sum = 0.0
   for b, length in enumerate(lengths):
     context = batch['context'][b, :length]
-    teacher = _direct(objective, params, context, batch['fixed_point'][b])[:, :VOCAB]
-    student = _direct(objective, params, context, batch['states'][b, 0])[:, :VOCAB]
-    teacher, student = jax.nn.log_softmax(teacher, -1), jax.nn.log_softmax(student, -1)
+    full = _direct(objective, params, context, batch['fixed_point'][b])  # one pass, two uses
+    teacher = jax.nn.log_softmax(full[:, :VOCAB], -1)
+    student = jax.nn.log_softmax(
+        _direct(objective, params, context, batch['states'][b, 0])[:, :VOCAB], -1)
     kl = np.sum(np.exp(teacher) * (teacher - student), -1)
-    full = _direct(objective, params, context, batch['fixed_point'][b])
     nll = -np.take_along_axis(np.asarray(full), batch['fixed_point'][b][:, None], 1)[:, 0]
     first = int(np.argmax(batch['states'][b, 0] != batch['fixed_point'][b]))
     mask = (np.arange(n) >= first) & (batch['block_mask'][b] > 0)
@@ -79,20 +80,21 @@ def test_consistency_loss_is_the_forward_kl_to_the_fixed_point():
 def test_consistency_loss_is_zero_when_states_give_the_fixed_points_distributions():
   objective = _objective(ar_weight=0.0)
   params = _params(objective)
+  loss_fn = jax.jit(objective.loss)  # one program for both batches below
   batch = _record_batch(np.random.default_rng(1), [2, 4], width=4, n=4, num_states=3)
   # Every state differs from the fixed point in its last token only, which no block
   # position reads: the student sees the fixed point's inputs, so its KL is exactly 0
   # (a cross-entropy would not be 0 here), though each row has a state to learn from.
   batch['states'][:] = batch['fixed_point'][:, None]
   batch['states'][:, :, -1] = (batch['fixed_point'][:, None, -1] + 1 + np.arange(3)) % VOCAB
-  loss, sums = objective.loss(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0),
-                              jnp.zeros((), jnp.int32))
+  loss, sums = loss_fn(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0),
+                       jnp.zeros((), jnp.int32))
   assert float(sums['consistency_positions']) == 2  # position n - 1 of each row
   assert abs(float(loss)) < 1e-6 and abs(float(sums['consistency_sum'])) < 1e-6
   # States equal to the fixed point carry no consistency loss at all.
   batch['states'][:] = batch['fixed_point'][:, None]
-  loss, sums = objective.loss(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0),
-                              jnp.zeros((), jnp.int32))
+  loss, sums = loss_fn(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0),
+                       jnp.zeros((), jnp.int32))
   assert float(loss) == 0.0 and float(sums['consistency_positions']) == 0
 
 

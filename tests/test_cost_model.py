@@ -50,7 +50,8 @@ def test_overhead_per_round_and_per_drafted_token():
   assert cost_model.choose_num_draft(histogram, curve, overhead=5.0).num_draft == 0
 
 
-def test_auto_draft_length_decodes_like_ar_and_reports_its_choice(trained_tiny):
+def test_auto_draft_length_decodes_like_ar_and_reports_its_choice(trained_tiny,
+                                                                  quick_verify_cost):
   from launch import generation
   tok = trained_tiny.tokenizer
   prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport os\n', 'def f(x):\n')]
@@ -77,7 +78,7 @@ def test_auto_is_refused_where_a_method_has_no_draft_length():
     generation.draft_length('0', 'num_draft')
 
 
-def test_auto_with_nothing_to_calibrate_is_plain_decoding(trained_tiny):
+def test_auto_with_nothing_to_calibrate_is_plain_decoding(trained_tiny, quick_verify_cost):
   from launch import generation
   tok = trained_tiny.tokenizer
   prompts = [[tok.bos_id, *tok.encode('import os\n')]]
@@ -109,7 +110,8 @@ def test_tree_size_weighs_the_greedy_chances_against_the_curve():
     cost_model.choose_tree_size([2.0, 3.0], flat)
 
 
-def test_auto_tree_of_medusa_heads_decodes_like_ar(trained_tiny, trained_medusa):
+def test_auto_tree_of_medusa_heads_decodes_like_ar(trained_tiny, trained_medusa,
+                                                   quick_verify_cost):
   from decoding import registry
   from launch import autotune, generation
   tok = trained_tiny.tokenizer

@@ -27,25 +27,30 @@ def _positions(batch, length):
 def _incremental_logits(model, params, config, tokens, prompt_lengths, capacity, chunk=1):
   """Prefill right-padded prompts of different lengths, then feed the rest of each row
   `chunk` tokens per call. Returns per-row logits for every position: [B, T, V]."""
+  # The bookkeeping (which token goes in, which logits come out) is done in numpy on host
+  # copies: indexing device arrays here would compile a gather per shape and step.
   batch, total = tokens.shape
+  host_tokens = np.asarray(tokens)
   prefill = int(max(prompt_lengths))
   cache = KVCache.empty(config, batch, capacity)
   out = _jit_apply(model)(params, tokens[:, :prefill], _positions(batch, prefill), cache=cache)
   lengths = jnp.asarray(prompt_lengths, jnp.int32)
   cache = out.cache.replace(lengths=lengths)  # Padding slots are overwritten later.
   logits = np.zeros((batch, total, config.padded_vocab_size), np.float32)
+  prefill_logits = np.asarray(out.logits)
   for b, n in enumerate(prompt_lengths):
-    logits[b, :n] = out.logits[b, :n]
+    logits[b, :n] = prefill_logits[b, :n]
   rows = np.arange(batch)
   step_fn = jax.jit(lambda p, t, pos, c: model.apply(p, t, pos, cache=c))
   for start in range(0, total - min(prompt_lengths), chunk):
     idx = np.asarray(prompt_lengths)[:, None] + start + np.arange(chunk)[None]   # [B, chunk]
     valid = idx < total
-    step_tokens = tokens[rows[:, None], np.minimum(idx, total - 1)]
-    out = step_fn(params, step_tokens, jnp.asarray(idx), cache)
+    step_tokens = host_tokens[rows[:, None], np.minimum(idx, total - 1)]
+    out = step_fn(params, jnp.asarray(step_tokens), jnp.asarray(idx), cache)
     cache = out.cache
+    step_logits = np.asarray(out.logits)
     for b in range(batch):
-      logits[b, idx[b][valid[b]]] = out.logits[b][valid[b]]
+      logits[b, idx[b][valid[b]]] = step_logits[b][valid[b]]
   return logits
 
 

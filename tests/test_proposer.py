@@ -60,6 +60,7 @@ def test_a_new_proposer_runs_through_launch_decode_and_launch_bench(trained_tiny
   config.batch_sizes, config.temperatures = (2,), (0.0,)
   config.naive_reference = False
   config.num_prompts, config.prompt_len, config.max_new_tokens, config.repeats = 2, 12, 8, 1
+  config.time_prefill = config.verify_cost = False  # not read here (test_bench.py checks both)
   records = benchmarking.run(config, str(tmp_path))
   assert [(r['method'], r['lossless'], r['matches_ar']) for r in records] == [
       ('autoregressive', True, True), ('repeat_last', True, True)]
