@@ -103,6 +103,13 @@ class DecodeConfig:
   sampling: SamplingConfig = SamplingConfig()
   eos_ids: tuple[int, ...] = (2,)
 
+  def generate_own(self, model, params, prompts, prompt_lengths, rng) -> Optional['Output']:
+    """A family that does not verify (block diffusion sampling) runs its own loop with
+    the driver's pieces (buffer, commit, stop rule, Output) and returns its Output here;
+    None = the driver's rounds."""
+    del model, params, prompts, prompt_lengths, rng
+    return None
+
   def proposer(self, model, drafter) -> Optional[Proposer]:
     """The method's drafter for the target `model` and the second module `drafter`
     (a draft model, heads, or None); None = plain autoregressive rounds."""
@@ -342,6 +349,13 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   Raises ValueError (while tracing) when the method and its drafter do not fit, or for a
   speculative method on a model with dynamic NTK rotary scaling (not lossless there).
   """
+  own = config.generate_own(model, params, prompts, prompt_lengths, rng)
+  if own is not None:
+    return own
+  if getattr(model, 'block_size', None) is not None:
+    raise ValueError(f'This is a block diffusion model (BD3-LM, block size '
+                     f'{model.block_size}): its denoiser predicts masked tokens, not the next '
+                     'one; decode it with --method=block_diffusion.')
   proposer = config.proposer(model, drafter)
   if proposer is not None and getattr(model.config, 'rope_type', 'default') == 'dynamic':
     # Dynamic NTK rotary frequencies follow a call's largest position (as transformers
