@@ -25,7 +25,7 @@ TRUNK = TransformerConfig(vocab_size=VOCAB + 1, num_layers=2, d_model=32, num_he
 def _model(block_size, scale=3.0):
   model = BlockDiffusionLM(TRUNK, block_size=block_size)
   z = jnp.zeros((1, 1), jnp.int32)
-  params = model.init(jax.random.PRNGKey(block_size), z, z)['params']
+  params = jax.jit(lambda key: model.init(key, z, z)['params'])(jax.random.PRNGKey(block_size))
   # Sharper logits than at init, so sampled tokens depend on the context (scale 1 where
   # logits are compared to 1e-5: the sharper model amplifies float32 summation order).
   params = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
@@ -48,17 +48,19 @@ def test_block_size_one_loss_is_the_autoregressive_cross_entropy():
   model, params = _model(1)
   objective = objective_lib.BlockDiffusionObjective(TRUNK, 1, 16, NoiseSchedule(eps=0.0))
   batch = _batch()
-  terms = objective.token_bound(params, batch, jax.random.PRNGKey(0), (1.0, 1.0))
-  loss, sums = objective.loss(params, batch, jax.random.PRNGKey(0), 0)
+  terms = jax.jit(objective.token_bound, static_argnums=3)(params, batch, jax.random.PRNGKey(0),
+                                                           (1.0, 1.0))
+  loss, sums = jax.jit(objective.loss)(params, batch, jax.random.PRNGKey(0), 0)
   assert float(sums['tokens']) == 2 * 15
-  expected = np.zeros((2, 16))
-  for l in range(1, 16):
-    tokens = batch['inputs'].copy()
-    tokens[:, l] = model.mask_id
-    logits = model.apply({'params': params}, tokens, batch['positions'],
-                         masks.causal_mask(2, 16)).logits[:, l]
-    logp = jax.nn.log_softmax(model.denoiser_logits(logits), -1)
-    expected[:, l] = -np.take_along_axis(np.asarray(logp), batch['inputs'][:, l:l + 1], 1)[:, 0]
+  # Row (l, b): batch row b with token l replaced by [MASK]; one causal forward for all.
+  tokens = np.repeat(batch['inputs'][None], 16, 0)                       # [16, 2, 16]
+  tokens[np.arange(16), :, np.arange(16)] = model.mask_id
+  logits = model.apply({'params': params}, tokens.reshape(32, 16),
+                       np.tile(batch['positions'], (16, 1)), masks.causal_mask(32, 16)).logits
+  logits = logits.reshape(16, 2, 16, -1)[np.arange(16), :, np.arange(16)]  # [16 (l), 2, V]
+  logp = np.asarray(jax.nn.log_softmax(model.denoiser_logits(logits), -1))
+  expected = -np.take_along_axis(logp, batch['inputs'].T[..., None], -1)[..., 0].T  # [2, 16]
+  expected[:, 0] = 0.0   # the row's first token is context, not scored
   np.testing.assert_allclose(terms, expected, rtol=1e-5, atol=1e-5)
   assert np.isfinite(float(loss))
 
@@ -71,19 +73,25 @@ def test_vectorized_training_forward_equals_blocks_with_the_cache(block_size):
   positions = np.broadcast_to(np.arange(32), (2, 32)).astype(np.int32)
   vectorized = model.apply({'params': params}, noised, clean, positions, np.ones_like(clean),
                            method=BlockDiffusionLM.training_logits)
+
+  @jax.jit
+  def block_call(tokens, c, cache):
+    """Block c's tokens [2, K] fed into the cache (block mask, its slots written)."""
+    slots = jnp.broadcast_to(c * block_size + jnp.arange(block_size), (2, block_size))
+    starts = jnp.full((2,), c * block_size)
+    out = model.apply({'params': params}, tokens, slots,
+                      masks.block_slot_mask(starts, block_size, 32), cache, write_slots=slots)
+    return model.denoiser_logits(out.logits), out.cache.keep(starts + block_size)
+
   for b in range(32 // block_size):
     cache = KVCache.empty(model.config, 2, 32)
     for c in range(b + 1):
-      slots = jnp.broadcast_to(c * block_size + jnp.arange(block_size), (2, block_size))
-      starts = jnp.full((2,), c * block_size)
       source = noised if c == b else clean
-      out = model.apply({'params': params}, source[:, c * block_size:(c + 1) * block_size],
-                        slots, masks.block_slot_mask(starts, block_size, 32), cache,
-                        write_slots=slots)
+      logits, written = block_call(source[:, c * block_size:(c + 1) * block_size], c, cache)
       if c < b:  # A clean block: keep its keys.
-        cache = out.cache.keep(starts + block_size)
+        cache = written
     np.testing.assert_allclose(
-        model.denoiser_logits(out.logits)[:, :, :VOCAB],
+        logits[:, :, :VOCAB],
         vectorized[:, b * block_size:(b + 1) * block_size, :VOCAB], rtol=1e-5, atol=1e-5)
 
 
@@ -255,8 +263,8 @@ def test_bad_input_is_refused_with_one_line():
     driver.generate(model, params, padded, lengths, AutoregressiveConfig(4, 16),
                     jax.random.PRNGKey(0))
   ar = Transformer(dataclasses.replace(TRUNK, vocab_size=VOCAB))
-  ar_params = ar.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32),
-                      jnp.zeros((1, 1), jnp.int32))['params']
+  ar_params = jax.jit(ar.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32),
+                               jnp.zeros((1, 1), jnp.int32))['params']
   with pytest.raises(ValueError, match='decodes a block diffusion model'):
     driver.generate(ar, ar_params, padded, lengths,
                     bd.BlockDiffusionConfig(max_new_tokens=4, cache_capacity=16),
