@@ -50,6 +50,11 @@ class BlockDiffusionObjective(Objective):
   its sums (nll_sum, tokens, bytes) make the trainer's bits per byte an upper bound on
   the model's NLL, comparable with the AR model's on the same tokens (`scored_tokens`).
 
+  Blocks are cut at row indices (multiples of the block size) of the packed rows, so a
+  document meets every alignment of its start to the block grid, as in the reference
+  code's wrapped sequences; attention stays inside each document (segment ids), and
+  sampling aligns blocks to the prompt's position 0, one of the alignments trained.
+
   Training draws t from the schedule's train range (the clipped interval [beta, omega]
   for 'clipped': BD3-LM section 4, lower-variance gradients); evaluation always uses the
   whole range, so eval figures are the NELBO whatever the schedule.
