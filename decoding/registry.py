@@ -219,5 +219,5 @@ register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',),
 register(Method('lookahead', 'lookahead', _lookahead,
                 options=('lookahead_window', 'lookahead_ngram', 'lookahead_candidates')))
 register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
-                check_model=block_diffusion.check_model, own_family=True,
+                check_model=block_diffusion.check_model, own_model=True, own_family=True,
                 options=('diffusion_steps', 'diffusion_sampler')))
