@@ -271,3 +271,20 @@ def test_bad_input_is_refused_with_one_line():
                     jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='decodes a block diffusion model'):
     registry.get('block_diffusion').check_model(ar)
+
+
+def test_the_objective_trains_the_family_map_module():
+  """configs/bd3lm.py -> the family map's BlockDiffusionLM (vocabulary + the mask token),
+  whose parameters the objective initialises and checkpoints restore."""
+  import flax.linen as nn
+  from configs import bd3lm
+  from models import families
+  from training import objectives
+  config = bd3lm.get_config('size=tiny,block=8')
+  objective = objectives.build(config, VOCAB)
+  module = families.build_module(config, VOCAB)
+  assert objective.model == module and module.block_size == 8 and module.mask_id == VOCAB
+  shapes = jax.tree.map(lambda x: x.shape, families.abstract_params(config, VOCAB))
+  assert shapes == jax.tree.map(lambda x: x.shape, nn.meta.unbox(
+      jax.eval_shape(objective.init, jax.random.PRNGKey(0), objective.example_batch())))
+  assert shapes['embedding'][0] == module.config.padded_vocab_size >= VOCAB + 1
