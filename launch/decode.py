@@ -33,7 +33,8 @@ template), {"prompt": "..."} or Spec-Bench's {"question_id", "category", "turns"
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
    "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
-speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats.
+speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats;
+block_diffusion adds "nfe" (model calls the rows needed, summed over rows).
 """
 import json
 import sys
@@ -163,6 +164,8 @@ def main(argv):
           f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')
+  if 'nfe' in s:  # block diffusion: model calls the rows needed, summed
+    extra += f', NFE {s["nfe"]} ({s["nfe"] / max(s["new_tokens"], 1):.2f} per token)'
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '
         f'{s["target_calls"]} target calls{extra}, compile {s["compile_s"]:.2f}s',
         file=sys.stderr)
