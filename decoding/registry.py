@@ -17,8 +17,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup, medusa,
-                      speculative, trees)
+from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup,
+                      medusa, speculative, trees)
 
 
 @dataclasses.dataclass(frozen=True)

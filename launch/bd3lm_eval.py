@@ -12,8 +12,9 @@ Per BD3-LM workdir:
     NLL of the sampled tokens given the prompt) and their entropy (bits per token of each
     sample's own unigram distribution, averaged: low values flag degenerate repetition,
     as MDLM / BD3-LM report), and NFE per generated token;
-  * tokens/s at batch 1 and --num_samples (8) per setting, next to AR decoding (launch.generation.decode_tokens, the
-    same timing as launch.bench: compile excluded, median of --repeats).
+  * tokens/s at batch 1 and --num_samples (8) per setting, next to AR decoding
+    (launch.generation.decode_tokens, the same timing as launch.bench: compile
+    excluded, median of --repeats).
 --clip_search: the interval [beta, omega] of mask rates with the smallest training-loss
 variance on validation batches (training/objectives/block_diffusion.clip_search), to
 fine-tune with --config.bd3lm.schedule=clipped --config.bd3lm.clip=BETA,OMEGA.
