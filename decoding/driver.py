@@ -38,7 +38,7 @@ import numpy as np
 from decoding import trees, verify
 from decoding.proposal import Proposer
 from decoding.sampling import SamplingConfig, log_probs, sample
-from models import KVCache, masks
+from models import BlockDiffusionLM, KVCache, masks
 
 
 @flax.struct.dataclass
@@ -102,6 +102,13 @@ class DecodeConfig:
   cache_capacity: int                      # S: prompt + new tokens per row must fit
   sampling: SamplingConfig = SamplingConfig()
   eos_ids: tuple[int, ...] = (2,)
+
+  def generate_own(self, model, params, prompts, prompt_lengths, rng) -> Optional['Output']:
+    """A family that does not verify (block diffusion sampling) runs its own loop with
+    the driver's pieces (buffer, commit, stop rule, Output) and returns its Output here;
+    None = the driver's rounds."""
+    del model, params, prompts, prompt_lengths, rng
+    return None
 
   def proposer(self, model, drafter) -> Optional[Proposer]:
     """The method's drafter for the target `model` and the second module `drafter`
@@ -331,9 +338,18 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   drafter / drafter_params: the method's second module and its parameters (a draft
     model, Medusa heads, an EAGLE drafter), or None.
   Returns Output; speculative methods add draft_calls and accepted_histogram to stats.
-  Raises ValueError (while tracing) when the method and its drafter do not fit, or for a
-  speculative method on a model with dynamic NTK rotary scaling (not lossless there).
+  Raises ValueError (while tracing) when the method and its drafter do not fit, for a
+  speculative method on a model with dynamic NTK rotary scaling (not lossless there), or
+  for a block diffusion model (BD3-LM) under any method but block_diffusion (a config
+  whose generate_own runs the whole generation, decoding/block_diffusion.py).
   """
+  own = config.generate_own(model, params, prompts, prompt_lengths, rng)
+  if own is not None:
+    return own
+  if isinstance(model, BlockDiffusionLM):
+    raise ValueError(f'This is a block diffusion model (BD3-LM, block size '
+                     f'{model.block_size}): its denoiser predicts masked tokens, not the next '
+                     'one; decode it with --method=block_diffusion.')
   proposer = config.proposer(model, drafter)
   if proposer is not None and getattr(model.config, 'rope_type', 'default') == 'dynamic':
     # Dynamic NTK rotary frequencies follow a call's largest position (as transformers

@@ -10,14 +10,15 @@ sampling settings (`options.sampling()`), max_new_tokens, num_draft,
 adaptive_threshold, tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default),
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
-jacobi_window, and lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G).
+jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
+diffusion_steps / diffusion_sampler (block_diffusion).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import (autoregressive, driver, eagle, jacobi, lookahead, lookup, medusa,
-                      speculative, trees)
+from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup,
+                      medusa, speculative, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +54,13 @@ class Method:
   # The option holding the method's chain draft length (num_draft, jacobi_window), which
   # may be 'auto' (launch/autotune.py: the cost model's choice); None = no such option.
   draft_length: Optional[str] = None
+  # The method samples a model family of its own (block diffusion): it reproduces no
+  # autoregressive decoding, so it is never called lossless.
+  own_family: bool = False
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
-    return config.acceptance is None
+    return config.acceptance is None and not self.own_family
 
 
 METHODS: dict[str, Method] = {}
@@ -161,6 +165,13 @@ def _lookahead(options, capacity, eos_ids, model, drafter):
       ngram=options.lookahead_ngram, candidates=options.lookahead_candidates)
 
 
+def _block_diffusion(options, capacity, eos_ids, model, drafter):
+  del drafter
+  return block_diffusion.BlockDiffusionConfig(
+      **base_settings(options, capacity, eos_ids), steps=options.diffusion_steps,
+      sampler=options.diffusion_sampler, schedule=block_diffusion.NoiseSchedule())
+
+
 def _draft_model(second) -> Drafter:
   if second is None:
     raise ValueError('The speculative method needs a draft model (--draft_workdir).')
@@ -207,3 +218,6 @@ register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',),
                 draft_length='jacobi_window'))
 register(Method('lookahead', 'lookahead', _lookahead,
                 options=('lookahead_window', 'lookahead_ngram', 'lookahead_candidates')))
+register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
+                check_model=block_diffusion.check_model, own_model=True, own_family=True,
+                options=('diffusion_steps', 'diffusion_sampler')))

@@ -14,6 +14,8 @@
   python -m launch.decode --workdir=MTP_MODEL --method=mtp [--tree=1,1,1 (a chain)]
   python -m launch.decode --workdir=DIR --method=lookahead [--lookahead_window=5 \
       --lookahead_ngram=5 --lookahead_candidates=5]
+  python -m launch.decode --workdir=BD3LM --method=block_diffusion [--diffusion_steps=8 \
+      --diffusion_sampler=ancestral|first_hitting]
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
@@ -31,7 +33,8 @@ template), {"prompt": "..."} or Spec-Bench's {"question_id", "category", "turns"
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
    "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
-speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats.
+speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats;
+block_diffusion adds "nfe" (model calls the rows needed, summed over rows).
 """
 import json
 import sys
@@ -91,6 +94,11 @@ _LOOKAHEAD = {
         'lookahead_ngram', None, 'lookahead: N, the n-gram size (N - 1 window levels).'),
     'lookahead_candidates': flags.DEFINE_integer(
         'lookahead_candidates', None, 'lookahead: G, pool n-grams verified per round.')}
+_DIFFUSION_STEPS = flags.DEFINE_integer(
+    'diffusion_steps', None, 'block_diffusion: ancestral denoising steps per block '
+    '(default: the block size).')
+_DIFFUSION_SAMPLER = flags.DEFINE_string(
+    'diffusion_sampler', 'ancestral', 'block_diffusion: ancestral | first_hitting.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -121,6 +129,7 @@ def main(argv):
         lookup_max_ngram=_LOOKUP_MAX.value, lookup_min_ngram=_LOOKUP_MIN.value,
         lookup_branches=_LOOKUP_BRANCHES.value,
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
+        diffusion_steps=_DIFFUSION_STEPS.value, diffusion_sampler=_DIFFUSION_SAMPLER.value,
         plugins=tuple(_PLUGINS.value),
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
@@ -156,6 +165,8 @@ def main(argv):
           f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')
+  if 'nfe' in s:  # block diffusion: model calls the rows needed, summed
+    extra += f', NFE {s["nfe"]} ({s["nfe"] / max(s["new_tokens"], 1):.2f} per token)'
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '
         f'{s["target_calls"]} target calls{extra}, compile {s["compile_s"]:.2f}s',
         file=sys.stderr)

@@ -54,6 +54,10 @@ class DecodeOptions:
   lookahead_window: int = lookahead.DEFAULT_WINDOW
   lookahead_ngram: int = lookahead.DEFAULT_NGRAM
   lookahead_candidates: int = lookahead.DEFAULT_CANDIDATES
+  # block_diffusion (decoding/block_diffusion.py): denoising steps per block (None = the
+  # block size) and the sampler (ancestral | first_hitting)
+  diffusion_steps: int | None = None
+  diffusion_sampler: str = 'ancestral'
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:
@@ -315,7 +319,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   longest = max(len(p) for p in prompts)
   padded, lengths = driver.pad_prompts(prompts, tokenizer.pad_id)
   driver.check_prompts(padded, lengths, capacity=options.max_context,
-                       vocab_size=model.config.vocab_size, max_new_tokens=options.max_new_tokens)
+                       vocab_size=getattr(model, 'mask_id', model.config.vocab_size),
+                       max_new_tokens=options.max_new_tokens)
   # The cache holds what the longest prompt needs, within the context limit.
   capacity = min(options.max_context, longest + options.max_new_tokens)
   config, drafter, params = _build(restored, entry, options, capacity, draft)
@@ -364,6 +369,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       finishes += out.finish_reasons()[:len(chunk)]
       stats['new_tokens'] += sum(len(c) for c in new)
       stats['target_calls'] += int(out.target_calls)
+      if 'nfe' in out.stats:  # block diffusion: model calls per row
+        stats['nfe'] = stats.get('nfe', 0) + int(np.asarray(out.stats['nfe'])[:len(chunk)].sum())
       if 'accepted_histogram' in out.stats:
         h = np.asarray(out.stats['accepted_histogram'])
         histogram = h if histogram is None else histogram + h

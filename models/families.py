@@ -16,19 +16,24 @@ This module imports nothing from training/ or configs/.
   eagle     EagleDrafter(target)          the drafter's one layer (+ fc)
   cllm      Transformer(config.model)     the Transformer's: a target fine-tuned by consistency
                                           training, still a plain LM
+  bd3lm     BlockDiffusionLM(config.model, the Transformer's, vocabulary + 1 (the mask
+            bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
 """
 from typing import Any, Optional
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import EagleDrafter, MedusaHeads, Transformer, TransformerConfig, masks
+from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer, TransformerConfig,
+                    masks)
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm')
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm')
 HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -40,6 +45,10 @@ _MODULES = {
     'medusa': lambda config, trunk: MedusaHeads(trunk, config.medusa.num_heads),
     'eagle': lambda config, trunk: EagleDrafter(trunk),
     'cllm': lambda config, trunk: Transformer(trunk),
+    # The mask token extends the tokenizer's vocabulary by one id.
+    'bd3lm': lambda config, trunk: BlockDiffusionLM(
+        dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
+        block_size=config.bd3lm.block_size),
 }
 
 

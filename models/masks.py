@@ -2,9 +2,9 @@
 
 Axis letters: B batch, T query length, S key length.
 
-Every mask rule (causal, packed documents, cached decoding, draft trees, and later
-block-causal and any-order masks) is just an array of shape [B, T, S] handed to
-the one attention code path.
+Every mask rule (causal, packed documents, cached decoding, draft trees, block-causal
+and BD3-LM training, and later any-order masks) is just an array of shape [B, T, S]
+handed to the one attention code path.
 """
 import jax.numpy as jnp
 
@@ -74,3 +74,44 @@ def sliding_window_mask(mask: jnp.ndarray, query_positions: jnp.ndarray,
   cache: the slot for committed tokens, this call's positions at its write slots).
   """
   return mask & (key_positions[:, None, :] > query_positions[:, :, None] - window)
+
+
+def block_causal_mask(length: int, block_size: int) -> jnp.ndarray:
+  """[T, T] block-causal mask: bidirectional inside each block of `block_size` tokens,
+  causal across blocks (query in block b sees keys in blocks <= b). block_size = 1 is
+  the causal mask; block_size = T is full attention."""
+  block = jnp.arange(length) // block_size
+  return block[None, :] <= block[:, None]
+
+
+def bd3lm_training_mask(segment_ids: jnp.ndarray, block_size: int) -> jnp.ndarray:
+  """[B, 2T, 2T] the BD3-LM training mask over the noised sequence x_t concatenated with
+  the clean one x_0 (Arriola et al. 2025, "Block Diffusion", section 3.2 and Fig. 2:
+  M = [[M_BD, M_OBC], [0, M_BC]]), restricted to each packed document:
+    x_t block b -> x_t block b (block-diagonal, bidirectional inside the noised block)
+                 -> x_0 blocks < b (offset block-causal: the clean context);
+    x_0 block b -> x_0 blocks <= b (block-causal, what the KV cache holds at sampling);
+    x_0 -> x_t never.
+  segment_ids: [B, T] int document ids (0 = padding), shared by both halves.
+  """
+  length = segment_ids.shape[1]
+  block = jnp.arange(length) // block_size
+  same_block = block[:, None] == block[None, :]
+  before = block[None, :] < block[:, None]
+  upto = block[None, :] <= block[:, None]
+  top = jnp.concatenate([same_block, before], axis=1)                      # x_t queries
+  bottom = jnp.concatenate([jnp.zeros_like(upto), upto], axis=1)           # x_0 queries
+  rule = jnp.concatenate([top, bottom], axis=0)                            # [2T, 2T]
+  seg = jnp.concatenate([segment_ids, segment_ids], axis=1)                # [B, 2T]
+  same_doc = (seg[:, :, None] == seg[:, None, :]) & (seg != 0)[:, :, None]
+  return rule[None] & same_doc
+
+
+def block_slot_mask(block_starts: jnp.ndarray, block_size: int, capacity: int) -> jnp.ndarray:
+  """[B, block_size, S] the mask of one block fed into a cache: every token of row b's
+  block at slots block_starts[b] .. + block_size - 1 sees the cached clean blocks
+  (slots < block_starts[b]) and the whole block (bidirectional). What BD3-LM sampling
+  uses for both the noised block and the finished clean block's KV write."""
+  ends = block_starts + block_size                                          # [B]
+  visible = jnp.arange(capacity)[None, :] < ends[:, None]                   # [B, S]
+  return jnp.broadcast_to(visible[:, None, :], (block_starts.shape[0], block_size, capacity))
