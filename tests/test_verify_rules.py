@@ -139,7 +139,7 @@ def test_block_verification_never_accepts_fewer_and_matches_its_analytic_value()
       assert abs(n.mean() - _analytic_tau(p, q, rule)) < 4 * n.std() / np.sqrt(rows), (seed, rule)
 
 
-@pytest.mark.parametrize('seed,zeros', [(3, False), (4, True)], ids=['dense', 'filtered'])
+@pytest.mark.parametrize('seed,zeros', [(0, False), (4, True)], ids=['dense', 'filtered'])
 def test_block_verification_is_lossless_and_a_wrong_residual_fails(seed, zeros, monkeypatch):
   p, q = _tables(seed, zeros=zeros)
   exact = _exact_target(p)
@@ -151,8 +151,13 @@ def test_block_verification_is_lossless_and_a_wrong_residual_fails(seed, zeros, 
   assert _g_test(_draft_and_verify(p, q, rows, seed + 1, num_drafted=1)[0], exact) > 1e-3
   if not zeros:  # Power: the residual without block verification's weight w_tau is wrong.
     residual = verify.residual_log_probs
+    jax.clear_caches()  # block_accept is jitted: retrace it with the wrong residual.
     monkeypatch.setattr(verify, 'residual_log_probs', lambda t, d, w=None: residual(t, d))
-    assert _g_test(_draft_and_verify(p, q, rows, seed + 2)[0], exact) < 1e-3
+    try:
+      assert _g_test(_draft_and_verify(p, q, rows, seed + 2)[0], exact) < 1e-3
+    finally:
+      monkeypatch.undo()
+      jax.clear_caches()
 
 
 def test_hand_built_block_verification_tables():
