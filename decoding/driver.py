@@ -121,6 +121,12 @@ class DecodeConfig:
     """The acceptance rule: None = exact (lossless); a lossy rule otherwise."""
     return None
 
+  @property
+  def chain_rule(self) -> str:
+    """The exact rule for a chain drawn from a draft (verify.CHAIN_RULES): block
+    verification unless a method's config chooses the token-level rule."""
+    return 'block'
+
 
 @flax.struct.dataclass
 class Params:
@@ -313,7 +319,8 @@ def speculative_round(model, params: Params, proposer: Proposer, config: DecodeC
   out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
   target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
   path, num_accepted, next_token = verify.accept(
-      keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance)
+      keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance,
+      config.chain_rule)
   cache = out.cache
   if tree:  # A chain's accepted tokens already sit in sequence order.
     cache = cache.move_slots(*trees.path_slots(root, path, num_accepted, cache_size))

@@ -15,8 +15,11 @@ driver (decoding/driver.py), each round:
      *parent's predicted feature* and its own token (feature-level autoregression),
      all top_k frontier nodes in one drafter call per level under a tree mask;
      reranking keeps the `budget` best nodes;
-  3. the target scores the tree in one call; `verify.tree_accept` walks it with the
-     point-mass rule for distinct top-k children: lossless under greedy and sampling;
+  3. the target scores the tree in one call; `verify.tree_accept` walks it: under
+     greedy with the point-mass rule for distinct top-k children; under sampling the
+     children are drawn without replacement and verified by recursive rejection
+     sampling without replacement (tree_rule 'rrsw'), or are the top-k with the
+     point-mass rule ('specinfer'); lossless either way;
   4. the target's features on the accepted path (root included) are kept for the next
      catch-up, and the accepted path's target KV moves into place.
 
@@ -30,7 +33,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from decoding import driver, speculative, trees
+from decoding import driver, speculative, trees, verify
 from decoding.proposal import Proposal, Proposer
 from models import KVCache, masks
 
@@ -41,8 +44,13 @@ class EagleConfig(driver.DecodeConfig):
   # EAGLE-2's tree. The paper's 7B default is top_k 10, depth 6, 60 nodes; a small model
   # on CPU pays per verified node, so a smaller tree is the default here.
   tree: trees.DynamicTreeSpec = trees.DynamicTreeSpec(4, 5, 24)
+  # Under sampling (verify.TREE_RULES): 'rrsw' draws each node's children without
+  # replacement (recursive rejection sampling without replacement verifies them);
+  # 'specinfer' takes the drafter's top-k (the point-mass rule).
+  tree_rule: str = 'rrsw'
 
   def __post_init__(self):
+    verify.check_tree_rule(self.tree_rule)
     if not isinstance(self.tree, trees.DynamicTreeSpec):
       raise ValueError('EAGLE drafts EAGLE-2 dynamic trees: give a trees.DynamicTreeSpec '
                        f'(spec "dynamic:TOP_K,DEPTH,BUDGET"), not {self.tree}.')
@@ -71,6 +79,7 @@ class EagleProposer(Proposer):
   def __init__(self, config: EagleConfig, model, drafter):
     self.config, self.model, self.drafter = config, model, drafter
     self.max_depth, self.cache_slots = config.tree.depth, config.tree.cache_slots
+    self.needs_key = not config.sampling.greedy and config.tree_rule == 'rrsw'
 
   def _draft(self, params, features, tokens, positions, mask, cache, write_slots=None):
     """The drafter on entries (features, tokens) -> (predicted features, cache)."""
@@ -99,7 +108,6 @@ class EagleProposer(Proposer):
             jnp.ones((), jnp.int32))
 
   def propose(self, params, eagle: EagleState, state, key):
-    del key
     spec = self.config.tree
     rows, root = jnp.arange(state.tokens.shape[0]), state.lengths - 1  # root: target slot
     start, width = eagle.cache.lengths, spec.depth + 1   # first drafter slot to (re)write
@@ -125,10 +133,14 @@ class EagleProposer(Proposer):
           write_slots=slots[:, None] + jnp.arange(node_tokens.shape[1])[None])
       return (cache, new_features), self._scores(params, new_features)
 
-    (cache, _), node_tokens, parents, depths = trees.grow_dynamic_tree(
+    (cache, _), node_tokens, parents, depths, *drawn = trees.grow_dynamic_tree(
         spec, state.tokens[rows, root], self._scores(params, root_feature[:, None])[:, 0],
-        expand, (cache, root_feature[:, None]))
-    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths),
+        expand, (cache, root_feature[:, None]), key if self.needs_key else None)
+    if drawn:  # The drafter's distributions on the target's (padded) vocabulary axis.
+      config = self.model.config
+      drawn[0] = speculative.pad_vocab(
+          drawn[0], getattr(config, 'padded_vocab_size', config.vocab_size))
+    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths, *drawn),
             eagle.replace(cache=cache), jnp.asarray(spec.depth, jnp.int32))
 
   def observe(self, params, eagle: EagleState, state, verified, path, num_accepted):

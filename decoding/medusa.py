@@ -9,9 +9,12 @@ The heads proposer for the round driver (decoding/driver.py). Each round:
      product of the heads' top-b_d) or a SparseTree (any shape, e.g. tuned on
      validation data by launch.tune_tree, as Medusa builds its trees); D <= heads;
   2. the target scores the whole tree in one call (tree mask, tree positions);
-  3. `verify.tree_accept` walks it. The children of a node are distinct tokens chosen
-     deterministically, so the rule is the point-mass one: lossless under greedy and
-     under sampling. `typical=True` swaps in Medusa's typical acceptance (LOSSY);
+  3. `verify.tree_accept` walks it. Under greedy the children of a node are the heads'
+     distinct top tokens and the rule is the point-mass one; under sampling they are
+     drawn without replacement from the head's distribution and verified by recursive
+     rejection sampling without replacement (tree_rule 'rrsw'), or are the top tokens
+     with the point-mass rule ('specinfer'): lossless either way. `typical=True` swaps
+     in Medusa's typical acceptance (LOSSY) on the top tokens;
   4. the heads read the target's hidden state at the last accepted node (the one whose
      logits gave the next token) and propose the next round's tree.
 The first round's heads come from the prefill's hidden state at the prompt's end.
@@ -21,10 +24,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decoding import driver, trees, verify
 from decoding.proposal import Proposal, Proposer
-from decoding.sampling import mask_padded_vocab
+from decoding.sampling import log_probs, mask_padded_vocab, sample_without_replacement
 
 
 # The tree when none is given and the heads have no tuned one (launch.tune_tree):
@@ -39,8 +43,14 @@ class MedusaConfig(driver.DecodeConfig):
   typical: bool = False          # LOSSY typical acceptance instead of the exact rule
   typical_epsilon: float = 0.09  # Medusa's posterior threshold
   typical_delta: float = 0.3     # Medusa's posterior alpha (its default: sqrt(epsilon))
+  # Under exact sampling (verify.TREE_RULES): 'rrsw' draws each depth's candidates
+  # without replacement from the head's distribution (recursive rejection sampling
+  # without replacement verifies them); 'specinfer' takes the head's top-k (the
+  # point-mass rule). Greedy and typical acceptance always take the top-k.
+  tree_rule: str = 'rrsw'
 
   def __post_init__(self):
+    verify.check_tree_rule(self.tree_rule)
     if not isinstance(self.tree, (trees.TreeSpec, trees.SparseTree)):
       raise ValueError(f'Draft heads fill a static tree (like "4,2,2" or "paths:0;1;0.0"); '
                        f'got {self.tree}.')
@@ -71,6 +81,8 @@ class HeadsProposer(Proposer):
                        'draft heads.')
     self.config, self.model, self.heads = config, model, heads
     self.max_depth, self.cache_slots = config.tree.depth, config.tree.num_nodes
+    self.needs_key = (not config.sampling.greedy and not config.typical
+                      and config.tree_rule == 'rrsw')
 
   def _read(self, params, out, nodes):
     """[B, K, V] the heads' logits at node nodes[b] of each row's forward output."""
@@ -83,13 +95,26 @@ class HeadsProposer(Proposer):
     return self._read(params, prefill, prompt_lengths - 1), jnp.zeros((), jnp.int32)
 
   def propose(self, params, head_logits, state, key):
-    del key
     spec, vocab = self.config.tree, self.model.config.vocab_size
     rows = jnp.arange(state.tokens.shape[0])
-    masked = mask_padded_vocab(head_logits, vocab)
-    ranked = jax.lax.top_k(masked[:, :spec.depth], int(spec.ranks.max()) + 1)[1]  # [B, D, R]
+    width = int(spec.ranks.max()) + 1
+    if not self.needs_key:  # Each head's top-k: deterministic candidates.
+      masked = mask_padded_vocab(head_logits, vocab)
+      ranked = jax.lax.top_k(masked[:, :spec.depth], width)[1]                 # [B, D, R]
+      tokens = trees.from_ranked(spec, ranked, state.tokens[rows, state.lengths - 1])
+      return Proposal.static_tree(spec, tokens), head_logits, jnp.zeros((), jnp.int32)
+    # Head d's candidates drawn in order without replacement from its processed
+    # distribution; a node of depth d draws its children from head d (rank r: the r-th
+    # draw), so every node of depth d < D gets head d's whole list as its candidates
+    # (a sparse tree's skipped ranks may still be accepted, as the next token).
+    q = log_probs(head_logits[:, :spec.depth], self.config.sampling, vocab)       # [B, D, V]
+    ranked = sample_without_replacement(key, q, width)                           # [B, D, R]
     tokens = trees.from_ranked(spec, ranked, state.tokens[rows, state.lengths - 1])
-    return Proposal.static_tree(spec, tokens), head_logits, jnp.zeros((), jnp.int32)
+    node_depth = np.minimum(spec.depths, spec.depth - 1)
+    inner = jnp.asarray(spec.depths < spec.depth)[None, :, None]
+    candidates = jnp.where(inner, ranked[:, node_depth], -1)
+    return (Proposal.static_tree(spec, tokens, q[:, node_depth], candidates), head_logits,
+            jnp.zeros((), jnp.int32))
 
   def observe(self, params, head_logits, state, verified, path, num_accepted):
     rows = jnp.arange(path.shape[0])

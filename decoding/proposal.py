@@ -44,6 +44,12 @@ class Proposal:
     for deterministic candidates (top-k, a lookup: the point-mass rule).
   num_drafted: [B] int32, chains only: how many of the N - 1 drafted tokens are real
     (adaptive drafting stops early); None = all.
+  candidates: [B, N, C] int32 or None, trees only: row i the tokens drawn in order
+    WITHOUT replacement (Gumbel-top-k) from draft_logp[:, i] as node i's children
+    candidates, -1 = none; node i's children are some of them (a dynamic tree's
+    reranking or a sparse tree may leave some out). Given, the verifier uses recursive
+    rejection sampling without replacement (verify.tree_accept); None = the children
+    were drawn i.i.d. (draft_logp given) or chosen deterministically (draft_logp None).
   depth, max_children: static ints, the tree's maximum depth and widest node.
   """
   tokens: jax.Array
@@ -52,6 +58,7 @@ class Proposal:
   ancestors: Any = None
   draft_logp: Optional[jax.Array] = None
   num_drafted: Optional[jax.Array] = None
+  candidates: Optional[jax.Array] = None
   depth: int = flax.struct.field(pytree_node=False, default=1)
   max_children: int = flax.struct.field(pytree_node=False, default=1)
 
@@ -71,20 +78,24 @@ class Proposal:
 
 
   @classmethod
-  def static_tree(cls, spec, tokens: jax.Array, draft_logp=None) -> 'Proposal':
-    """A static tree (trees.TreeSpec or trees.SparseTree) with node tokens [B, N]."""
+  def static_tree(cls, spec, tokens: jax.Array, draft_logp=None,
+                  candidates=None) -> 'Proposal':
+    """A static tree (trees.TreeSpec or trees.SparseTree) with node tokens [B, N];
+    draft_logp [B, N, V] and candidates [B, N, C] or None (see the class)."""
     return cls(tokens=tokens.astype(jnp.int32), depths=jnp.asarray(spec.depths)[None],
                parents=spec.parents, ancestors=spec.ancestors, draft_logp=draft_logp,
-               depth=spec.depth, max_children=spec.max_children)
+               candidates=candidates, depth=spec.depth, max_children=spec.max_children)
 
   @classmethod
-  def dynamic_tree(cls, spec, tokens: jax.Array, parents: jax.Array,
-                   depths: jax.Array) -> 'Proposal':
+  def dynamic_tree(cls, spec, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
+                   draft_logp=None, candidates=None) -> 'Proposal':
     """A per-row tree (trees.grow_dynamic_tree): tokens, parents, depths [B, N]; its
-    children are the drafter's distinct top-k tokens (deterministic candidates)."""
+    children are the drafter's distinct top-k tokens (deterministic candidates), or,
+    with draft_logp [B, N, V] and candidates [B, N, top_k], draws without replacement."""
     return cls(tokens=tokens, depths=depths, parents=parents,
                ancestors=trees.ancestors_from_parents(parents, spec.depth),
-               depth=spec.depth, max_children=spec.max_children)
+               draft_logp=draft_logp, candidates=candidates, depth=spec.depth,
+               max_children=spec.max_children)
 
 
 class Proposer:

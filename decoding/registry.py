@@ -7,7 +7,8 @@ in the researcher's own module loaded with --plugins=module.name.
 
 Options are read duck-typed from `options` (launch.generation.DecodeOptions): the
 sampling settings (`options.sampling()`), max_new_tokens, num_draft,
-adaptive_threshold, tree (one spec string for every method that drafts a tree:
+adaptive_threshold, chain_rule ('block' | 'token'), tree_rule ('rrsw' | 'specinfer'),
+tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default),
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
 jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
@@ -125,7 +126,8 @@ def _speculative(options, capacity, eos_ids, model, drafter):
   return speculative.SpeculativeConfig(
       **base_settings(options, capacity, eos_ids), num_draft=options.num_draft,
       adaptive_threshold=options.adaptive_threshold,
-      tree=trees.parse(options.tree) if options.tree else None)
+      tree=trees.parse(options.tree) if options.tree else None, chain_rule=options.chain_rule,
+      tree_rule=options.tree_rule)
 
 
 def _heads(options, capacity, eos_ids, model, drafter):
@@ -133,7 +135,7 @@ def _heads(options, capacity, eos_ids, model, drafter):
   tree = (trees.parse(options.tree) if options.tree
           else trees.TreeSpec(medusa.DEFAULT_TREE[:num_heads]))
   return medusa.MedusaConfig(**base_settings(options, capacity, eos_ids), tree=tree,
-                             typical=options.typical)
+                             typical=options.typical, tree_rule=options.tree_rule)
 
 
 def _eagle(options, capacity, eos_ids, model, drafter):
@@ -141,7 +143,8 @@ def _eagle(options, capacity, eos_ids, model, drafter):
   # One tree syntax for every method: EAGLE's is "dynamic:TOP_K,DEPTH,BUDGET"; a static
   # spec is refused by EagleConfig rather than silently read as a dynamic one.
   tree = trees.parse(options.tree) if options.tree else eagle.EagleConfig.tree
-  return eagle.EagleConfig(**base_settings(options, capacity, eos_ids), tree=tree)
+  return eagle.EagleConfig(**base_settings(options, capacity, eos_ids), tree=tree,
+                           tree_rule=options.tree_rule)
 
 
 def _lookup(options, capacity, eos_ids, model, drafter):
@@ -203,14 +206,15 @@ def _has_mtp_heads(model) -> None:
 
 register(Method('autoregressive', 'autoregressive', _autoregressive))
 register(Method('speculative', 'speculative', _speculative, second='draft_workdir',
-                drafter=_draft_model, options=('num_draft', 'adaptive_threshold', 'tree'),
+                drafter=_draft_model,
+                options=('num_draft', 'adaptive_threshold', 'tree', 'chain_rule', 'tree_rule'),
                 draft_length='num_draft'))
 register(Method('medusa', 'medusa', _heads, second='heads_workdir', drafter=_medusa_heads,
-                tuned_tree=True, options=('tree', 'typical')))
+                tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter,
-                options=('tree',)))
+                options=('tree', 'tree_rule')))
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
-                tuned_tree=True, options=('tree', 'typical')))
+                tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('lookup', 'lookup', _lookup,
                 options=('num_draft', 'lookup_max_ngram', 'lookup_min_ngram', 'lookup_branches'),
                 draft_length='num_draft'))

@@ -118,3 +118,14 @@ def sample(rng: jax.Array, logits: jax.Array, config: SamplingConfig,
     return jnp.argmax(mask_padded_vocab(logits, vocab_size), axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, processed_logits(logits, config, vocab_size),
                                 axis=-1).astype(jnp.int32)
+
+
+def sample_without_replacement(rng: jax.Array, logp: jax.Array, k: int) -> jax.Array:
+  """k distinct tokens drawn in order without replacement from the distribution logp
+  [..., V] (log-probabilities): the Gumbel-top-k trick (Kool et al. 2019, "Stochastic
+  Beams and Where to Find Them", section 3): the k largest of logp + Gumbel noise, in
+  decreasing order, are distributed as k successive draws, each from the distribution
+  left after removing the previous ones. Ids of zero probability come last (only when
+  fewer than k have mass). Returns [..., k] int32."""
+  gumbel = jax.random.gumbel(rng, logp.shape, jnp.float32)
+  return jax.lax.top_k(logp + gumbel, k)[1].astype(jnp.int32)

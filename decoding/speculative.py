@@ -6,10 +6,12 @@ The draft proposes, each round, one of:
             threshold a row stops drafting after a token the draft itself is unsure
             of, and the loop ends when every row has stopped);
   a static tree (trees.TreeSpec), level by level, one draft call per level: the
-            draft's top-k children under greedy, i.i.d. draws from its distribution
-            when sampling, as SpecInfer's multi-candidate rule requires;
+            draft's top-k children under greedy; when sampling, draws without
+            replacement (tree_rule 'rrsw', verified by recursive rejection sampling
+            without replacement) or i.i.d. draws ('specinfer', SpecInfer's rule);
   an EAGLE-2 dynamic tree (trees.DynamicTreeSpec), grown and pruned by the draft's
-            cumulative log-probabilities; children are the draft's distinct top-k.
+            cumulative log-probabilities; children are the draft's distinct top-k
+            (greedy, or 'specinfer'), or drawn without replacement ('rrsw').
 The driver verifies it with the target in one call and commits.
 
 Draft cache invariant at the start of a round (L = the buffer's token count): chain
@@ -25,9 +27,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from decoding import driver, trees
+from decoding import driver, trees, verify
 from decoding.proposal import Proposal, Proposer
-from decoding.sampling import log_probs, mask_padded_vocab
+from decoding.sampling import log_probs, mask_padded_vocab, sample_without_replacement
 from models import KVCache, masks
 
 
@@ -44,8 +46,17 @@ class SpeculativeConfig(driver.DecodeConfig):
   # A draft tree instead of a chain (num_draft is then ignored): trees.TreeSpec (static)
   # or trees.DynamicTreeSpec (EAGLE-2); the target verifies the whole tree in one call.
   tree: Optional[Union[trees.TreeSpec, trees.DynamicTreeSpec]] = None
+  # The exact rule for chains (verify.CHAIN_RULES): 'block' verification (Sun et al.
+  # 2025, the default: never fewer accepted tokens) or the 'token'-level rule.
+  chain_rule: str = 'block'
+  # How a tree's children are drawn under sampling, and so verified (verify.TREE_RULES):
+  # 'rrsw' without replacement (recursive rejection sampling without replacement) or
+  # 'specinfer' (static trees: i.i.d. draws; dynamic trees: the draft's top-k).
+  tree_rule: str = 'rrsw'
 
   def __post_init__(self):
+    verify.check_chain_rule(self.chain_rule)
+    verify.check_tree_rule(self.tree_rule)
     if self.num_draft < 1:
       raise ValueError(f'num_draft must be >= 1, got {self.num_draft}.')
     if not 0 <= self.adaptive_threshold < 1:
@@ -127,7 +138,7 @@ class DraftModelProposer(Proposer):
   def propose(self, params, cache, state, key):
     tree = self.config.tree
     if isinstance(tree, trees.DynamicTreeSpec):
-      return self._dynamic_tree(params, cache, state)
+      return self._dynamic_tree(params, cache, state, key)
     if tree is not None:
       return self._static_tree(params, cache, state, key)
     return self._chain(params, cache, state, key)
@@ -194,12 +205,17 @@ class DraftModelProposer(Proposer):
         state.tokens[rows, root])
     logp = jnp.zeros((batch, spec.num_nodes, out.logits.shape[-1]), jnp.float32)
     starts = spec.level_starts
+    rrsw = not sampling.greedy and self.config.tree_rule == 'rrsw'
+    candidates = jnp.full((batch, spec.num_nodes, spec.max_children), -1, jnp.int32)
     for depth, width in enumerate(spec.branching):
       level = log_probs(level_logits, sampling, vocab)                       # [B, n_d, V]
       logp = logp.at[:, starts[depth]:starts[depth + 1]].set(level)
       if sampling.greedy:  # The draft's top-k distinct tokens.
         masked = mask_padded_vocab(level_logits, vocab)
         children = jax.lax.top_k(masked, width)[1]                          # [B, n_d, k]
+      elif rrsw:  # Distinct draws from q, in draw order (verify: RRSw).
+        children = sample_without_replacement(jax.random.fold_in(key, depth), level, width)
+        candidates = candidates.at[:, starts[depth]:starts[depth + 1], :width].set(children)
       else:  # i.i.d. draws from q, as SpecInfer's multi-candidate rule requires.
         children = jax.random.categorical(jax.random.fold_in(key, depth), level[:, :, None],
                                           shape=level.shape[:2] + (width,))
@@ -212,9 +228,10 @@ class DraftModelProposer(Proposer):
                           masks.tree_mask(spec.ancestors[nodes], root, cache.capacity), cache,
                           write_slots=root[:, None] + jnp.arange(nodes.start, nodes.stop)[None])
         cache, level_logits = out.cache, out.logits
-    return Proposal.static_tree(spec, node_tokens, logp), cache, spec.depth
+    return (Proposal.static_tree(spec, node_tokens, logp, candidates if rrsw else None), cache,
+            spec.depth)
 
-  def _dynamic_tree(self, params, cache, state):
+  def _dynamic_tree(self, params, cache, state, key):
     """Grows an EAGLE-2 dynamic tree: one call to catch the draft cache up with the
     committed tokens, then one call per expanded level.
 
@@ -241,11 +258,21 @@ class DraftModelProposer(Proposer):
                         write_slots=start[:, None] + jnp.arange(tokens.shape[1])[None])
       return out.cache, scores(out.logits)
 
-    cache, node_tokens, parents, depths = trees.grow_dynamic_tree(
+    rrsw = not sampling.greedy and self.config.tree_rule == 'rrsw'
+    cache, node_tokens, parents, depths, *drawn = trees.grow_dynamic_tree(
         spec, state.tokens[rows, root], scores(out.logits[rows, root - valid]), expand,
-        out.cache)
-    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths),
+        out.cache, key if rrsw else None)
+    if drawn:  # The draft's distributions on the target's (padded) vocabulary axis.
+      drawn[0] = pad_vocab(drawn[0], self._width)
+    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths, *drawn),
             cache.keep(state.lengths), spec.depth)
+
+
+def pad_vocab(logp: jax.Array, width: int) -> jax.Array:
+  """Log-probabilities [..., vocab] (draft_scores) on an axis of `width` >= vocab ids:
+  the ids past vocab get no mass (-inf)."""
+  pad = [(0, 0)] * (logp.ndim - 1) + [(0, width - logp.shape[-1])]
+  return jnp.pad(logp, pad, constant_values=-jnp.inf)
 
 
 def draft_scores(logits: jax.Array, sampling, vocab: int) -> jax.Array:

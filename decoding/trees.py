@@ -26,11 +26,13 @@ Three kinds of tree:
 import collections
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from decoding.sampling import sample_without_replacement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +261,7 @@ def path_slots(root_slots: jax.Array, path: jax.Array, num_accepted: jax.Array,
 
 
 def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores: jax.Array,
-                      expand: Callable, carry):
+                      expand: Callable, carry, key: Optional[jax.Array] = None):
   """EAGLE-2 expansion and reranking, for any drafter.
 
   root_token: [B] the last committed token; root_scores: [B, V] the drafter's
@@ -274,9 +276,30 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
 
   Returns (carry, node_tokens [B, N], parents [B, N] (-1 for the root), depths [B, N]),
   N = budget + 1, nodes in topological order.
+
+  key given (sampling; verify.tree_accept's rule without replacement): each expanded
+  node's top_k children are drawn without replacement from its scores, which must then
+  be the processed distribution (sampling.sample_without_replacement), instead of
+  being its top_k; ranking and reranking still use the cumulative draft
+  log-probabilities. Then also returns draft_logp [B, N, V] (each node's scores, the
+  distribution its children were drawn from) and candidates [B, N, top_k] (each
+  node's drawn children in draw order, -1 for a node not expanded): reranking may
+  prune some drawn children, and the verifier must still see them.
   """
   k, batch = spec.top_k, root_token.shape[0]
-  scores, tokens = jax.lax.top_k(root_scores, k)                            # [B, k]
+  keys = None if key is None else iter(jax.random.split(key, spec.depth))
+
+  def children(scores_, parent_key):  # -> (scores, tokens) [..., k]
+    if parent_key is None:
+      return jax.lax.top_k(scores_, k)
+    drawn = sample_without_replacement(parent_key, scores_, k)
+    return jnp.take_along_axis(scores_, drawn, axis=-1), drawn
+
+  scores, tokens = children(root_scores, None if keys is None else next(keys))   # [B, k]
+  expanded_scores, expanded_children = [root_scores[:, None]], [tokens[:, None]]
+  # Per pool node, its row among the expanded ones (0 = the root), or -1.
+  expanded_row = [jnp.broadcast_to(1 + jnp.arange(k) if spec.depth > 1
+                                   else jnp.full((k,), -1), (batch, k))]
   pool_scores, pool_tokens = [scores], [tokens]
   pool_parents = [jnp.full((batch, k), -1, jnp.int32)]                      # pool index
   frontier = jnp.broadcast_to(jnp.arange(k), (batch, k))                   # pool index
@@ -287,7 +310,9 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
                                (batch, k, spec.expanded_slots))
   for level in range(1, spec.depth):
     carry, child_scores = expand(carry, level, tokens, ancestors, parent)  # [B, k, V]
-    top_scores, top_tokens = jax.lax.top_k(child_scores, k)                # [B, k, k]
+    top_scores, top_tokens = children(child_scores, None if keys is None else next(keys))
+    expanded_scores.append(child_scores)
+    expanded_children.append(top_tokens)                                   # [B, k, k]
     # A path's score is its cumulative log-probability; adding a log-probability <= 0
     # never raises it, so a child never outranks its parent.
     candidate_scores = (scores[:, :, None] + top_scores).reshape(batch, k * k)
@@ -295,9 +320,12 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
     pool_scores.append(candidate_scores)
     pool_tokens.append(candidate_tokens)
     pool_parents.append(jnp.repeat(frontier, k, axis=1))
+    expanded_row.append(jnp.full((batch, k * k), -1, jnp.int32))
     if level + 1 < spec.depth:  # The next frontier: the k best new nodes.
       offset = k + (level - 1) * k * k
       scores, chosen = jax.lax.top_k(candidate_scores, k)                  # [B, k]
+      expanded_row[-1] = expanded_row[-1].at[jnp.arange(batch)[:, None], chosen].set(
+          1 + level * k + jnp.arange(k, dtype=jnp.int32)[None])
       tokens = jnp.take_along_axis(candidate_tokens, chosen, axis=1)
       frontier = offset + chosen
       parent = (chosen // k).astype(jnp.int32)
@@ -318,7 +346,15 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
   parents = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), parents.astype(jnp.int32)], 1)
   depths = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
                             jnp.asarray(spec.pool_depths)[kept]], axis=1)
-  return carry, node_tokens.astype(jnp.int32), parents, depths
+  if key is None:
+    return carry, node_tokens.astype(jnp.int32), parents, depths
+  row = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.take_along_axis(
+      jnp.concatenate(expanded_row, axis=1), kept, axis=1)], axis=1)        # [B, N]
+  rows = jnp.arange(batch)[:, None]
+  draft_logp = jnp.concatenate(expanded_scores, axis=1)[rows, jnp.maximum(row, 0)]
+  candidates = jnp.concatenate(expanded_children, axis=1)[rows, jnp.maximum(row, 0)]
+  candidates = jnp.where(row[..., None] >= 0, candidates, -1).astype(jnp.int32)
+  return carry, node_tokens.astype(jnp.int32), parents, depths, draft_logp, candidates
 
 
 def from_ranked(spec, ranked: jax.Array, root_token: jax.Array) -> jax.Array:

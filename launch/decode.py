@@ -67,6 +67,13 @@ _NUM_DRAFT = flags.DEFINE_string('num_draft', '4', 'speculative, lookup: drafted
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
                                'speculative: stop drafting after a token the draft gives '
                                'less than this probability (0 = always K).')
+_CHAIN_RULE = flags.DEFINE_enum('chain_rule', 'block', ['block', 'token'],
+                                'speculative chains: block verification (Sun et al. 2025) '
+                                'or the token-level rule.')
+_TREE_RULE = flags.DEFINE_enum('tree_rule', 'rrsw', ['rrsw', 'specinfer'],
+                               'draft trees under sampling: children drawn without '
+                               'replacement, recursive rejection sampling without '
+                               'replacement (rrsw), or SpecInfer\'s i.i.d. / top-k children.')
 _TREE = flags.DEFINE_string(
     'tree', '', 'The draft tree: children per depth like 3,2,1 (Medusa/MTP: head d\'s '
     'top-b_d), sparse paths like paths:0;1;0.0, or EAGLE-2 dynamic:TOP_K,DEPTH,BUDGET. '
@@ -125,7 +132,8 @@ def main(argv):
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
         num_draft=generation.draft_length(_NUM_DRAFT.value, 'num_draft'),
-        adaptive_threshold=_ADAPTIVE.value, tree=_TREE.value, typical=_TYPICAL.value,
+        adaptive_threshold=_ADAPTIVE.value, chain_rule=_CHAIN_RULE.value, tree=_TREE.value,
+        typical=_TYPICAL.value, tree_rule=_TREE_RULE.value,
         lookup_max_ngram=_LOOKUP_MAX.value, lookup_min_ngram=_LOOKUP_MIN.value,
         lookup_branches=_LOOKUP_BRANCHES.value,
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),

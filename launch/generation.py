@@ -37,6 +37,7 @@ class DecodeOptions:
   # model's choice (launch/autotune.py), which may be plain decoding
   num_draft: int | str = 4
   adaptive_threshold: float = 0.0  # speculative chains: stop drafting after an unsure token
+  chain_rule: str = 'block'     # speculative chains: 'block' verification or 'token'-level
   # The draft tree, one name for every method that drafts one: children per depth
   # ('3,2,1'; Medusa/MTP: head d's top-b_d), sparse node paths ('paths:0;1;0.0'), or an
   # EAGLE-2 tree ('dynamic:TOP_K,DEPTH,BUDGET'). '' = the method's default: a chain for
@@ -44,6 +45,9 @@ class DecodeOptions:
   # dynamic:4,5,24 for eagle. 'auto' (medusa, mtp): the tree size the cost model picks.
   tree: str = ''
   typical: bool = False         # medusa, mtp: typical acceptance (LOSSY)
+  # trees under sampling (speculative, medusa, mtp, eagle): children drawn without
+  # replacement and verified by 'rrsw', or SpecInfer's i.i.d. / top-k children ('specinfer')
+  tree_rule: str = 'rrsw'
   # lookup (decoding/lookup.py; num_draft is its K): the longest and shortest suffix
   # n-gram matched in the row's own tokens, and how many matches make its tree (1 = chain).
   lookup_max_ngram: int = 3

@@ -45,8 +45,9 @@ def test_greedy_equals_plain_greedy(tree, batch):
 
 
 def test_sampling_is_lossless(monkeypatch):
-  """(With top-k/top-p filters the verifier's point-mass rule is tested in
-  test_speculative.py's dynamic-topk-topp case; EAGLE shares it and draft_scores.)"""
+  """Children drawn without replacement (RRSw, the default under sampling). (With
+  top-k/top-p filters the rule is tested in test_speculative.py's dynamic-rrsw-topk-topp
+  case; EAGLE shares it, grow_dynamic_tree and draft_scores.)"""
   sampling, tree = SamplingConfig(temperature=1.0), trees.DynamicTreeSpec(2, 3, 6)
   rows, steps, prompt = 20_000, 3, [1, 3]
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
@@ -60,9 +61,9 @@ def test_sampling_is_lossless(monkeypatch):
   samples, hist = sample()
   assert hist[0] > 0 and hist[1:].sum() > 0, 'the drafter is neither always right nor wrong'
   assert _g_test(samples, exact) > 1e-3
-  # Power: not renormalising p after a rejected top-k sibling must fail the same test.
+  # Power: not taking the residual after a rejected sibling must fail the same test.
   jax.clear_caches()
-  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
+  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q, log_weight=None: p)
   assert _g_test(sample()[0], exact) < 1e-3
   jax.clear_caches()
 

@@ -72,24 +72,38 @@ def test_sparse_trees_and_greedy_tree_growth():
   assert str(grown) == 'paths:0;1;0.0' and tau == pytest.approx(1 + .5 + .3 + .2)
 
 
-def test_exact_rule_is_lossless_and_typical_acceptance_is_not():
+@pytest.mark.parametrize('tree,sampling,tree_rule', [
+    (trees.TreeSpec((2, 2)), SamplingConfig(temperature=1.0), 'rrsw'),
+    (trees.TreeSpec((2, 2)), SamplingConfig(temperature=1.0), 'specinfer'),
+    (trees.parse('paths:0;2;0.1'), SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), 'rrsw'),
+], ids=['rrsw', 'specinfer', 'rrsw-sparse-topk-topp'])
+def test_exact_rule_is_lossless_and_typical_acceptance_is_not(tree, sampling, tree_rule,
+                                                              monkeypatch):
+  """The exact rules: candidates drawn without replacement from each head (RRSw, the
+  default) and the heads' top-k (SpecInfer's point-mass rule). The sparse tree skips
+  rank 1 at both depths: a drawn candidate outside the tree may still be accepted."""
   rows, steps, prompt = 20_000, 3, [1, 3]
-  sampling = SamplingConfig(temperature=1.0)
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
   heads = _heads(VOCAB6_TARGET[0], 2, seed=7, scale=1.0)
   prompts = [prompt] * rows
 
   def sample(typical):
     out = _medusa(VOCAB6_TARGET, heads, prompts, steps, len(prompt) + steps, seed=3,
-                  tree=trees.TreeSpec((2, 2)), sampling=sampling, typical=typical, eos_ids=())
+                  tree=tree, sampling=sampling, typical=typical, eos_ids=(),
+                  tree_rule=tree_rule)
     return np.asarray(out.tokens[:, len(prompt):]), np.asarray(out.stats['accepted_histogram'])
 
   samples, hist = sample(False)
   assert hist[1:].sum() > 0 and hist[0] > 0
   assert _g_test(samples, exact) > 1e-3
-  samples, hist = sample(True)
-  assert hist[1:].sum() > 0
-  assert _g_test(samples, exact) < 1e-3  # LOSSY, and the test can tell.
+  if tree_rule == 'rrsw' and not sampling.top_k:
+    # Power: not taking the residual after a rejected candidate must fail.
+    from tests.test_speculative import _wrong_rule_fails
+    _wrong_rule_fails(monkeypatch, lambda: sample(False)[0], exact)
+  if tree_rule == 'specinfer':  # Typical acceptance (on the top-k) is LOSSY, and the
+    samples, hist = sample(True)  # test can tell.
+    assert hist[1:].sum() > 0
+    assert _g_test(samples, exact) < 1e-3
 
 
 def test_trained_heads_beat_untrained_heads(trained_tiny, trained_medusa):

@@ -176,7 +176,7 @@ def _wrong_rule_fails(monkeypatch, sample, exact) -> None:
   (for deterministic candidates: not renormalising p without the rejected one) is a
   wrong rule, and `sample()` (-> tokens) under it must fail against `exact`."""
   jax.clear_caches()
-  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q: p)
+  monkeypatch.setattr(verify, 'residual_log_probs', lambda p, q, log_weight=None: p)
   try:
     assert _g_test(sample(), exact) < 1e-3
   finally:
@@ -186,15 +186,25 @@ def _wrong_rule_fails(monkeypatch, sample, exact) -> None:
 
 @pytest.mark.parametrize('sampling,kw', [
     (SamplingConfig(temperature=1.0), dict(num_draft=2)),
+    (SamplingConfig(temperature=1.0), dict(num_draft=2, chain_rule='token')),
+    (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), dict(num_draft=3)),
     (SamplingConfig(temperature=1.3), dict(num_draft=3, adaptive_threshold=0.3)),
     (SamplingConfig(temperature=1.0), dict(tree=TreeSpec((3, 2)))),
+    (SamplingConfig(temperature=1.0), dict(tree=TreeSpec((3, 2)), tree_rule='specinfer')),
     (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9), dict(tree=TreeSpec((2, 2, 1)))),
     (SamplingConfig(temperature=1.0), dict(tree=trees.DynamicTreeSpec(2, 3, 6))),
+    (SamplingConfig(temperature=1.0), dict(tree=trees.DynamicTreeSpec(2, 3, 4))),
+    (SamplingConfig(temperature=1.0),
+     dict(tree=trees.DynamicTreeSpec(2, 3, 6), tree_rule='specinfer')),
     (SamplingConfig(temperature=0.8, top_k=4, top_p=0.9),
      dict(tree=trees.DynamicTreeSpec(3, 2, 5))),
-], ids=['chain', 'adaptive', 'tree', 'tree-topk-topp', 'dynamic',
-        'dynamic-topk-topp'])
+], ids=['chain-block', 'chain-token', 'chain-block-topk-topp', 'adaptive-block', 'tree-rrsw',
+        'tree-specinfer', 'tree-rrsw-topk-topp', 'dynamic-rrsw', 'dynamic-rrsw-pruned',
+        'dynamic-specinfer', 'dynamic-rrsw-topk-topp'])
 def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
+  """Chains: block verification (default) and the token-level rule; trees: children
+  drawn without replacement (RRSw, default) and SpecInfer's rules. A dynamic tree of
+  budget 4 prunes drawn children, which the verifier may still accept as next tokens."""
   rows, steps, prompt = 20_000, 3, [1, 3]
   exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
   config = SpeculativeConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(), **kw)
