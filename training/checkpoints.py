@@ -194,11 +194,17 @@ def with_dtype(restored: RestoredModel, dtype: str) -> RestoredModel:
   model = restored.model.clone(config=dataclasses.replace(config, dtype=dtype,
                                                           param_dtype=dtype))
   import jax.numpy as jnp
-  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, restored.params)
+  from models import quant
+  # Quantized weights keep their scales (float16 GGUF scales are not rounded to bfloat16):
+  # the trunk dequantizes in float32 and casts once (models/quant.py).
+  params = jax.tree.map(lambda x: x if quant.is_quantized(x) else
+                        x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        restored.params, is_leaf=quant.is_quantized)
   return dataclasses.replace(restored, model=model, params=params)
 
 
 def _shapes(tree) -> dict:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{path: shape}; a quantized weight (models/quant.py) counts as its float weight."""
+  from models import quant
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)[0]
+  return {jax.tree_util.keystr(path): quant.logical_shape(leaf) for path, leaf in leaves}
