@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from decoding import registry, trees
+from models import quant
 
 
 
@@ -636,6 +637,7 @@ def run(config, workdir: str) -> list[dict]:
             records.append(_record(
                 name, stats, ar[1], machine, engine='ours', category=category,
                 lossless=lossless, batch_size=batch_size, temperature=temperature,
+                weight_bytes=quant.weight_bytes(model.params),
                 matches_ar=(completions == ar[0]) if greedy_lossless else None,
                 ar_agreement=(ar_agreement(restored.model, restored.params, prompts, ar[0],
                                            completions)
