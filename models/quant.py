@@ -2,10 +2,11 @@
 
 A quantized weight is a plain dict pytree that stands where the float weight stood in
 the parameter tree, so it flows through the layer scan (every field keeps the leading
-'layers' axis and is sliced with it), the checkpoints (orbax saves int8 / int4 arrays)
+'layers' axis and is sliced with it), the checkpoints (orbax saves the int8 arrays)
 and the decoding drivers unchanged:
 
-  {'qvalue': int8 | int4 array, the float weight's shape,
+  {'qvalue': int8 array of the float weight's shape (4-bit formats: values -8 .. 7, held
+             in bytes: see compute_form),
    'scale':  float array of the same rank; each dimension divides the weight's (a
              "tiled" scale as in qwix's QArray: per output channel = size 1 on the
              contracted axes, grouped = weight dim / group size on the grouped axis),
@@ -20,7 +21,7 @@ Formats (FORMATS):
   q8_0  GGUF Q8_0: int8 in blocks of 32 inputs, float16 scale d; w = d q
   q4_0  GGUF Q4_0: 4-bit in blocks of 32, float16 d; w = d (q - 8), q in 0..15
   q4_1  GGUF Q4_1: 4-bit in blocks of 32, float16 d and m; w = d q + m, q in 0..15,
-        kept as qvalue = q - 8 (int4) and min = m + 8 d (exact: both sides round the
+        kept as qvalue = q - 8 (-8 .. 7) and min = m + 8 d (exact: both sides round the
         same real number once in float32)
 
 The quantization itself (absmax calibration, int rounding, tiled scales) is qwix's
@@ -155,7 +156,7 @@ def quantize(weight: jax.Array, name: str, fmt: str, group: int = GGUF_BLOCK,
   qtype = jnp.int8 if fmt == 'int8' else jnp.int4
   qarray = qwix.quantize(jnp.asarray(weight, jnp.float32), qtype, channelwise_axes=channels,
                          tiled_axes=tiled, scale_dtype=scale_dtype)
-  return {'qvalue': qarray.qvalue, 'scale': qarray.scale}
+  return compute_form({'qvalue': qarray.qvalue, 'scale': qarray.scale})
 
 
 def quantize_params(params: dict, fmt: str, group: int = GGUF_BLOCK,
@@ -181,8 +182,8 @@ def quantize_params(params: dict, fmt: str, group: int = GGUF_BLOCK,
 
 
 def compute_form(params: Any) -> Any:
-  """4-bit values (int4 in checkpoints: half a byte on disk) held as int8 in memory, what
-  the trunk decodes from. Two reasons, both measured on this CPU (README "Quantized
+  """4-bit values held as int8 (qwix.quantize returns int4; so may older checkpoints),
+  what the trunk decodes from and checkpoints store. Two reasons, both measured on this CPU (README "Quantized
   weights"): XLA:CPU converts packed int4 to float ~2.2x slower than int8 (a 30-layer
   SmolLM2-shaped matvec stack: 19.4 ms int4 vs 8.8 ms int8 vs 22.4 ms float32), and
   arrays restored as int4 carry a byte-per-element layout that an AOT-compiled program

@@ -349,7 +349,7 @@ def load_params(reader, config, path: str = 'the GGUF file', arch: str = 'llama'
   config.param_dtype tensor by tensor.
 
   keep_quantized: Q8_0 / Q4_0 / Q4_1 matrices become quantized weights (models/quant.py:
-  int8 / int4 values in blocks of 32 with their float16 scales and Q4_1's mins), so the
+  8-bit / 4-bit values (held in int8) in blocks of 32 with their float16 scales and Q4_1's mins), so the
   decoded model is exactly the file's; other types (K-quants, ...) are dequantized as
   without the flag, and so is a weight whose layers mix types (the layer scan stacks
   them); each such case appends a line to `notes`."""
@@ -374,8 +374,7 @@ def load_params(reader, config, path: str = 'the GGUF file', arch: str = 'llama'
       grouped = quant.CONTRACTED[param_path[-1]][1]
       blocks = quantized_blocks(t.data, kind, shape)
       value = _convert_quantized(blocks, convert, grouped, rows)
-      value = {k: jnp.asarray(v, jnp.int4 if k == 'qvalue' and KEPT_TYPES[kind][1] else None)
-               for k, v in value.items()}
+      value = {k: jnp.asarray(v) for k, v in value.items()}   # 4-bit: int8 (quant.compute_form)
     else:
       if keep_quantized and len(shape) == 2 and kind not in ('F32', 'F16', 'BF16'):
         notes.append(f'{t.name}: {kind} has no quantized form here (Q8_0, Q4_0, Q4_1 do); '
