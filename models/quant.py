@@ -182,13 +182,13 @@ def quantize_params(params: dict, fmt: str, group: int = GGUF_BLOCK,
 
 
 def compute_form(params: Any) -> Any:
-  """4-bit values held as int8 (qwix.quantize returns int4; so may older checkpoints),
-  what the trunk decodes from and checkpoints store. Two reasons, both measured on this CPU (README "Quantized
-  weights"): XLA:CPU converts packed int4 to float ~2.2x slower than int8 (a 30-layer
-  SmolLM2-shaped matvec stack: 19.4 ms int4 vs 8.8 ms int8 vs 22.4 ms float32), and
-  arrays restored as int4 carry a byte-per-element layout that an AOT-compiled program
-  (launch.generation) refuses ("Passed layout ... sub_byte_element_size_in_bits=0").
-  The values (-8 .. 7) are unchanged."""
+  """4-bit values held as int8 (qwix.quantize returns int4; so may older checkpoints):
+  what the trunk decodes from and checkpoints store. Two reasons, both measured on this
+  CPU (README "Quantized weights"): XLA:CPU converts packed int4 to float ~2.2x slower
+  than int8 (a 30-layer SmolLM2-shaped matvec stack: 19.4 ms int4 vs 8.8 ms int8 vs
+  22.4 ms float32), and arrays restored as int4 carry a byte-per-element layout that an
+  AOT-compiled program (launch.generation) refuses ("Passed layout ...
+  sub_byte_element_size_in_bits=0"). The values (-8 .. 7) are unchanged."""
   int4 = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
   return jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(np.int8))
                       if jnp.dtype(x.dtype) in int4 else x, params)

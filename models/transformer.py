@@ -263,10 +263,11 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
-    gate = _param(self, 'gate', _init(c.d_model ** -0.5, ('embed', 'mlp')), (c.d_model, c.mlp_dim), pdtype)
-    up = _param(self, 'up', _init(c.d_model ** -0.5, ('embed', 'mlp')), (c.d_model, c.mlp_dim), pdtype)
-    down = _param(self, 'down', _init(c.mlp_dim ** -0.5 / (2 * c.num_layers) ** 0.5, ('mlp', 'embed')),
-                      (c.mlp_dim, c.d_model), pdtype)
+    in_init = _init(c.d_model ** -0.5, ('embed', 'mlp'))
+    gate = _param(self, 'gate', in_init, (c.d_model, c.mlp_dim), pdtype)
+    up = _param(self, 'up', in_init, (c.d_model, c.mlp_dim), pdtype)
+    down = _param(self, 'down', _init(c.mlp_dim ** -0.5 / (2 * c.num_layers) ** 0.5,
+                                      ('mlp', 'embed')), (c.mlp_dim, c.d_model), pdtype)
     h = nn.silu(jnp.einsum('BTD,DF->BTF', x, quant.as_float(gate, dtype)))
     h = h * jnp.einsum('BTD,DF->BTF', x, quant.as_float(up, dtype))
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))

@@ -224,4 +224,5 @@ def test_bad_quantization_input_is_one_line(tmp_path):
                                      capture_output=True, text=True, cwd=REPO)
   result = run('--quantize=int3', '--from_workdir=/nonexistent', f'--workdir={tmp_path}/o')
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1].endswith("--quantize='int3'; expected int8 or int4.")
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.endswith("--quantize='int3'; expected int8 or int4.")

@@ -349,8 +349,8 @@ def load_params(reader, config, path: str = 'the GGUF file', arch: str = 'llama'
   config.param_dtype tensor by tensor.
 
   keep_quantized: Q8_0 / Q4_0 / Q4_1 matrices become quantized weights (models/quant.py:
-  8-bit / 4-bit values (held in int8) in blocks of 32 with their float16 scales and Q4_1's mins), so the
-  decoded model is exactly the file's; other types (K-quants, ...) are dequantized as
+  8-bit / 4-bit values (held in int8) in blocks of 32 with their float16 scales and
+  Q4_1's mins), so the decoded model is exactly the file's; other types (K-quants, ...) are dequantized as
   without the flag, and so is a weight whose layers mix types (the layer scan stacks
   them); each such case appends a line to `notes`."""
   import jax.numpy as jnp
