@@ -488,7 +488,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
               'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto'):
     if key in stats:
       record[key] = stats[key]
-  if 'decode_tokens_per_s' in stats and 'decode_tokens_per_s' in ar:
+  if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once
     record['decode_speedup_vs_ar'] = stats['decode_tokens_per_s'] / ar['decode_tokens_per_s']
   record.update(machine)
   return record
