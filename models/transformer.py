@@ -379,11 +379,9 @@ class Transformer(nn.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, T, D] final hidden -> [B, T, V] float32 logits (padded ids included)."""
     c = self.config
-    if c.tie_embeddings:
-      out = jnp.einsum('BTD,VD->BTV', hidden, quant.as_float(self.embedding, c.activation_dtype))
-    else:
-      out = jnp.einsum('BTD,DV->BTV', hidden, quant.as_float(self.lm_head, c.activation_dtype))
-    return out.astype(jnp.float32)
+    weight = self.embedding if c.tie_embeddings else self.lm_head
+    return quant.head_logits(hidden, weight, c.tie_embeddings, c.activation_dtype).astype(
+        jnp.float32)
 
   def head(self, x: jax.Array) -> jax.Array:
     """[B, T, D] the last block's output -> [B, T, V] float32 logits (final norm + LM head)."""

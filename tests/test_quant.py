@@ -226,3 +226,17 @@ def test_bad_quantization_input_is_one_line(tmp_path):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.endswith("--quantize='int3'; expected int8 or int4.")
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_the_chunked_quantized_lm_head_equals_the_reference(tied):
+  """The LM head dequantized chunk by chunk (quant.HEAD_CHUNK vocabulary rows per step)
+  gives the logits of the whole dequantized matrix."""
+  shape = (2 * quant.HEAD_CHUNK, 64) if tied else (64, 2 * quant.HEAD_CHUNK)
+  w = jax.random.normal(jax.random.PRNGKey(0), shape)
+  h = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 64))
+  for fmt in ('int8', 'int4'):
+    qw = quant.quantize(w, 'embedding' if tied else 'lm_head', fmt)
+    want = jnp.einsum('BTD,VD->BTV' if tied else 'BTD,DV->BTV', h, _reference_dequantize(qw))
+    np.testing.assert_allclose(quant.head_logits(h, qw, tied, jnp.float32), want,
+                               rtol=1e-5, atol=1e-5)
