@@ -34,6 +34,7 @@ setup(
         'tokenizers>=0.19',             # tokenizer.json of imported checkpoints
         'jinja2>=3.1.6',                # chat templates (training/chat.py), sandboxed
         'gguf>=0.10',                   # GGUF import/export (launch.convert --from_gguf/--to_gguf)
+        'qwix>=0.1.8',                  # weight quantization (models/quant.py, --quantize)
     ],
     extras_require={
         'test': ['pytest>=7', 'chex>=0.1.87', 'scipy'],

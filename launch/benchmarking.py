@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from decoding import registry, trees
+from models import quant
 
 
 
@@ -487,7 +488,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
               'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto'):
     if key in stats:
       record[key] = stats[key]
-  if 'decode_tokens_per_s' in stats and 'decode_tokens_per_s' in ar:
+  if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once
     record['decode_speedup_vs_ar'] = stats['decode_tokens_per_s'] / ar['decode_tokens_per_s']
   record.update(machine)
   return record
@@ -637,6 +638,7 @@ def run(config, workdir: str) -> list[dict]:
             records.append(_record(
                 name, stats, ar[1], machine, engine='ours', category=category,
                 lossless=lossless, batch_size=batch_size, temperature=temperature,
+                weight_bytes=quant.weight_bytes(model.params),
                 matches_ar=(completions == ar[0]) if greedy_lossless else None,
                 ar_agreement=(ar_agreement(restored.model, restored.params, prompts, ar[0],
                                            completions)

@@ -5,8 +5,10 @@ import os
 import shutil
 
 
-def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32'):
-  """HF directory -> workdir (config.json, tokenizer, parameters-only checkpoint)."""
+def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32', quantize: str | None = None,
+              group_size: int = 32):
+  """HF directory -> workdir (config.json, tokenizer, parameters-only checkpoint);
+  quantize: int8 | int4 post-training quantization (quantize_params)."""
   import ml_collections
   from configs import ar_lm
   from models import families
@@ -22,6 +24,9 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32'):
   config.tokenizer.vocab_size = tokenizer.vocab_size
   config.imported_from = os.path.abspath(hf_dir)
   params = hf.load_params(hf_dir, families.transformer_config(config, tokenizer.vocab_size))
+  if quantize:
+    params = quantize_params(params, quantize, group_size)
+    config.quantization = quantize
   checkpoints.check_and_save_config(workdir, config)
   tokenizer.save(workdir)
   checkpoints.save_params(workdir, params)
@@ -45,7 +50,8 @@ def export_hf(workdir: str, hf_dir: str) -> None:
           'multi-token prediction model; the export is its next-token model (head 1), '
           'which generates exactly what the MTP model generates.')
   os.makedirs(hf_dir, exist_ok=True)
-  tensors = hf.export_tensors(restored.params, config)
+  from models import quant
+  tensors = hf.export_tensors(quant.dequantize_params(restored.params), config)
   save_file({name: jnp.asarray(value) for name, value in tensors.items()},
             os.path.join(hf_dir, hf.SINGLE_FILE), metadata={'format': 'pt'})
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
@@ -77,12 +83,22 @@ def _prepare_workdir(workdir: str, overwrite: bool) -> None:
 
 
 def import_gguf(path_or_name: str, workdir: str, dtype: str = 'float32',
-                overwrite: bool = False):
+                overwrite: bool = False, keep_quantized: bool = False,
+                quantize: str | None = None, group_size: int = 32):
   """GGUF file (or a named model: smollm2-135m) -> workdir (config.json, tokenizer,
-  parameters-only checkpoint). Every check runs before the workdir is touched."""
+  parameters-only checkpoint). Every check runs before the workdir is touched.
+  keep_quantized: Q8_0 / Q4_0 / Q4_1 tensors stay quantized (training/gguf_io.py; a
+  note is printed for each tensor dequantized instead); quantize: post-training
+  quantization of the imported model (quantize_params)."""
   from training import checkpoints, gguf_io
   _prepare_workdir(workdir, overwrite)
-  _, config, tokenizer, params = gguf_io.read(path_or_name, dtype)
+  notes = []
+  _, config, tokenizer, params = gguf_io.read(path_or_name, dtype, keep_quantized, notes)
+  for note in notes:
+    print(f'Note: {note}')
+  if quantize:
+    params = quantize_params(params, quantize, group_size)
+    config.quantization = quantize
   if os.path.isdir(workdir) and os.listdir(workdir):
     shutil.rmtree(workdir)   # --overwrite, checked above
   checkpoints.check_and_save_config(workdir, config)
@@ -95,3 +111,37 @@ def export_gguf(workdir: str, path: str, outtype: str = 'f32') -> None:
   """Workdir -> GGUF file (llama architecture, tokenizer metadata); see training/gguf_io.py."""
   from training import gguf_io
   gguf_io.export(workdir, path, outtype)
+
+
+def quantize_params(params, fmt: str, group_size: int = 32):
+  """Post-training weight-only quantization (models/quant.py: int8 per channel, int4 in
+  groups of group_size) of an autoregressive LM's parameters, checked before anything
+  is written: ValueError for an unknown format or a group size that does not divide a
+  weight's input dimension."""
+  from models import quant
+  return quant.quantize_params(params, fmt, group_size)
+
+
+def quantize_workdir(source: str, workdir: str, fmt: str, group_size: int = 32,
+                     overwrite: bool = False):
+  """A workdir's autoregressive LM -> a new workdir holding it quantized (same config and
+  tokenizer; launch.convert --quantize)."""
+  from models import Transformer
+  from training import checkpoints
+  restored = checkpoints.restore_model(source)
+  if type(restored.model) is not Transformer:
+    raise ValueError(f'{source} holds a {restored.config.family!r} model; only autoregressive '
+                     'LMs are quantized.')
+  if os.path.abspath(source) == os.path.abspath(workdir):
+    raise ValueError('--quantize writes a new workdir; give --from_workdir=SOURCE and another '
+                     '--workdir.')
+  params = quantize_params(restored.params, fmt, group_size)
+  _prepare_workdir(workdir, overwrite)
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    shutil.rmtree(workdir)   # --overwrite, checked above
+  config = restored.config
+  config.quantization = fmt
+  checkpoints.check_and_save_config(workdir, config)
+  restored.tokenizer.save(workdir)
+  checkpoints.save_params(workdir, params)
+  return checkpoints.restore_model(workdir)

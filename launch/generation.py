@@ -333,11 +333,11 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   data_size = mesh.shape['data']
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  params = jax.device_put(params, sharding.param_shardings(model, mesh))
+  params = jax.device_put(params, sharding.param_shardings(model, mesh, params=params))
   drafter_params = drafter.params
   if drafter_params is not None:
-    drafter_params = jax.device_put(drafter_params,
-                                    sharding.param_shardings(drafter.module, mesh))
+    drafter_params = jax.device_put(drafter_params, sharding.param_shardings(
+        drafter.module, mesh, params=drafter_params))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
   first_token = dataclasses.replace(config, max_new_tokens=1) if time_prefill else None

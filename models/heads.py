@@ -59,9 +59,10 @@ class MedusaHeads(nn.Module):
 
 def lm_head_matrix(target_params, config: TransformerConfig) -> jax.Array:
   """The target's LM head as [D, V] (the embedding transposed when tied)."""
+  from models import quant
   if config.tie_embeddings:
-    return target_params['embedding'].T
-  return target_params['lm_head']
+    return quant.as_float(target_params['embedding'], config.param_dtype).T
+  return quant.as_float(target_params['lm_head'], config.param_dtype)
 
 
 class EagleDrafter(nn.Module):

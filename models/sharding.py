@@ -71,9 +71,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def param_shardings(model: nn.Module, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for `model`'s parameters (the unboxed 'params' tree)."""
+def param_shardings(model: nn.Module, mesh: Mesh, rules=DEFAULT_RULES, params=None):
+  """NamedShardings for `model`'s parameters (the unboxed 'params' tree).
+
+  params: the parameters to place, needed when they hold quantized weights
+  (models/quant.py): each of a weight's int values, scales and mins then gets the float
+  weight's layout, a dimension the mesh axis does not divide (a scale's size-1 or
+  grouped axes) replicated."""
   tokens = jax.ShapeDtypeStruct((1, 1), np.int32)
   inputs = model.example_inputs() if hasattr(model, 'example_inputs') else (tokens, tokens)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)['params']
-  return logical_to_shardings(boxed, mesh, rules)
+  shardings = logical_to_shardings(boxed, mesh, rules)
+  if params is None:
+    return shardings
+  from models import quant
+
+  def follow(sharded, value):
+    if quant.is_quantized(value):
+      return {key: NamedSharding(mesh, _divisible(sharded.spec, part.shape, mesh))
+              for key, part in value.items()}
+    if isinstance(value, dict):
+      return {key: follow(sharded[key], part) for key, part in value.items()}
+    return sharded
+  return follow(shardings, params)
+
+
+def _divisible(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+  """`spec` with the mesh axes of dimensions they do not divide replaced by None."""
+  out = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    out.append(axis if axes and dim % size == 0 else None)
+  return PartitionSpec(*out)

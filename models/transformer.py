@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import masks, rope
+from models import masks, quant, rope
 from models.kv_cache import KVCache
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -119,6 +119,17 @@ def _init(stddev: float, axes: tuple):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
 
+def _param(module: nn.Module, name: str, init, *args):
+  """module.param(name, init, *args), or the stored tree as it is when it holds quantized
+  weights (models/quant.py): their int values and scales have other shapes than the float
+  initializer's, which flax's shape check would refuse."""
+  if module.has_variable('params', name):
+    value = module.get_variable('params', name)
+    if quant.contains_quantized(value):
+      return value
+  return module.param(name, init, *args)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: jnp.dtype
@@ -207,18 +218,18 @@ class Attention(nn.Module):
     c = self.config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
     d_std = c.d_model ** -0.5
-    wq = self.param('q', _init(d_std, ('embed', 'heads', 'head_dim')),
+    wq = _param(self, 'q', _init(d_std, ('embed', 'heads', 'head_dim')),
                     (c.d_model, c.num_heads, c.head_dim), pdtype)
-    wk = self.param('k', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
+    wk = _param(self, 'k', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
                     (c.d_model, c.num_kv_heads, c.head_dim), pdtype)
-    wv = self.param('v', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
+    wv = _param(self, 'v', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
                     (c.d_model, c.num_kv_heads, c.head_dim), pdtype)
-    wo = self.param('o', _init((c.num_heads * c.head_dim) ** -0.5 / (2 * c.num_layers) ** 0.5,
+    wo = _param(self, 'o', _init((c.num_heads * c.head_dim) ** -0.5 / (2 * c.num_layers) ** 0.5,
                                ('heads', 'head_dim', 'embed')),
                     (c.num_heads, c.head_dim, c.d_model), pdtype)
-    q = jnp.einsum('BTD,DNH->BTNH', x, wq.astype(dtype))
-    k = jnp.einsum('BTD,DKH->BTKH', x, wk.astype(dtype))
-    v = jnp.einsum('BTD,DKH->BTKH', x, wv.astype(dtype))
+    q = jnp.einsum('BTD,DNH->BTNH', x, quant.as_float(wq, dtype))
+    k = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wk, dtype))
+    v = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wv, dtype))
     if c.qkv_bias:
       zeros = nn.initializers.zeros
       q += self.param('q_bias', nn.with_logical_partitioning(zeros, ('heads', 'head_dim')),
@@ -242,7 +253,7 @@ class Attention(nn.Module):
       cache_v = cache_v.at[layer, rows, write_slots].set(v.astype(cache_v.dtype), mode='drop')
       new_kv = (cache_k, cache_v)                                            # [L, B, S, K, H]
       out = _cached_attend(q, cache_k, cache_v, layer, mask, c)
-    return jnp.einsum('BTNH,NHD->BTD', out, wo.astype(dtype)), new_kv
+    return jnp.einsum('BTNH,NHD->BTD', out, quant.as_float(wo, dtype)), new_kv
 
 
 class MLP(nn.Module):
@@ -252,14 +263,15 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
-    gate = self.param('gate', _init(c.d_model ** -0.5, ('embed', 'mlp')), (c.d_model, c.mlp_dim), pdtype)
-    up = self.param('up', _init(c.d_model ** -0.5, ('embed', 'mlp')), (c.d_model, c.mlp_dim), pdtype)
-    down = self.param('down', _init(c.mlp_dim ** -0.5 / (2 * c.num_layers) ** 0.5, ('mlp', 'embed')),
-                      (c.mlp_dim, c.d_model), pdtype)
-    h = nn.silu(jnp.einsum('BTD,DF->BTF', x, gate.astype(dtype)))
-    h = h * jnp.einsum('BTD,DF->BTF', x, up.astype(dtype))
+    in_init = _init(c.d_model ** -0.5, ('embed', 'mlp'))
+    gate = _param(self, 'gate', in_init, (c.d_model, c.mlp_dim), pdtype)
+    up = _param(self, 'up', in_init, (c.d_model, c.mlp_dim), pdtype)
+    down = _param(self, 'down', _init(c.mlp_dim ** -0.5 / (2 * c.num_layers) ** 0.5,
+                                      ('mlp', 'embed')), (c.mlp_dim, c.d_model), pdtype)
+    h = nn.silu(jnp.einsum('BTD,DF->BTF', x, quant.as_float(gate, dtype)))
+    h = h * jnp.einsum('BTD,DF->BTF', x, quant.as_float(up, dtype))
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    return jnp.einsum('BTF,FD->BTD', h, down.astype(dtype))
+    return jnp.einsum('BTF,FD->BTD', h, quant.as_float(down, dtype))
 
 
 class Block(nn.Module):
@@ -350,28 +362,26 @@ class Transformer(nn.Module):
   def setup(self):
     c = self.config
     pdtype = _DTYPES[c.param_dtype]
-    self.embedding = self.param('embedding', _init(1.0, ('vocab', 'embed')),
+    self.embedding = _param(self, 'embedding', _init(1.0, ('vocab', 'embed')),
                                 (c.padded_vocab_size, c.d_model), pdtype)
-    self.layer_params = self.param('layers', _stacked_block_init(c, c.num_layers))
+    self.layer_params = _param(self, 'layers', _stacked_block_init(c, c.num_layers))
     if c.mtp_heads > 1:
-      self.future_params = self.param('future', _stacked_block_init(c, c.mtp_heads - 1))
+      self.future_params = _param(self, 'future', _stacked_block_init(c, c.mtp_heads - 1))
     self.final_norm = RMSNorm(c.norm_eps, c.activation_dtype, pdtype, name='final_norm')
     if not c.tie_embeddings:
-      self.lm_head = self.param('lm_head', _init(c.d_model ** -0.5, ('embed', 'vocab')),
+      self.lm_head = _param(self, 'lm_head', _init(c.d_model ** -0.5, ('embed', 'vocab')),
                                 (c.d_model, c.padded_vocab_size), pdtype)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """[B, T] int -> [B, T, D]."""
-    return jnp.take(self.embedding, tokens, axis=0).astype(self.config.activation_dtype)
+    return quant.take_rows(self.embedding, tokens, self.config.activation_dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[B, T, D] final hidden -> [B, T, V] float32 logits (padded ids included)."""
     c = self.config
-    if c.tie_embeddings:
-      out = jnp.einsum('BTD,VD->BTV', hidden, self.embedding.astype(c.activation_dtype))
-    else:
-      out = jnp.einsum('BTD,DV->BTV', hidden, self.lm_head.astype(c.activation_dtype))
-    return out.astype(jnp.float32)
+    weight = self.embedding if c.tie_embeddings else self.lm_head
+    return quant.head_logits(hidden, weight, c.tie_embeddings, c.activation_dtype).astype(
+        jnp.float32)
 
   def head(self, x: jax.Array) -> jax.Array:
     """[B, T, D] the last block's output -> [B, T, V] float32 logits (final norm + LM head)."""

