@@ -115,10 +115,14 @@ class LlamaCpp:
   """llama.cpp through llama-cpp-python on an f32 GGUF export of a workdir (the same
   weights as ours), one sequence at a time (its high-level API decodes one row)."""
 
+  # Context slots beyond prompt + new tokens: llama-cpp-python writes a round's drafted
+  # tokens past the last committed one and fails when they do not fit.
+  DRAFT_ROOM = 64
+
   def __init__(self, restored, path: str, context: int):
     from launch import conversion
     conversion.export_gguf(restored.workdir, path, 'f32')
-    self.path, self.context = path, context
+    self.path, self.context = path, context + self.DRAFT_ROOM
     self.llm = self._load(logits_all=False)
     self.lookup_llm = None   # loaded on first use: prompt lookup needs every position's logits
 

@@ -512,13 +512,18 @@ def _baseline_rows(config, restored, engines, category, prompts, batch_size, ar,
                          f'{engine} drafts / decodes one row at a time here (batch 1 only)')
       continue
     reset_peak_memory()
-    if engine == 'transformers':
-      completions, stats = baselines.hf_generate(
-          engines[engine], prompts, batch_size, config.max_new_tokens, tok.eos_ids, tok.pad_id,
-          config.repeats, prompt_lookup=k, time_prefill=True)
-    else:
-      completions, stats = engines[engine].generate(prompts, config.max_new_tokens, tok.eos_ids,
-                                                    prompt_lookup=k, repeats=config.repeats)
+    try:
+      if engine == 'transformers':
+        completions, stats = baselines.hf_generate(
+            engines[engine], prompts, batch_size, config.max_new_tokens, tok.eos_ids,
+            tok.pad_id, config.repeats, prompt_lookup=k, time_prefill=True)
+      else:
+        completions, stats = engines[engine].generate(
+            prompts, config.max_new_tokens, tok.eos_ids, prompt_lookup=k,
+            repeats=config.repeats)
+    except Exception as e:  # Another engine's failure is a skipped row, not a lost bench.
+      skipped[f'{name} {category} batch {batch_size}'] = f'{type(e).__name__}: {e}'
+      continue
     stats.update(peak_memory())
     rows.append(_record(name, stats, ar[1], machine, engine=engine, category=category,
                         lossless=True, batch_size=batch_size, temperature=0.0,
