@@ -311,7 +311,10 @@ def speculative_round(model, params: Params, proposer: Proposer, config: DecodeC
   rows, root = jnp.arange(state.tokens.shape[0]), state.lengths - 1
   tree = proposal.ancestors is not None
   mask = masks.tree_mask(proposal.ancestors, root, cache_size) if tree else None
-  out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
+  out = proposer.score(model, params, proposal, root[:, None] + proposal.depths,
+                       state.target_cache, proposer_state)
+  if out is None:
+    out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
   target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
   path, num_accepted, next_token = verify.accept(
       keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance)
