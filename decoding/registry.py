@@ -10,14 +10,15 @@ sampling settings (`options.sampling()`), max_new_tokens, num_draft,
 adaptive_threshold, tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default),
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
-jacobi_window, and lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G).
+jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
+skip_layers / exit_layer (self_speculative).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
 from decoding import (autoregressive, driver, eagle, jacobi, lookahead, lookup, medusa,
-                      speculative, trees)
+                      self_speculative, speculative, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class Method:
   # The option holding the method's chain draft length (num_draft, jacobi_window), which
   # may be 'auto' (launch/autotune.py: the cost model's choice); None = no such option.
   draft_length: Optional[str] = None
+  # (options, the target's workdir) -> options: settings the method reads from files in
+  # the model's workdir when the options leave them unset (self_speculative's skip set).
+  workdir_options: Optional[Callable[[Any, str], Any]] = None
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
@@ -161,6 +165,37 @@ def _lookahead(options, capacity, eos_ids, model, drafter):
       ngram=options.lookahead_ngram, candidates=options.lookahead_candidates)
 
 
+def _self_speculative(options, capacity, eos_ids, model, drafter):
+  del drafter
+  num_layers = model.config.num_layers
+  if options.skip_layers and options.exit_layer:
+    raise ValueError('Give --skip_layers or --exit_layer, not both.')
+  if not isinstance(options.num_draft, int):
+    raise ValueError(f'--num_draft={options.num_draft} for self_speculative must be a '
+                     'positive integer.')
+  if options.skip_layers:
+    skip = self_speculative.parse_skip(options.skip_layers)
+  else:  # No skip set anywhere: LayerSkip's exit at half depth.
+    skip = self_speculative.exit_skip(options.exit_layer or max(num_layers // 2, 1),
+                                      num_layers)
+  self_speculative.check_skip(skip, num_layers)
+  return self_speculative.SelfSpeculativeConfig(
+      **base_settings(options, capacity, eos_ids), skip_layers=tuple(sorted(skip)),
+      num_draft=options.num_draft)
+
+
+def _searched_skip(options, workdir):
+  """The skip set (and its draft length, unless given) launch.skip_search chose for
+  this model, when the options name none."""
+  found = self_speculative.load_skip_layers(workdir)
+  if options.skip_layers or options.exit_layer or found is None:
+    return options
+  changes = dict(skip_layers=','.join(map(str, found['skip_layers'])))
+  if options.num_draft == type(options)().num_draft and 'num_draft' in found:
+    changes['num_draft'] = int(found['num_draft'])
+  return dataclasses.replace(options, **changes)
+
+
 def _draft_model(second) -> Drafter:
   if second is None:
     raise ValueError('The speculative method needs a draft model (--draft_workdir).')
@@ -207,3 +242,6 @@ register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',),
                 draft_length='jacobi_window'))
 register(Method('lookahead', 'lookahead', _lookahead,
                 options=('lookahead_window', 'lookahead_ngram', 'lookahead_candidates')))
+register(Method('self_speculative', 'self-speculative', _self_speculative,
+                options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
+                workdir_options=_searched_skip))

@@ -90,6 +90,11 @@ _LOOKAHEAD = {
         'lookahead_ngram', None, 'lookahead: N, the n-gram size (N - 1 window levels).'),
     'lookahead_candidates': flags.DEFINE_integer(
         'lookahead_candidates', None, 'lookahead: G, pool n-grams verified per round.')}
+_SKIP = flags.DEFINE_string('skip_layers', '', 'self_speculative: the blocks the draft '
+                            'skips ("3,5,9-11"); default: the workdir\'s skip set '
+                            '(launch.skip_search), else exit at half depth.')
+_EXIT = flags.DEFINE_integer('exit_layer', 0, 'self_speculative: draft with the first E '
+                             'blocks (early exit), 1 <= E < layers.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -120,7 +125,7 @@ def main(argv):
         lookup_max_ngram=_LOOKUP_MAX.value, lookup_min_ngram=_LOOKUP_MIN.value,
         lookup_branches=_LOOKUP_BRANCHES.value,
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
-        plugins=tuple(_PLUGINS.value),
+        skip_layers=_SKIP.value, exit_layer=_EXIT.value, plugins=tuple(_PLUGINS.value),
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)

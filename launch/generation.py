@@ -54,6 +54,11 @@ class DecodeOptions:
   lookahead_window: int = lookahead.DEFAULT_WINDOW
   lookahead_ngram: int = lookahead.DEFAULT_NGRAM
   lookahead_candidates: int = lookahead.DEFAULT_CANDIDATES
+  # self_speculative (decoding/self_speculative.py): the blocks the draft skips ('3,5,9-11'),
+  # or exit_layer E: draft with the first E blocks. Neither = the workdir's skip set
+  # (launch.skip_search), else exit at half depth.
+  skip_layers: str = ''
+  exit_layer: int = 0
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:
@@ -260,6 +265,8 @@ def _build(restored, method: registry.Method, options: DecodeOptions, capacity: 
     # The tree tuned on validation data for these heads (launch.tune_tree), if any.
     tuned = tree_tuning.load_tuned_tree((draft or restored).workdir)
     options = dataclasses.replace(options, tree=tuned or '')
+  if method.workdir_options is not None:
+    options = method.workdir_options(options, restored.workdir)
   config = method.make_config(options, capacity, restored.tokenizer.eos_ids, restored.model,
                               drafter.module)
   params = restored.params if drafter.target_params is None else drafter.target_params
