@@ -304,7 +304,9 @@ def _verify_call(model, params, proposal, root, mask, cache):
 def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
                       cache_size: int, state: State) -> State:
   """propose -> one target call under the proposal's mask -> processed log-probs ->
-  accept -> move the accepted path's cache slots into sequence order -> commit."""
+  accept -> move the accepted path's cache slots into sequence order -> commit. The
+  target call is the proposer's own when `proposer.score` makes it (a self-drafting
+  proposer that already ran the target's first blocks on the nodes), else the driver's."""
   keys = jax.random.split(state.rng, 3 if proposer.needs_key else 2)
   proposal, proposer_state, calls = proposer.propose(
       params, state.proposer, state, keys[1] if proposer.needs_key else None)
