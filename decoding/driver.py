@@ -309,14 +309,19 @@ def _verify_call(model, params, proposal, root, mask, cache):
 def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
                       cache_size: int, state: State) -> State:
   """propose -> one target call under the proposal's mask -> processed log-probs ->
-  accept -> move the accepted path's cache slots into sequence order -> commit."""
+  accept -> move the accepted path's cache slots into sequence order -> commit. The
+  target call is the proposer's own when `proposer.score` makes it (a self-drafting
+  proposer that already ran the target's first blocks on the nodes), else the driver's."""
   keys = jax.random.split(state.rng, 3 if proposer.needs_key else 2)
   proposal, proposer_state, calls = proposer.propose(
       params, state.proposer, state, keys[1] if proposer.needs_key else None)
   rows, root = jnp.arange(state.tokens.shape[0]), state.lengths - 1
   tree = proposal.ancestors is not None
   mask = masks.tree_mask(proposal.ancestors, root, cache_size) if tree else None
-  out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
+  out = proposer.score(model, params, proposal, root[:, None] + proposal.depths,
+                       state.target_cache, proposer_state)
+  if out is None:
+    out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
   target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
   path, num_accepted, next_token = verify.accept(
       keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance,

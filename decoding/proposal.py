@@ -125,6 +125,21 @@ class Proposer:
     loop_state: driver.State (tokens, lengths: the root is tokens[b, lengths[b] - 1])."""
     raise NotImplementedError
 
+  def score(self, model, params, proposal: Proposal, positions: jax.Array, cache,
+            state) -> Optional[Any]:
+    """The round's one target call, when the proposer makes it itself; None (the
+    default) = the driver's call: the whole target on the proposal's nodes.
+
+    A self-drafting proposer (decoding/self_speculative.py) drafts into the target's own
+    cache and has already run the target's first layers on the nodes; it returns the
+    target's ForwardOutput on the nodes (logits [B, N, V], the cache with this call's
+    tokens appended, as the driver's call would return them). model, params: the
+    target and driver.Params; positions: [B, N] the nodes' positions; cache: the loop's
+    target cache; state: what `propose` returned this round.
+    """
+    del model, params, proposal, positions, cache, state
+    return None
+
   def observe(self, params, state, loop_state, verified, path: jax.Array,
               num_accepted: jax.Array) -> Any:
     """After verification: the target's ForwardOutput on the proposal (`verified`:

@@ -12,14 +12,15 @@ tree (one spec string for every method that drafts a tree:
 "3,2,1", "paths:0;1;0.0", "dynamic:TOP_K,DEPTH,BUDGET"; '' = the method's default),
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
 jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
-diffusion_steps / diffusion_sampler (block_diffusion).
+diffusion_steps / diffusion_sampler (block_diffusion), skip_layers / exit_layer
+(self_speculative).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
 from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup,
-                      medusa, speculative, trees)
+                      medusa, self_speculative, speculative, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class Method:
   # The method samples a model family of its own (block diffusion): it reproduces no
   # autoregressive decoding, so it is never called lossless.
   own_family: bool = False
+  # (options, the target's workdir) -> options: settings the method reads from files in
+  # the model's workdir when the options leave them unset (self_speculative's skip set).
+  workdir_options: Optional[Callable[[Any, str], Any]] = None
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
@@ -175,6 +179,37 @@ def _block_diffusion(options, capacity, eos_ids, model, drafter):
       sampler=options.diffusion_sampler, schedule=block_diffusion.NoiseSchedule())
 
 
+def _self_speculative(options, capacity, eos_ids, model, drafter):
+  del drafter
+  num_layers = model.config.num_layers
+  if options.skip_layers and options.exit_layer:
+    raise ValueError('Give --skip_layers or --exit_layer, not both.')
+  if not isinstance(options.num_draft, int):
+    raise ValueError(f'--num_draft={options.num_draft} for self_speculative must be a '
+                     'positive integer.')
+  if options.skip_layers:
+    skip = self_speculative.parse_skip(options.skip_layers)
+  else:  # No skip set anywhere: LayerSkip's exit at half depth.
+    skip = self_speculative.exit_skip(options.exit_layer or max(num_layers // 2, 1),
+                                      num_layers)
+  self_speculative.check_skip(skip, num_layers)
+  return self_speculative.SelfSpeculativeConfig(
+      **base_settings(options, capacity, eos_ids), skip_layers=tuple(sorted(skip)),
+      num_draft=options.num_draft)
+
+
+def _searched_skip(options, workdir):
+  """The skip set (and its draft length, unless given) launch.skip_search chose for
+  this model, when the options name none."""
+  found = self_speculative.load_skip_layers(workdir)
+  if options.skip_layers or options.exit_layer or found is None:
+    return options
+  changes = dict(skip_layers=','.join(map(str, found['skip_layers'])))
+  if options.num_draft == type(options)().num_draft and 'num_draft' in found:
+    changes['num_draft'] = int(found['num_draft'])
+  return dataclasses.replace(options, **changes)
+
+
 def _draft_model(second) -> Drafter:
   if second is None:
     raise ValueError('The speculative method needs a draft model (--draft_workdir).')
@@ -225,3 +260,6 @@ register(Method('lookahead', 'lookahead', _lookahead,
 register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
                 check_model=block_diffusion.check_model, own_model=True, own_family=True,
                 options=('diffusion_steps', 'diffusion_sampler')))
+register(Method('self_speculative', 'self-speculative', _self_speculative,
+                options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
+                workdir_options=_searched_skip))

@@ -106,6 +106,11 @@ _DIFFUSION_STEPS = flags.DEFINE_integer(
     '(default: the block size).')
 _DIFFUSION_SAMPLER = flags.DEFINE_string(
     'diffusion_sampler', 'ancestral', 'block_diffusion: ancestral | first_hitting.')
+_SKIP = flags.DEFINE_string('skip_layers', '', 'self_speculative: the blocks the draft '
+                            'skips ("3,5,9-11"); default: the workdir\'s skip set '
+                            '(launch.skip_search), else exit at half depth.')
+_EXIT = flags.DEFINE_integer('exit_layer', 0, 'self_speculative: draft with the first E '
+                             'blocks (early exit), 1 <= E < layers.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -138,7 +143,7 @@ def main(argv):
         lookup_branches=_LOOKUP_BRANCHES.value,
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
         diffusion_steps=_DIFFUSION_STEPS.value, diffusion_sampler=_DIFFUSION_SAMPLER.value,
-        plugins=tuple(_PLUGINS.value),
+        skip_layers=_SKIP.value, exit_layer=_EXIT.value, plugins=tuple(_PLUGINS.value),
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)

@@ -62,6 +62,11 @@ class DecodeOptions:
   # block size) and the sampler (ancestral | first_hitting)
   diffusion_steps: int | None = None
   diffusion_sampler: str = 'ancestral'
+  # self_speculative (decoding/self_speculative.py): the blocks the draft skips ('3,5,9-11'),
+  # or exit_layer E: draft with the first E blocks. Neither = the workdir's skip set
+  # (launch.skip_search), else exit at half depth.
+  skip_layers: str = ''
+  exit_layer: int = 0
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:
@@ -268,6 +273,8 @@ def _build(restored, method: registry.Method, options: DecodeOptions, capacity: 
     # The tree tuned on validation data for these heads (launch.tune_tree), if any.
     tuned = tree_tuning.load_tuned_tree((draft or restored).workdir)
     options = dataclasses.replace(options, tree=tuned or '')
+  if method.workdir_options is not None:
+    options = method.workdir_options(options, restored.workdir)
   config = method.make_config(options, capacity, restored.tokenizer.eos_ids, restored.model,
                               drafter.module)
   params = restored.params if drafter.target_params is None else drafter.target_params

@@ -412,35 +412,51 @@ class Transformer(nn.Module):
     return x, cache, tuple(outputs)
 
   def _scan(self, params, start, stop, x, positions, attention_masks, cache, write_slots,
-            collect=False, chain=True, first_layer=None):
+            collect=False, chain=True, first_layer=None, layer_ids=None):
     """Blocks start .. stop - 1 of the stacked `params` as one lax.scan.
 
     chain: each block reads the previous one's output (the trunk); False: every block
     reads x (the MTP heads). first_layer: the cache layer of block `start` (default
-    start). Returns (the last output [B, T, D], the cache's (k, v) or None, the
-    outputs [stop - start, B, T, D] when collect or chain=False, else None).
+    start). layer_ids: instead of start .. stop - 1, run exactly these blocks in order
+    (a static tuple or a traced [n] int32 array of block indices, each its own cache
+    layer): the layer-skipping forward; the blocks not listed pass the residual stream
+    through and write no keys/values. Returns (the last output [B, T, D], the cache's
+    (k, v) or None, the outputs [n, B, T, D] (n = stop - start or len(layer_ids)) when
+    collect or chain=False, else None).
     """
     c = self.config
-    first_layer = start if first_layer is None else first_layer
-    layer_params = jax.tree.map(lambda leaf: leaf[start:stop], params)
     full, windowed = attention_masks
-    flags = [c.windowed(first_layer + i) for i in range(stop - start)]
-    mixed = windowed is not None and len(set(flags)) > 1
+    if layer_ids is None:
+      first_layer = start if first_layer is None else first_layer
+      layer_params = jax.tree.map(lambda leaf: leaf[start:stop], params)
+      flag_list = [c.windowed(first_layer + i) for i in range(stop - start)]
+      flags, static_flags = jnp.asarray(flag_list), set(flag_list)
+      layers = first_layer + jnp.arange(stop - start, dtype=jnp.int32)
+    else:
+      # Each step reads its block's parameters by a dynamic index into the stack: what the
+      # scan does to its own inputs, so a skipped block costs nothing.
+      layer_params = None
+      layers = jnp.asarray(layer_ids, jnp.int32)
+      flags = (c.sliding_window > 0) & (layers >= c.window_start_layer)
+      static_flags = ({c.windowed(int(i)) for i in layer_ids}
+                      if isinstance(layer_ids, (tuple, list)) else {False, True})
+    mixed = windowed is not None and len(static_flags) > 1
     if windowed is not None and not mixed:
-      full = windowed if flags[0] else full
+      full = windowed if static_flags == {True} else full
     block = Block(c, parent=None)
 
     def body(carry, xs):
       h, kv = carry
       p, layer, flag = xs
+      if p is None:
+        p = jax.tree.map(lambda leaf: leaf[layer], params)
       mask = jnp.where(flag, windowed, full) if mixed else full
       out, kv = block.apply({'params': p}, h if chain else x, positions, mask, kv,
                             write_slots, layer)
       return (out if chain else h, kv), (out if collect or not chain else None)
 
     kv = None if cache is None else (cache.k, cache.v)
-    layers = first_layer + jnp.arange(stop - start, dtype=jnp.int32)
-    (h, kv), outputs = jax.lax.scan(body, (x, kv), (layer_params, layers, jnp.asarray(flags)))
+    (h, kv), outputs = jax.lax.scan(body, (x, kv), (layer_params, layers, flags))
     return (h if chain else outputs[-1]), kv, outputs
 
   def _mask_and_slots(self, shape, attention_mask, cache, write_slots, positions):
@@ -481,7 +497,7 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens, positions, attention_mask=None, cache: Optional[KVCache] = None,
                return_layer_hidden: bool = False,
-               write_slots: Optional[jax.Array] = None) -> ForwardOutput:
+               write_slots: Optional[jax.Array] = None, layers=None) -> ForwardOutput:
     """tokens, positions: [B, T] int32.
 
     attention_mask: [B, T, S] bool, or None for causal. Without a cache, S = T and
@@ -492,6 +508,13 @@ class Transformer(nn.Module):
       advance by T. With explicit write_slots the returned lengths are unchanged (the
       caller keeps what it decides to keep: models/kv_cache.py); slots >= capacity
       are dropped.
+    layers: None (every block), or the blocks to run, in increasing order (a static
+      tuple or a traced [n] int32 array of block indices): the layer-skipping forward
+      of self-speculation (Draft & Verify, Zhang et al. 2024; LayerSkip, Elhoushi et al.
+      2024; the first E blocks = early exit). A block not listed passes the residual
+      stream through unchanged and writes no keys/values; the final norm and LM head
+      are the model's own. layer_hidden then holds the n run blocks' outputs.
+      Raises ValueError for a multi-token prediction model.
     """
     c = self.config
     batch, length = tokens.shape
@@ -503,9 +526,12 @@ class Transformer(nn.Module):
                             write_slots=write_slots)
     collect = return_layer_hidden
     future_logits = None
+    if layers is not None and c.mtp_heads > 1:
+      raise ValueError('Layer skipping runs a plain LM; this model has multi-token '
+                       f'prediction heads (mtp_heads={c.mtp_heads}).')
     if c.mtp_heads == 1:
       x, kv, layer_hidden = run(self.layer_params, 0, c.num_layers, x, cache=cache,
-                                collect=collect)
+                                collect=collect, layer_ids=layers)
     else:
       # The trunk (blocks 0 .. L-2), head 1's block, then the future heads reading the trunk.
       trunk, kv, hidden_trunk = (run(self.layer_params, 0, c.num_layers - 1, x, cache=cache,
@@ -528,6 +554,24 @@ class Transformer(nn.Module):
     return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
                          layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
                          future_logits=future_logits)
+
+  def resume(self, x, positions, attention_mask=None, cache: Optional[KVCache] = None,
+             start: int = 0) -> ForwardOutput:
+    """The forward from block `start` on: x [B, T, D] is block start - 1's output (the
+    embedding for start = 0) for this call's T tokens at positions [B, T]; runs blocks
+    start .. L - 1, the final norm and the LM head. The mask and the cache as in
+    __call__ with an append: the cache's layers >= start get this call's keys/values at
+    slots lengths .. lengths + T - 1 and its lengths advance by T (layers < start must
+    already hold them: LayerSkip's reuse of the draft's shared-layer cache, Elhoushi et
+    al. 2024, section 4.3). Plain LMs only (mtp_heads = 1).
+    """
+    if self.config.mtp_heads > 1:
+      raise ValueError('resume runs a plain LM; this model has multi-token prediction heads.')
+    x, cache, _ = self.blocks(x, positions, attention_mask, cache, start=start)
+    hidden = self.final_norm(x)
+    if cache is not None:
+      cache = cache.keep(cache.lengths + x.shape[1])
+    return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=cache)
 
   # The two halves of a multi-token prediction forward, for the sequential head
   # backward of training (no cache): trunk(...) -> z, then head_logits(i, z, ...).
