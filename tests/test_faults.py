@@ -294,7 +294,8 @@ def test_an_option_of_another_method_is_refused():
   from decoding import registry
   from launch import generation
   options = generation.DecodeOptions(num_draft=6)
-  with pytest.raises(ValueError, match=r'--num_draft is an option of speculative, lookup(, repeat_last)?, not of '
+  with pytest.raises(ValueError, match=r'--num_draft is an option of speculative, lookup, '
+                                       r'self_speculative(, repeat_last)?, not of '
                                        r'--method=autoregressive'):
     registry.check_options(registry.get('autoregressive'), options)
   registry.check_options(registry.get('speculative'), options)
