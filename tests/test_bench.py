@@ -217,6 +217,8 @@ def test_auto_variants_of_the_bench():
       ('autoregressive', '', False, False), ('speculative', '', False, False),
       ('speculative', '3,2', False, False), ('speculative', '', False, True),
       ('lookup', '', False, False), ('lookup', '', False, True)]
-  config.auto = ('medusa',)
-  with pytest.raises(ValueError, match='medusa has no draft length'):
-    benchmarking._method_variants(config, ['medusa'])
+  config.auto = ('medusa',)   # --tree=auto: the size of the heads' static tree
+  assert benchmarking._method_variants(config, ['medusa'])[-1] == ('medusa', '', False, True)
+  config.auto = ('lookahead',)
+  with pytest.raises(ValueError, match='lookahead has no draft length or static tree'):
+    benchmarking._method_variants(config, ['lookahead'])
