@@ -156,6 +156,7 @@ class LlamaCpp:
 
     def once(prompt):
       out, first = [], None
+      llm.reset()   # else generate() reuses the previous run's prompt keys/values (no prefill)
       t0 = time.perf_counter()
       for token in llm.generate(list(prompt), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
                                 repeat_penalty=1.0, reset=True):
