@@ -37,7 +37,7 @@ setup(
         'qwix>=0.1.8',                  # weight quantization (models/quant.py, --quantize)
     ],
     extras_require={
-        'test': ['pytest>=7', 'chex>=0.1.87', 'scipy'],
+        'test': ['pytest>=7', 'pytest-xdist>=3', 'filelock', 'chex>=0.1.87', 'scipy'],
         'hf': ['torch==2.13.0', 'transformers>=4.46', 'accelerate'],  # accelerate: GGUF loads
     },
 )

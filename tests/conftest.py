@@ -35,35 +35,61 @@ def tiny_config(tfds_dir):
   return config
 
 
+def _shared(tmp_path_factory, name, build):
+  """Builds a trained workdir once for the whole run, even under pytest-xdist.
+
+  `build(workdir)` trains into `workdir` and returns its eval metrics (a dict of floats). Each
+  xdist worker is its own process with its own session fixtures, so without this every worker
+  would train every model again; here the first worker to ask trains (under a file lock, in the
+  directory all workers share) and the others restore its checkpoint. Returns (eval metrics,
+  restored model).
+  """
+  import json
+  import filelock
+  from training import checkpoints
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent                       # shared by every worker of this run
+  workdir, done = root / f'shared_{name}', root / f'shared_{name}.json'
+  with filelock.FileLock(str(root / f'shared_{name}.lock')):
+    if not done.exists():
+      workdir.mkdir(exist_ok=True)
+      metrics = build(str(workdir))
+      done.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
+  return json.loads(done.read_text()), checkpoints.restore_model(str(workdir))
+
+
 @pytest.fixture(scope='session')
 def trained_tiny(tfds_dir, tmp_path_factory):
   """A tiny byte-level LM trained for a few dozen steps, restored for decoding."""
-  from training import checkpoints, trainer
-  config = ar_lm.get_config('size=tiny')
-  config.data.data_dir = tfds_dir
-  config.num_train_steps = 40
-  config.seq_len = 64
-  config.warmup_steps = 5
-  config.learning_rate = 1e-2
-  config.eval_every_steps = config.checkpoint_every_steps = 40
-  config.eval_batches = 1
-  workdir = str(tmp_path_factory.mktemp('trained_tiny'))
-  trainer.train(config, workdir, progress=False)
-  return checkpoints.restore_model(workdir)
+  def build(workdir):
+    from training import trainer
+    config = ar_lm.get_config('size=tiny')
+    config.data.data_dir = tfds_dir
+    config.num_train_steps = 40
+    config.seq_len = 64
+    config.warmup_steps = 5
+    config.learning_rate = 1e-2
+    config.eval_every_steps = config.checkpoint_every_steps = 40
+    config.eval_batches = 1
+    return trainer.train(config, workdir, progress=False).eval_metrics
+  return _shared(tmp_path_factory, 'trained_tiny', build)[1]
 
 
-def _train_briefly(config, tfds_dir, workdir, steps=150):
-  """A few hundred steps (or `steps`) of any family on the embedded corpus, restored."""
-  from training import checkpoints, trainer
-  config.data.data_dir = tfds_dir
-  config.num_train_steps = steps
-  config.seq_len = 64
-  config.warmup_steps = 10
-  config.learning_rate = 1e-2
-  config.eval_every_steps = config.checkpoint_every_steps = steps
-  config.eval_batches = 1
-  result = trainer.train(config, workdir, progress=False)
-  return result.eval_metrics, checkpoints.restore_model(workdir)
+def _train_briefly(config, tfds_dir, tmp_path_factory, name, steps=150):
+  """A few hundred steps (or `steps`) of any family on the embedded corpus, trained once per
+  run (`_shared`): (eval metrics, restored)."""
+  def build(workdir):
+    from training import trainer
+    config.data.data_dir = tfds_dir
+    config.num_train_steps = steps
+    config.seq_len = 64
+    config.warmup_steps = 10
+    config.learning_rate = 1e-2
+    config.eval_every_steps = config.checkpoint_every_steps = steps
+    config.eval_batches = 1
+    return trainer.train(config, workdir, progress=False).eval_metrics
+  return _shared(tmp_path_factory, name, build)
 
 
 @pytest.fixture(scope='session')
@@ -72,7 +98,7 @@ def trained_medusa(trained_tiny, tfds_dir, tmp_path_factory):
   from configs import medusa
   config = medusa.get_config('size=tiny,num_heads=3')
   config.target_workdir = trained_tiny.workdir
-  return _train_briefly(config, tfds_dir, str(tmp_path_factory.mktemp('medusa')))
+  return _train_briefly(config, tfds_dir, tmp_path_factory, 'medusa')
 
 
 @pytest.fixture(scope='session')
@@ -81,15 +107,14 @@ def trained_eagle(trained_tiny, tfds_dir, tmp_path_factory):
   from configs import eagle
   config = eagle.get_config('size=tiny')
   config.target_workdir = trained_tiny.workdir
-  return _train_briefly(config, tfds_dir, str(tmp_path_factory.mktemp('eagle')))
+  return _train_briefly(config, tfds_dir, tmp_path_factory, 'eagle')
 
 
 @pytest.fixture(scope='session')
 def trained_mtp(tfds_dir, tmp_path_factory):
   """(eval metrics, restored) a tiny 3-head MTP model trained from scratch."""
   from configs import mtp
-  return _train_briefly(mtp.get_config('size=tiny,heads=3'), tfds_dir,
-                        str(tmp_path_factory.mktemp('mtp')))
+  return _train_briefly(mtp.get_config('size=tiny,heads=3'), tfds_dir, tmp_path_factory, 'mtp')
 
 
 @pytest.fixture
