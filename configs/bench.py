@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   # own model, which is then benchmarked against its own autoregressive decoding.
   config.workdirs = ml_collections.ConfigDict(dict(
       speculative='workdirs/draft_small', medusa='workdirs/medusa_small',
-      eagle='workdirs/eagle_small', mtp='workdirs/mtp_small'))
+      eagle='workdirs/eagle_small', mtp='workdirs/mtp_small',
+      block_diffusion='workdirs/bd3lm_small'))
   # The trees each method runs with, one record each ('' = the method's default:
   # speculative a chain of num_draft, medusa / mtp the tree launch.tune_tree saved,
   # eagle dynamic:4,5,24). Children per depth '3,2,1', sparse 'paths:...', or EAGLE-2
@@ -36,6 +37,11 @@ def get_config(arg: str | None = None):
       eagle=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
   config.typical = ('medusa',)                  # also typical acceptance (LOSSY), last tree
   config.auto = ()                              # also with num_draft=auto (launch/autotune.py)
+  # block_diffusion (its own model, a BD3-LM: configs/bd3lm.py) is measured against the
+  # target's AR (an AR model of the same size) with the generative perplexity of its
+  # samples under the target: denoising steps per block (0 = the block size) and sampler.
+  config.diffusion_steps = 0
+  config.diffusion_sampler = 'ancestral'        # or first_hitting
   config.num_draft = 4                          # speculative chain: K
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps

@@ -20,7 +20,6 @@ variance on validation batches (training/objectives/block_diffusion.clip_search)
 fine-tune with --config.bd3lm.schedule=clipped --config.bd3lm.clip=BETA,OMEGA.
 """
 import json
-import math
 
 from absl import app, flags
 
@@ -62,34 +61,10 @@ def bits_per_byte(restored, batches) -> float:
   return objectives.summarize(jax.device_get(totals))['bits_per_byte']
 
 
-def sample_quality(ar, prompt_ids, completions) -> dict:
-  """Generative perplexity of completions under the AR model and their mean entropy."""
-  import jax
-  import numpy as np
-  from models import masks
-  nll, count, entropies = 0.0, 0, []
-  apply = jax.jit(lambda tokens: ar.model.apply({'params': ar.params}, tokens,
-                                                np.arange(tokens.shape[1])[None],
-                                                masks.causal_mask(1, tokens.shape[1])).logits)
-  for ids in completions:
-    if not ids:
-      continue
-    tokens = np.asarray([list(prompt_ids) + list(ids)], np.int32)
-    logp = np.asarray(jax.nn.log_softmax(apply(tokens)[0], -1))
-    start = len(prompt_ids)
-    positions = np.arange(start - 1, tokens.shape[1] - 1)
-    nll -= float(logp[positions, tokens[0, start:]].sum())
-    count += len(ids)
-    _, freq = np.unique(ids, return_counts=True)
-    p = freq / freq.sum()
-    entropies.append(float(-(p * np.log2(p)).sum()))
-  return {'gen_ppl': math.exp(nll / max(count, 1)), 'entropy_bits': float(np.mean(entropies))}
-
-
 def main(argv):
   del argv
   common.setup_logging()
-  from launch import generation
+  from launch import benchmarking, generation
   from training import checkpoints
   report = {}
   with common.user_errors_as_messages():
@@ -104,7 +79,7 @@ def main(argv):
                                          top_p=_TOP_P.value)
       done, _ = generation.decode_tokens(ar, [prompt_ids] * _SAMPLES.value, 'autoregressive',
                                          options)
-      report['ar'].update(sample_quality(ar, prompt_ids, done))
+      report['ar'].update(benchmarking.sample_quality(ar, prompt_ids, done))
       for batch in sorted({1, _SAMPLES.value}):
         _, stats = generation.decode_tokens(
             ar, [prompt_ids] * batch, 'autoregressive',
@@ -142,7 +117,7 @@ def main(argv):
         row[key] = {'nfe_per_token': stats['nfe'] / max(stats['new_tokens'], 1),
                     f'tokens_per_s_b{_SAMPLES.value}': stats['tokens_per_s']}
         if ar is not None:
-          row[key].update(sample_quality(ar, ids, done))
+          row[key].update(benchmarking.sample_quality(ar, ids, done))
         _, stats = generation.decode_tokens(restored, [ids], 'block_diffusion', options,
                                             repeats=_REPEATS.value)
         row[key]['tokens_per_s_b1'] = stats['tokens_per_s']

@@ -59,6 +59,50 @@ def ar_agreement(model, params, prompts, ar_completions, completions) -> str:
   return verdict
 
 
+def sample_quality(ar, prompts, completions) -> dict:
+  """How an AR model scores samples drawn elsewhere (MDLM / BD3-LM's sample metrics).
+
+  Args:
+    ar: a restored AR model (its tokenizer must be the samples').
+    prompts: one prompt (token ids) per completion, or a single prompt for all of them.
+    completions: generated token ids per row (lists; empty rows are skipped).
+  Returns {'gen_ppl': exp of the AR model's mean NLL per generated token given its prompt,
+  'entropy_bits': the mean over rows of each row's unigram entropy in bits (low values
+  flag degenerate repetition)}.
+  """
+  import math
+  from models import masks
+  if prompts and isinstance(prompts[0], int):
+    prompts = [prompts] * len(completions)
+  apply = jax.jit(lambda tokens: ar.model.apply({'params': ar.params}, tokens,
+                                                np.arange(tokens.shape[1])[None],
+                                                masks.causal_mask(1, tokens.shape[1])).logits)
+  nll, count, entropies = 0.0, 0, []
+  for prompt, ids in zip(prompts, completions):
+    if not ids:
+      continue
+    tokens = np.asarray([list(prompt) + list(ids)], np.int32)
+    logp = np.asarray(jax.nn.log_softmax(apply(tokens)[0], -1))
+    positions = np.arange(len(prompt) - 1, tokens.shape[1] - 1)
+    nll -= float(logp[positions, tokens[0, len(prompt):]].sum())
+    count += len(ids)
+    _, freq = np.unique(ids, return_counts=True)
+    p = freq / freq.sum()
+    entropies.append(float(-(p * np.log2(p)).sum()))
+  return {'gen_ppl': math.exp(nll / max(count, 1)),
+          'entropy_bits': float(np.mean(entropies)) if entropies else None}
+
+
+def _quality(target, model, prompts, completions) -> dict:
+  """gen_ppl / entropy_bits of another family's samples under the target, when the two
+  share a tokenizer (else nothing: the target cannot score them)."""
+  same = (type(target.tokenizer) is type(model.tokenizer)
+          and target.tokenizer.vocab_size == model.tokenizer.vocab_size)
+  if not completions or not same:
+    return {}
+  return sample_quality(target, prompts, completions)
+
+
 def validation_prompts(restored, num_prompts: int, prompt_len: int, split: str = 'validation',
                        skip: int = 0) -> list[list[int]]:
   """The first `prompt_len` tokens ([bos] + text) of validation documents long enough
@@ -484,6 +528,8 @@ def _record(name, stats, ar, machine, **fields) -> dict:
                 tokens_per_s=stats['tokens_per_s'],
                 speedup_vs_ar=stats['tokens_per_s'] / ar['tokens_per_s'],
                 compile_s=stats.get('compile_s'))
+  if 'nfe' in stats:   # model calls per generated token (block diffusion)
+    record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
               'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto'):
     if key in stats:
@@ -593,7 +639,13 @@ def run(config, workdir: str) -> list[dict]:
   suites = [(restored, '', _method_variants(config, on_target))]
   for name in methods:
     if registry.get(name).own_model:
-      suites.append((second.pop(name), f'{name} model', _method_variants(config, [name])))
+      variants = _method_variants(config, [name])
+      if registry.get(name).own_family:
+        # A model of another family (BD3-LM) has no AR decoding of its own: its rows are
+        # measured against the target's AR (an AR model of the same size, as BD3-LM
+        # compares), with the generative perplexity of its samples under the target.
+        variants = variants[1:]
+      suites.append((second.pop(name), f'{name} model', variants))
   # The same texts for every model, in each model's own tokens.
   sets = {id(model): prompt_sets(model, config) for model, _, _ in suites}
   categories = list(sets[id(restored)])
@@ -605,6 +657,8 @@ def run(config, workdir: str) -> list[dict]:
                   desc='bench', dynamic_ncols=True)
   records, skipped = [], {}
   time_prefill = config.get('time_prefill', True)
+  # Another family's samples are scored by the target: the target's AR samples too.
+  scores_samples = any(registry.get(m).own_family for m in methods)
   with tempfile.TemporaryDirectory() as exports:
     capacity = max(_capacity(config, p) for p in sets[id(restored)].values())
     engines = _engines(config, restored, capacity, exports, skipped)
@@ -616,8 +670,10 @@ def run(config, workdir: str) -> list[dict]:
               max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
               batch_size=batch_size, max_context=_capacity(config, prompts),
               num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
+              diffusion_steps=config.get('diffusion_steps', 0) or None,
+              diffusion_sampler=config.get('diffusion_sampler', 'ancestral'),
               plugins=tuple(config.get('plugins', ())))
-          ar = None
+          ar = None if model is restored or variants[0][0] == 'autoregressive' else target_ar
           for method, tree, typical, auto in variants:
             bar.set_postfix(method=method + tree, category=category, batch=batch_size,
                             temperature=temperature)
@@ -628,9 +684,12 @@ def run(config, workdir: str) -> list[dict]:
               method_options = dataclasses.replace(
                   method_options, **{entry.draft_length or 'tree': 'auto'})
             reset_peak_memory()
+            # A model of another family commits a whole block with its first token: it
+            # has no first-token latency to split off.
             completions, stats = generation.decode_tokens(
                 model, prompts, method, method_options, second.get(method),
-                repeats=config.repeats, time_prefill=time_prefill)
+                repeats=config.repeats,
+                time_prefill=time_prefill and not registry.get(method).own_family)
             stats.update(peak_memory())
             name = _name(method, typical, stats) + (
                 f'({label})' if method == 'autoregressive' and label else '') + (
@@ -647,7 +706,11 @@ def run(config, workdir: str) -> list[dict]:
                 matches_ar=(completions == ar[0]) if greedy_lossless else None,
                 ar_agreement=(ar_agreement(restored.model, restored.params, prompts, ar[0],
                                            completions)
-                              if greedy_lossless and model is restored else None)))
+                              if greedy_lossless and model is restored else None),
+                **(_quality(restored, model, prompts, completions)
+                   if registry.get(method).own_family or (
+                       scores_samples and model is restored and method == 'autoregressive')
+                   else {})))
           if model is restored:
             target_ar, target_prompts = ar, prompts
         if temperature == 0:
@@ -733,6 +796,8 @@ def markdown_table(records: list[dict]) -> str:
           'ar_agreement', 'mean_accepted', 'target_calls', 'draft_calls', 'tokens_per_s',
           'speedup_vs_ar', 'prefill_ms', 'decode_tokens_per_s', 'decode_speedup_vs_ar',
           'compile_s', 'peak_rss_mb']
+  if any('gen_ppl' in r for r in records):
+    cols += ['nfe_per_token', 'gen_ppl', 'entropy_bits']
   if any(r.get('device_peak_mb') is not None for r in records):
     cols.append('device_peak_mb')
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
