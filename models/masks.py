@@ -115,3 +115,22 @@ def block_slot_mask(block_starts: jnp.ndarray, block_size: int, capacity: int) -
   ends = block_starts + block_size                                          # [B]
   visible = jnp.arange(capacity)[None, :] < ends[:, None]                   # [B, S]
   return jnp.broadcast_to(visible[:, None, :], (block_starts.shape[0], block_size, capacity))
+
+
+def training_time_test_mask(segment_ids: jnp.ndarray, step: int, steps: int) -> jnp.ndarray:
+  """The attention of training-time test step `step` (0-based) over all steps' keys, laid
+  out as a cache of `steps` x T slots (slot j * T + s = step j's entry at position s).
+
+  segment_ids: [B, T] packed documents (0 = padding). Step j's entry at t is a depth-j
+  draft whose root is the committed entry t, so at decoding time it sees the committed
+  entries 0 .. t of its document (step 0's keys, causal) and its own ancestors, the
+  entries of steps 1 .. j at the same t (the diagonal): the tree mask of EAGLE-2
+  drafting, in one call per step (EAGLE-3, section 3.2, figure 6). Returns [B, T,
+  steps * T] bool.
+  """
+  length = segment_ids.shape[1]
+  causal = packed_causal_mask(segment_ids)                              # [B, T, T]
+  diagonal = jnp.broadcast_to(jnp.eye(length, dtype=bool), causal.shape)
+  parts = [causal] + [diagonal if 1 <= j <= step else jnp.zeros_like(causal)
+                      for j in range(1, steps)]
+  return jnp.concatenate(parts, axis=-1)

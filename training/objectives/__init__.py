@@ -5,7 +5,7 @@ metrics from a batch, and says which parameters train (e.g. draft heads on a
 frozen target). Metrics are *sums* over the batch (nll_sum, tokens, bytes) so
 the trainer can average them over many eval batches exactly.
 
-One file per family (ar_lm, mtp, distill, medusa, eagle; consistency for cllm;
+One file per family (ar_lm, mtp, distill, medusa, eagle and eagle3; consistency for cllm;
 block_diffusion for bd3lm), each
 with its objective class and `build(config, vocab_size)`; what they share is in `base`.
 The module each family trains, and its parameter tree, come from the family map
@@ -19,13 +19,13 @@ from training.objectives.base import (Objective, Params, next_token_nll, shift_l
 from training.objectives.block_diffusion import BlockDiffusionObjective
 from training.objectives.consistency import ConsistencyObjective
 from training.objectives.distill import DistillationObjective
-from training.objectives.eagle import EagleObjective
+from training.objectives.eagle import Eagle3Objective, EagleObjective
 from training.objectives.medusa import MedusaObjective
 from training.objectives.mtp import MultiTokenObjective
 
 # family -> build(config, vocab_size) -> Objective; the keys are models.families.FAMILIES.
 BUILDERS = {'ar_lm': ar_lm.build, 'distill': distill.build, 'medusa': medusa.build,
-            'eagle': eagle.build, 'mtp': mtp.build, 'cllm': consistency.build,
+            'eagle': eagle.build, 'eagle3': eagle.build_eagle3, 'mtp': mtp.build, 'cllm': consistency.build,
             'bd3lm': block_diffusion.build}
 assert set(BUILDERS) == set(FAMILIES), 'Each family of the family map needs an objective.'
 
