@@ -20,7 +20,7 @@ import importlib
 from typing import Any, Callable, Optional
 
 from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup,
-                      medusa, self_speculative, speculative, trees)
+                      medusa, self_speculative, speculative, tidar, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +199,13 @@ def _self_speculative(options, capacity, eos_ids, model, drafter):
       num_draft=options.num_draft)
 
 
+def _tidar(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  # The model's own block (block_size - 1 drafts): the length it was trained to draft.
+  return tidar.TidarConfig(**base_settings(options, capacity, eos_ids),
+                           chain_rule=options.chain_rule)
+
+
 def _searched_skip(options, workdir):
   """The skip set (and its draft length, unless given) launch.skip_search chose for
   this model, when the options name none."""
@@ -270,3 +277,6 @@ register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
 register(Method('self_speculative', 'self-speculative', _self_speculative,
                 options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
                 workdir_options=_searched_skip))
+# TiDAR: one model drafts by diffusion and verifies autoregressively in the same call.
+register(Method('tidar', 'TiDAR', _tidar, check_model=tidar.check_model, own_model=True,
+                options=('chain_rule',)))

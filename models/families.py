@@ -20,6 +20,8 @@ This module imports nothing from training/ or configs/.
                                           training, still a plain LM
   bd3lm     BlockDiffusionLM(config.model, the Transformer's, vocabulary + 1 (the mask
             bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
+  tidar     TidarLM(config.model,         the Transformer's, vocabulary + 1 (the mask token):
+            tidar.block_size)             one model, AR LM and block diffusion drafter (TiDAR)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -32,11 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer, TransformerConfig,
-                    masks)
+from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, TidarLM, Transformer,
+                    TransformerConfig, masks)
 from models.heads import check_feature_layers
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm')
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm', 'tidar')
 HEADS_FAMILIES = ('medusa', 'eagle', 'eagle3')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -54,6 +56,9 @@ _MODULES = {
     'bd3lm': lambda config, trunk: BlockDiffusionLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
         block_size=config.bd3lm.block_size),
+    'tidar': lambda config, trunk: TidarLM(
+        dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
+        block_size=config.tidar.block_size),
 }
 
 
