@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
   config = ar_lm.get_config(f'size={args.size}' + (f',tokenizer={args.tokenizer}'
                                                    if args.tokenizer else ''))
   config.family = 'tidar'
+  config.target_workdir = ''   # optional: a workdir whose tokenizer the model shares
   config.tidar = ml_collections.ConfigDict(dict(
       block_size=args.block,   # tokens per diffusion block (>= 2)
       ar_weight=1.0,           # alpha of L = (alpha L_AR + L_diff) / (1 + alpha), the paper's

@@ -21,7 +21,7 @@ token embedding and LM head are the target's and are not part of the drafter.
 EAGLE-3 (Li et al. 2025, "Scaling up inference acceleration of LLMs via training-time
 test", section 3): the same drafter with `feature_layers` set. Its input at a committed
 position is a fused projection of the target's low, middle and high block outputs,
-g_t = W_fuse [l_t; m_t; h_t] (no bias, as the paper's fc), instead of the final hidden
+g_t = RMSNorm(W_fuse [l_t; m_t; h_t]) (no bias, as the paper's fc), instead of the final hidden
 state; its output is no longer regressed onto a target feature (EAGLE-3 drops that
 loss), so it passes a final RMSNorm of the drafter's own before the target's LM head, and
 the next drafting step reads that output in place of g (the paper: the draft model's
@@ -162,8 +162,14 @@ class EagleDrafter(nn.Module):
       fuse = self.param('fuse', nn.with_logical_partitioning(
           nn.initializers.normal(self.feature_size ** -0.5), ('mlp', 'embed')),
                         (self.feature_size, d), pdtype)
+      # The fused target features are normed as the drafter's own (head-normed) outputs
+      # are, so the one input layer sees one scale whichever it reads (the paper's code
+      # norms every incoming hidden state: its hidden_norm).
+      # (init reads target features: example_inputs, families.init_params.)
+      fuse_norm = RMSNorm(c.norm_eps, dtype, pdtype, name='fuse_norm')
       if features.shape[-1] == self.feature_size:
-        features = jnp.einsum('BTF,FD->BTD', features.astype(dtype), fuse.astype(dtype))
+        features = fuse_norm(jnp.einsum('BTF,FD->BTD', features.astype(dtype),
+                                        fuse.astype(dtype)))
       elif features.shape[-1] != d:
         raise ValueError(f'EAGLE-3 features are [B, T, {d}] or [B, T, {self.feature_size}]; '
                          f'got {features.shape}.')

@@ -94,6 +94,14 @@ def trained_eagle3(trained_tiny, tfds_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def trained_tidar(tfds_dir, tmp_path_factory):
+  """(eval metrics, restored) a tiny TiDAR model (block 4) trained from scratch."""
+  from configs import tidar
+  return _train_briefly(tidar.get_config('size=tiny,block=4'), tfds_dir,
+                        str(tmp_path_factory.mktemp('tidar')))
+
+
+@pytest.fixture(scope='session')
 def trained_mtp(tfds_dir, tmp_path_factory):
   """(eval metrics, restored) a tiny 3-head MTP model trained from scratch."""
   from configs import mtp
