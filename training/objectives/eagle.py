@@ -90,18 +90,19 @@ def ttt_unroll(drafter: EagleDrafter, params, features, embedded, positions, seg
   true next tokens: a continued draft only matters where the previous one was right);
   positions, segment_ids: [B, T]. Step j reads (step j - 1's output at t, or the target
   features for j = 0; e(x_{t+1+j})) at position t + j, as the depth-j node of a draft
-  rooted at entry t reads it while decoding, and attends as masks.training_time_test_mask says; its keys and
-  values go to cache slots j * T + t. Returns `steps` outputs [B, T, D]: step j's predicts
-  x_{t+2+j} through the target's LM head.
+  rooted at entry t reads it while decoding, and attends as
+  masks.training_time_test_mask says; its keys and values go to cache slots j * T + t.
+  Returns `steps` outputs [B, T, D]: step j's predicts x_{t+2+j} through the target's LM
+  head.
   """
   batch, length = segment_ids.shape
   cache = KVCache.empty(drafter.layer_config, batch, steps * length)
   outputs, current = [], features
   for j in range(steps):
     slots = j * length + jnp.broadcast_to(jnp.arange(length), (batch, length))
+    mask = masks.training_time_test_mask(segment_ids, j, steps)
     current, cache = drafter.apply({'params': params}, current, embedded[:, j:j + length],
-                                   positions + j, masks.training_time_test_mask(segment_ids, j, steps), cache,
-                                   write_slots=slots)
+                                   positions + j, mask, cache, write_slots=slots)
     outputs.append(current)
   return outputs
 
