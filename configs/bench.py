@@ -26,7 +26,8 @@ def get_config(arg: str | None = None):
   # own model, which is then benchmarked against its own autoregressive decoding.
   config.workdirs = ml_collections.ConfigDict(dict(
       speculative='workdirs/draft_small', medusa='workdirs/medusa_small',
-      eagle='workdirs/eagle_small', eagle3='workdirs/eagle3_small', mtp='workdirs/mtp_small'))
+      eagle='workdirs/eagle_small', eagle3='workdirs/eagle3_small', mtp='workdirs/mtp_small',
+      tidar='workdirs/tidar_small'))
   # The trees each method runs with, one record each ('' = the method's default:
   # speculative a chain of num_draft, medusa / mtp the tree launch.tune_tree saved,
   # eagle, eagle3 dynamic:4,5,24). Children per depth '3,2,1', sparse 'paths:...', or EAGLE-2
