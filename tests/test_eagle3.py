@@ -197,5 +197,6 @@ def test_trained_drafter_reads_the_right_layers_stops_in_blocks_and_beats_a_rand
       np.testing.assert_array_equal(out.tokens, ar.tokens)
       np.testing.assert_array_equal(out.lengths, ar.lengths)
       assert sum(f['reason'] == 'stop' for f in out.finish_reasons()) >= 1
+    out = _eagle3(target, (trained.model, params), prompts, 40, 80, tree, eos_ids=())
     taus[name] = driver.mean_accepted(out.stats['accepted_histogram'])
   assert taus['trained'] > taus['random'] + 0.3, taus

@@ -141,4 +141,4 @@ def test_trained_tidar_drafts_accepted_blocks_and_stops_inside_them(trained_tida
     np.testing.assert_array_equal(out.lengths, ar.lengths)
   out = _decode(model, prompts, 40, 80, eos_ids=())
   np.testing.assert_array_equal(out.tokens, plain.tokens)
-  assert driver.mean_accepted(out.stats['accepted_histogram']) > 1.2
+  assert driver.mean_accepted(out.stats['accepted_histogram']) > 1.1
