@@ -49,7 +49,7 @@ def test_training_time_test_is_the_drafting_it_simulates():
   embedded = model.apply({'params': params}, tokens[:, 1:], method=model.embed)
   unrolled = eagle_objective.ttt_unroll(drafter, dparams, features, embedded, positions,
                                         segment_ids, steps)
-  for t in (3, 6, 9):   # 9: in the second document (its entries start at 7)
+  for t in (4, 9):   # 9: in the second document (its entries start at 7)
     first = 7 if t >= 7 else 0
     cache = KVCache.empty(drafter.layer_config, 1, 32)
     current, cache = drafter.apply({'params': dparams}, features[:, first:t + 1],
@@ -63,12 +63,11 @@ def test_training_time_test_is_the_drafting_it_simulates():
       np.testing.assert_allclose(current[:, 0], unrolled[j][:, t], atol=2e-5)
 
 
-@pytest.mark.parametrize('tree,batch', [(trees.DynamicTreeSpec(3, 4, 10), 4),
-                                        (trees.DynamicTreeSpec(2, 3, 6), 1)], ids=str)
-def test_greedy_equals_plain_greedy_with_a_random_drafter(tree, batch):
-  prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[2]]  # ragged at batch 4
+def test_greedy_equals_plain_greedy_at_batch_1_with_a_random_drafter():
+  """(Batch 4, ragged, EOS and length cap inside accepted blocks: the trained test.)"""
+  prompts = [PROMPTS[2]]
   ar = _ar(*TARGET, prompts, 17, 30)
-  out = _eagle3(TARGET, _drafter(TARGET[0], 3), prompts, 17, 30, tree)
+  out = _eagle3(TARGET, _drafter(TARGET[0], 3), prompts, 17, 30, trees.DynamicTreeSpec(2, 3, 6))
   np.testing.assert_array_equal(out.tokens, ar.tokens)
   np.testing.assert_array_equal(out.lengths, ar.lengths)
 
@@ -98,8 +97,8 @@ def test_sampling_is_lossless():
 def test_eight_devices_give_the_tokens_of_one():
   prompts = PROMPTS * 2
   drafter = _drafter(TARGET[0], 5)
-  kw = dict(tree=trees.DynamicTreeSpec(3, 3, 8), sampling=SamplingConfig(temperature=1.0))
-  single = _eagle3(TARGET, drafter, prompts, 10, 24, **kw)
+  kw = dict(tree=trees.DynamicTreeSpec(2, 2, 4), sampling=SamplingConfig(temperature=1.0))
+  single = _eagle3(TARGET, drafter, prompts, 6, 16, **kw)
   mesh = sharding.make_mesh(model_parallelism=2)
   padded, lengths = driver.pad_prompts(prompts)
   place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
@@ -107,7 +106,7 @@ def test_eight_devices_give_the_tokens_of_one():
     out = driver.generate(
         TARGET[0], place(*TARGET), jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
         jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        eagle.EagleConfig(10, 24, eos_ids=(2,), **kw), jax.random.PRNGKey(0), drafter[0],
+        eagle.EagleConfig(6, 16, eos_ids=(2,), **kw), jax.random.PRNGKey(0), drafter[0],
         place(*drafter))
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
@@ -141,6 +140,13 @@ def test_a_drafter_of_another_target_and_bad_options_are_one_line_errors():
     assert '\n' not in str(error.value), spec
 
 
+def eos_some_rows_emit(completions) -> int:
+  """A token some completions hold and others do not (the most common such)."""
+  seen = [set(c) for c in completions]
+  return min(set.union(*seen) - set.intersection(*seen),
+             key=lambda t: (-sum(t in x for x in seen), t))
+
+
 def _offline_depth1_acceptances(target, drafter, prompt, completion):
   """Greedy rounds of a depth-1, top-1 tree replayed without caches: the drafter run on
   the target's fused-layer features of the final sequence (as test_eagle.py's EAGLE
@@ -167,8 +173,8 @@ def test_trained_drafter_reads_the_right_layers_stops_in_blocks_and_beats_a_rand
     trained_tiny, trained_eagle3):
   """EAGLE-3 trained briefly on the tiny target. (1) With a depth-1 tree the accepting
   rounds are exactly those a cache-free replay on the target's fused layers predicts.
-  (2) Greedy equals plain greedy with an EOS id the text uses often and a length cap
-  inside accepted blocks (batch 4, ragged). (3) tau beats a random drafter's."""
+  (2) Greedy equals plain greedy with an EOS id some rows emit (stops inside accepted
+  blocks) and a length cap (batch 4, ragged). (3) tau beats a random drafter's."""
   metrics, trained = trained_eagle3
   assert metrics['head1_agree'] > 0.2 and 'head2_agree' in metrics, metrics
   assert trained.model.feature_layers == (0, 0, 1)
@@ -185,18 +191,22 @@ def test_trained_drafter_reads_the_right_layers_stops_in_blocks_and_beats_a_rand
   hist = np.asarray(out.stats['accepted_histogram'])
   assert hist[1] == offline and offline > 10, (hist, offline)
 
-  eos = int(np.bincount(np.concatenate(completions)).argmax())   # e.g. the space byte
-  tree, taus = trees.DynamicTreeSpec(3, 4, 10), {}
-  for name, params in (('trained', trained.params), ('random', _drafter(target[0], 9)[1])):
-    for max_new in (40, 13):
-      padded, lengths = driver.pad_prompts(prompts)
-      ar = driver.generate(*target, jnp.asarray(padded), jnp.asarray(lengths),
-                           autoregressive.AutoregressiveConfig(max_new, 80, eos_ids=(eos,)),
-                           jax.random.PRNGKey(0))
-      out = _eagle3(target, (trained.model, params), prompts, max_new, 80, tree, eos_ids=(eos,))
-      np.testing.assert_array_equal(out.tokens, ar.tokens)
-      np.testing.assert_array_equal(out.lengths, ar.lengths)
-      assert sum(f['reason'] == 'stop' for f in out.finish_reasons()) >= 1
-    out = _eagle3(target, (trained.model, params), prompts, 40, 80, tree, eos_ids=())
-    taus[name] = driver.mean_accepted(out.stats['accepted_histogram'])
-  assert taus['trained'] > taus['random'] + 0.3, taus
+  # An EOS id that some rows emit and others do not: those stop inside a block, the
+  # rest at the length cap (23 new tokens), in one batch.
+  cap = 23
+  eos = eos_some_rows_emit([c[:cap] for c in completions])
+  padded, lengths = driver.pad_prompts(prompts)
+  ar = driver.generate(*target, jnp.asarray(padded), jnp.asarray(lengths),
+                       autoregressive.AutoregressiveConfig(cap, 80, eos_ids=(eos,)),
+                       jax.random.PRNGKey(0))
+  tree = trees.DynamicTreeSpec(3, 4, 10)
+  out = _eagle3(target, drafter, prompts, cap, 80, tree, eos_ids=(eos,))
+  np.testing.assert_array_equal(out.tokens, ar.tokens)
+  np.testing.assert_array_equal(out.lengths, ar.lengths)
+  assert {f['reason'] for f in out.finish_reasons()} == {'stop', 'length'}
+  hist = np.asarray(out.stats['accepted_histogram'])
+  assert hist[2:].sum() > 0, hist
+  random = _eagle3(target, (trained.model, _drafter(target[0], 9)[1]), prompts, cap, 80, tree,
+                   eos_ids=(eos,))
+  taus = [driver.mean_accepted(h) for h in (hist, random.stats['accepted_histogram'])]
+  assert taus[0] > taus[1] + 0.3, taus
