@@ -26,15 +26,15 @@ def get_config(arg: str | None = None):
   # own model, which is then benchmarked against its own autoregressive decoding.
   config.workdirs = ml_collections.ConfigDict(dict(
       speculative='workdirs/draft_small', medusa='workdirs/medusa_small',
-      eagle='workdirs/eagle_small', mtp='workdirs/mtp_small',
-      block_diffusion='workdirs/bd3lm_small'))
+      eagle='workdirs/eagle_small', eagle3='workdirs/eagle3_small', mtp='workdirs/mtp_small',
+      tidar='workdirs/tidar_small', block_diffusion='workdirs/bd3lm_small'))
   # The trees each method runs with, one record each ('' = the method's default:
   # speculative a chain of num_draft, medusa / mtp the tree launch.tune_tree saved,
-  # eagle dynamic:4,5,24). Children per depth '3,2,1', sparse 'paths:...', or EAGLE-2
+  # eagle, eagle3 dynamic:4,5,24). Children per depth '3,2,1', sparse 'paths:...', or EAGLE-2
   # 'dynamic:TOP_K,DEPTH,BUDGET'.
   config.trees = ml_collections.ConfigDict(dict(
       speculative=('', '3,2,1', 'dynamic:4,5,24'), medusa=('4,2,2', ''),
-      eagle=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
+      eagle=('dynamic:4,5,24',), eagle3=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
   config.typical = ('medusa',)                  # also typical acceptance (LOSSY), last tree
   config.auto = ()                              # also with num_draft=auto (launch/autotune.py)
   # block_diffusion (its own model, a BD3-LM: configs/bd3lm.py) is measured against the

@@ -26,6 +26,12 @@ driver (decoding/driver.py), each round:
 Why features, not tokens: the paper's point is that the next feature is far more
 predictable from features than the next token from tokens, and feeding the sampled
 token's embedding resolves which branch of the sampling the drafter is on.
+
+EAGLE-3 (Li et al. 2025) is the same proposer with an EAGLE-3 drafter
+(models.EagleDrafter with feature_layers): the target features it keeps are the chosen
+blocks' outputs, concatenated (the target's prefill and verification calls return
+them: Proposer.needs_layer_hidden), which the drafter fuses at each catch-up; the
+expansion feeds the drafter its own outputs exactly as above. Method `eagle3`.
 """
 import dataclasses
 
@@ -36,6 +42,26 @@ import jax.numpy as jnp
 from decoding import driver, speculative, trees, verify
 from decoding.proposal import Proposal, Proposer
 from models import KVCache, masks
+from models.heads import target_features
+
+# What a drafter must share with the target it decodes: the shapes its features, token
+# embeddings and LM head come in (a drafter trained on another target is refused).
+_TARGET_FIELDS = ('vocab_size', 'num_layers', 'd_model', 'num_heads', 'num_kv_heads',
+                  'head_dim', 'mlp_dim', 'tie_embeddings')
+
+
+def check_drafter(model, drafter) -> None:
+  """Refuses an EAGLE / EAGLE-3 drafter trained on another target: its recorded target
+  model (the drafter's config) must have the target's shapes. Raises a one-line
+  ValueError naming each differing field."""
+  differing = [f'{name} {getattr(drafter.config, name)} vs {getattr(model.config, name)}'
+               for name in _TARGET_FIELDS
+               if getattr(drafter.config, name) != getattr(model.config, name, None)]
+  if differing:
+    kind = 'EAGLE-3' if drafter.feature_layers else 'EAGLE'
+    raise ValueError(f'The {kind} drafter was trained on another target (drafter\'s target '
+                     f'vs this one: {", ".join(differing)}); train one for this target '
+                     '(--config.target_workdir).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,24 +88,28 @@ class EagleConfig(driver.DecodeConfig):
   def proposer(self, model, drafter) -> 'EagleProposer':
     if drafter is None:
       raise ValueError('The eagle method needs an EAGLE drafter (--heads_workdir).')
+    check_drafter(model, drafter)
     return EagleProposer(self, model, drafter)
 
 
 @flax.struct.dataclass
 class EagleState:
   cache: KVCache            # the drafter's one layer; true entries in slots < cache.lengths
-  features: jax.Array       # [B, depth + 1, D] target features f_t for the drafter slots
-                            # t = cache.lengths + j (the next catch-up's inputs)
+  features: jax.Array       # [B, depth + 1, F] target features f_t for the drafter slots
+                            # t = cache.lengths + j (the next catch-up's inputs); F = D,
+                            # or k * D: an EAGLE-3 drafter's k target layers
 
 
 class EagleProposer(Proposer):
   """models.EagleDrafter on the target's features, with the target's embedding and LM
-  head (the target's parameters, params.target)."""
+  head (the target's parameters, params.target); an EAGLE-3 drafter reads the target's
+  per-layer hidden states."""
 
   def __init__(self, config: EagleConfig, model, drafter):
     self.config, self.model, self.drafter = config, model, drafter
     self.max_depth, self.cache_slots = config.tree.depth, config.tree.cache_slots
     self.needs_key = not config.sampling.greedy and config.tree_rule == 'rrsw'
+    self.needs_layer_hidden = bool(drafter.feature_layers)
 
   def _draft(self, params, features, tokens, positions, mask, cache, write_slots=None):
     """The drafter on entries (features, tokens) -> (predicted features, cache)."""
@@ -99,12 +129,13 @@ class EagleProposer(Proposer):
     rows, last = jnp.arange(batch), prompt_lengths - 1
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
     next_tokens = jnp.pad(prompts[:, 1:], ((0, 0), (0, 1)))
-    _, cache = self._draft(params, prefill.hidden, next_tokens, positions, None,
+    prompt_features = target_features(self.drafter, prefill)                  # [B, P, F]
+    _, cache = self._draft(params, prompt_features, next_tokens, positions, None,
                            KVCache.empty(self.drafter.layer_config, batch, cache_size))
-    features = jnp.zeros((batch, self.config.tree.depth + 1, self.model.config.d_model),
-                         prefill.hidden.dtype)
+    features = jnp.zeros((batch, self.config.tree.depth + 1, prompt_features.shape[-1]),
+                         prompt_features.dtype)
     return (EagleState(cache=cache.keep(last),
-                       features=features.at[:, 0].set(prefill.hidden[rows, last])),
+                       features=features.at[:, 0].set(prompt_features[rows, last])),
             jnp.ones((), jnp.int32))
 
   def propose(self, params, eagle: EagleState, state, key):
@@ -147,5 +178,6 @@ class EagleProposer(Proposer):
     """The drafter keeps its true entries (slots < root); the target's features on the
     accepted path, root first, are the next catch-up's inputs for slots root, root + 1..."""
     rows = jnp.arange(path.shape[0])
+    features = target_features(self.drafter, verified)
     return EagleState(cache=eagle.cache.keep(state.lengths - 1),
-                      features=verified.hidden[rows[:, None], path].astype(eagle.features.dtype))
+                      features=features[rows[:, None], path].astype(eagle.features.dtype))

@@ -108,10 +108,14 @@ class Proposer:
       slot root + i, past its position root + depth(i)); 0 for chains.
     needs_key: whether `propose` draws random numbers (then the round splits its key
       three ways: next round, proposal, verification; else two).
+    needs_layer_hidden: whether the target's prefill and verification calls return its
+      per-block hidden states (ForwardOutput.layer_hidden) for `start` and `observe`
+      (EAGLE-3 reads several target layers).
   """
   max_depth: int = 1
   cache_slots: int = 0
   needs_key: bool = False
+  needs_layer_hidden: bool = False
 
   def start(self, params, prefill, prompts: jax.Array, prompt_lengths: jax.Array,
             cache_size: int) -> tuple[Any, jax.Array]:

@@ -20,7 +20,7 @@ import importlib
 from typing import Any, Callable, Optional
 
 from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup,
-                      medusa, self_speculative, speculative, trees)
+                      medusa, self_speculative, speculative, tidar, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,8 @@ def _heads(options, capacity, eos_ids, model, drafter):
 
 
 def _eagle(options, capacity, eos_ids, model, drafter):
-  del model, drafter
+  if drafter is not None:
+    eagle.check_drafter(model, drafter)
   # One tree syntax for every method: EAGLE's is "dynamic:TOP_K,DEPTH,BUDGET"; a static
   # spec is refused by EagleConfig rather than silently read as a dynamic one.
   tree = trees.parse(options.tree) if options.tree else eagle.EagleConfig.tree
@@ -198,6 +199,13 @@ def _self_speculative(options, capacity, eos_ids, model, drafter):
       num_draft=options.num_draft)
 
 
+def _tidar(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  # The model's own block (block_size - 1 drafts): the length it was trained to draft.
+  return tidar.TidarConfig(**base_settings(options, capacity, eos_ids),
+                           chain_rule=options.chain_rule)
+
+
 def _searched_skip(options, workdir):
   """The skip set (and its draft length, unless given) launch.skip_search chose for
   this model, when the options name none."""
@@ -225,11 +233,13 @@ def _medusa_heads(second) -> Drafter:
   return Drafter(second.model, second.params['heads'], second.params.get('base'))
 
 
-def _eagle_drafter(second) -> Drafter:
+def _eagle_drafter(second, eagle3: bool = False) -> Drafter:
   from models import EagleDrafter
-  if second is None or not isinstance(second.model, EagleDrafter):
-    raise ValueError('The eagle method needs an EAGLE drafter workdir (--heads_workdir), '
-                     'trained with configs/eagle.py.')
+  name, config = ('eagle3', 'eagle3') if eagle3 else ('eagle', 'eagle')
+  if (second is None or not isinstance(second.model, EagleDrafter)
+      or bool(second.model.feature_layers) != eagle3):
+    raise ValueError(f'The {name} method needs an {"EAGLE-3" if eagle3 else "EAGLE"} drafter '
+                     f'workdir (--heads_workdir), trained with configs/{config}.py.')
   return Drafter(second.model, second.params)
 
 
@@ -248,6 +258,10 @@ register(Method('medusa', 'medusa', _heads, second='heads_workdir', drafter=_med
                 tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter,
                 options=('tree', 'tree_rule')))
+# EAGLE-3: the same proposer and EAGLE-2 trees with a drafter on fused target layers.
+register(Method('eagle3', 'eagle3', _eagle, second='heads_workdir',
+                drafter=lambda second: _eagle_drafter(second, eagle3=True),
+                options=('tree', 'tree_rule')))
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
                 tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('lookup', 'lookup', _lookup,
@@ -263,3 +277,6 @@ register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
 register(Method('self_speculative', 'self-speculative', _self_speculative,
                 options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
                 workdir_options=_searched_skip))
+# TiDAR: one model drafts by diffusion and verifies autoregressively in the same call.
+register(Method('tidar', 'TiDAR', _tidar, check_model=tidar.check_model, own_model=True,
+                options=('chain_rule',)))

@@ -11,7 +11,10 @@
       [--tree=4,2,2 --typical]
   python -m launch.decode --workdir=TARGET --method=eagle --heads_workdir=EAGLE \
       [--tree=dynamic:4,5,24]
+  python -m launch.decode --workdir=TARGET --method=eagle3 --heads_workdir=EAGLE3 \
+      [--tree=dynamic:4,5,24]
   python -m launch.decode --workdir=MTP_MODEL --method=mtp [--tree=1,1,1 (a chain)]
+  python -m launch.decode --workdir=TIDAR_MODEL --method=tidar [--chain_rule=token]
   python -m launch.decode --workdir=DIR --method=lookahead [--lookahead_window=5 \
       --lookahead_ngram=5 --lookahead_candidates=5]
   python -m launch.decode --workdir=BD3LM --method=block_diffusion [--diffusion_steps=8 \

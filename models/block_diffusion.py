@@ -137,3 +137,33 @@ class NoiseSchedule:
   def eval_range(self) -> tuple[float, float]:
     """The interval of the NELBO (validation): the whole (0, 1]."""
     return self.t_min, 1.0
+
+
+class TidarLM(Transformer):
+  """TiDAR (Liu et al. 2025, "TiDAR: Think in Diffusion, Talk in Autoregression"): one
+  trunk that is both an autoregressive LM and a block diffusion drafter. Its vocabulary
+  is the tokenizer's plus the mask token `mask_id` = config.vocab_size - 1 (as
+  BlockDiffusionLM's). A clean token under the causal mask predicts the next token (the
+  model's AR distribution, the one decoding is lossless against); a block of
+  `block_size` mask tokens after a clean prefix predicts, at each of its positions, the
+  clean token there (masked diffusion in one step). Training: masks.tidar_training_mask;
+  decoding: decoding/tidar.py (one call verifies the previous draft and drafts the
+  next block, masks.tidar_round_mask).
+
+  Every call's logits put the mask token (and padded ids) at -inf: the model never
+  emits [MASK], neither as its next token nor as a draft (SUBS), so plain
+  autoregressive decoding of a TidarLM is the distribution TiDAR decoding reproduces.
+  """
+  block_size: int = 4
+
+  @property
+  def mask_id(self) -> int:
+    return self.config.vocab_size - 1
+
+  def __call__(self, tokens, positions, attention_mask=None, cache=None,
+               return_layer_hidden: bool = False, write_slots=None, layers=None):
+    """models.Transformer.__call__ with [MASK] and the padded ids at -inf in the logits."""
+    out = super().__call__(tokens, positions, attention_mask, cache, return_layer_hidden,
+                           write_slots, layers)
+    ids = jnp.arange(out.logits.shape[-1])
+    return out.replace(logits=jnp.where(ids < self.mask_id, out.logits, NEG_INF))

@@ -14,10 +14,14 @@ This module imports nothing from training/ or configs/.
   medusa    MedusaHeads(target, K)        {'heads'}; Medusa-2 (medusa.joint): {'heads', 'base'},
                                           'base' shaped as the target Transformer
   eagle     EagleDrafter(target)          the drafter's one layer (+ fc)
+  eagle3    EagleDrafter(target, layers)  EAGLE-3: the same + the fusion of the target's
+                                          eagle3.feature_layers blocks and a final norm
   cllm      Transformer(config.model)     the Transformer's: a target fine-tuned by consistency
                                           training, still a plain LM
   bd3lm     BlockDiffusionLM(config.model, the Transformer's, vocabulary + 1 (the mask
             bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
+  tidar     TidarLM(config.model,         the Transformer's, vocabulary + 1 (the mask token):
+            tidar.block_size)             one model, AR LM and block diffusion drafter (TiDAR)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -30,11 +34,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer, TransformerConfig,
-                    masks)
+from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, TidarLM, Transformer,
+                    TransformerConfig, masks)
+from models.heads import check_feature_layers
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm')
-HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm', 'tidar')
+HEADS_FAMILIES = ('medusa', 'eagle', 'eagle3')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
 # family -> (training config, the trunk's TransformerConfig) -> the module it trains.
@@ -44,11 +49,16 @@ _MODULES = {
     'mtp': lambda config, trunk: Transformer(trunk),
     'medusa': lambda config, trunk: MedusaHeads(trunk, config.medusa.num_heads),
     'eagle': lambda config, trunk: EagleDrafter(trunk),
+    'eagle3': lambda config, trunk: EagleDrafter(
+        trunk, check_feature_layers(config.eagle3.feature_layers, trunk.num_layers)),
     'cllm': lambda config, trunk: Transformer(trunk),
     # The mask token extends the tokenizer's vocabulary by one id.
     'bd3lm': lambda config, trunk: BlockDiffusionLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
         block_size=config.bd3lm.block_size),
+    'tidar': lambda config, trunk: TidarLM(
+        dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
+        block_size=config.tidar.block_size),
 }
 
 
@@ -101,8 +111,9 @@ def init_params(module: nn.Module, rng: jax.Array, batch: dict,
   if base is not None:
     raise ValueError(f'Only Medusa heads train with a base; got {type(module).__name__}.')
   if isinstance(module, EagleDrafter):
-    z = jnp.zeros(batch['inputs'].shape + (module.config.d_model,), jnp.float32)
-    return module.init(rng, z, z, batch['positions'])['params']
+    features = jnp.zeros(batch['inputs'].shape + (module.feature_size,), jnp.float32)
+    embedded = jnp.zeros(batch['inputs'].shape + (module.config.d_model,), jnp.float32)
+    return module.init(rng, features, embedded, batch['positions'])['params']
   return module.init(rng, batch['inputs'], batch['positions'],
                      masks.packed_causal_mask(batch['segment_ids']))['params']
 

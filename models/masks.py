@@ -115,3 +115,70 @@ def block_slot_mask(block_starts: jnp.ndarray, block_size: int, capacity: int) -
   ends = block_starts + block_size                                          # [B]
   visible = jnp.arange(capacity)[None, :] < ends[:, None]                   # [B, S]
   return jnp.broadcast_to(visible[:, None, :], (block_starts.shape[0], block_size, capacity))
+
+
+def training_time_test_mask(segment_ids: jnp.ndarray, step: int, steps: int) -> jnp.ndarray:
+  """The attention of training-time test step `step` (0-based) over all steps' keys, laid
+  out as a cache of `steps` x T slots (slot j * T + s = step j's entry at position s).
+
+  segment_ids: [B, T] packed documents (0 = padding). Step j's entry at t is a depth-j
+  draft whose root is the committed entry t, so at decoding time it sees the committed
+  entries 0 .. t of its document (step 0's keys, causal) and its own ancestors, the
+  entries of steps 1 .. j at the same t (the diagonal): the tree mask of EAGLE-2
+  drafting, in one call per step (EAGLE-3, section 3.2, figure 6). Returns [B, T,
+  steps * T] bool.
+  """
+  length = segment_ids.shape[1]
+  causal = packed_causal_mask(segment_ids)                              # [B, T, T]
+  diagonal = jnp.broadcast_to(jnp.eye(length, dtype=bool), causal.shape)
+  parts = [causal] + [diagonal if 1 <= j <= step else jnp.zeros_like(causal)
+                      for j in range(1, steps)]
+  return jnp.concatenate(parts, axis=-1)
+
+
+def tidar_training_mask(segment_ids: jnp.ndarray, block_size: int) -> jnp.ndarray:
+  """[B, 2T, 2T] the TiDAR training mask over the clean sequence x concatenated with a
+  fully masked copy (Liu et al. 2025, "TiDAR: Think in Diffusion, Talk in
+  Autoregression", section 3 and its attention-mask figure), restricted to each packed
+  document:
+    x  -> x causal (the autoregressive part: next-token prediction);
+    mask block b -> x at positions < b * block_size (the clean prefix before the block)
+                 -> mask block b (bidirectional inside the block: the diffusion draft);
+    x -> masks never.
+  Unlike bd3lm_training_mask the clean half is causal, not block-causal: the same
+  forward is the model's autoregressive LM. segment_ids: [B, T] document ids (0 = pad).
+  """
+  length = segment_ids.shape[1]
+  index = jnp.arange(length)
+  block = index // block_size
+  causal = index[None, :] <= index[:, None]
+  prefix = index[None, :] < (block * block_size)[:, None]                 # key before block
+  same_block = block[:, None] == block[None, :]
+  top = jnp.concatenate([causal, jnp.zeros_like(causal)], axis=1)         # clean queries
+  bottom = jnp.concatenate([prefix, same_block], axis=1)                  # mask queries
+  rule = jnp.concatenate([top, bottom], axis=0)                           # [2T, 2T]
+  seg = jnp.concatenate([segment_ids, segment_ids], axis=1)               # [B, 2T]
+  same_doc = (seg[:, :, None] == seg[:, None, :]) & (seg != 0)[:, :, None]
+  return rule[None] & same_doc
+
+
+def tidar_round_mask(root_slots: jnp.ndarray, num_draft: int, capacity: int) -> jnp.ndarray:
+  """[B, N, S] the mask of one TiDAR decoding call (Liu et al. 2025, section 3.3): N =
+  (k + 1) + (k + 1)^2 queries, k = num_draft, over the cache slots S.
+
+  Queries 0 .. k are the causal part: the root (the last committed token, slot root) and
+  the k drafted tokens at slots root + 1 .. root + k, each seeing the slots up to its own
+  (verification, autoregressive). Then k + 1 blocks of k + 1 mask tokens, block i at
+  slots root + (k + 1) * (i + 1) .. + k: the next round's draft should the verifier
+  accept i drafts; it sees the committed prefix, the root and drafts 1 .. i (slots <=
+  root + i) and its own block (bidirectional), as in training (tidar_training_mask).
+  root_slots: [B] int.
+  """
+  k1 = num_draft + 1
+  slots = jnp.arange(capacity)[None, None, :]                               # [1, 1, S]
+  root = root_slots[:, None, None]
+  causal = slots <= root + jnp.arange(k1)[None, :, None]                    # [B, k+1, S]
+  outcome = jnp.repeat(jnp.arange(k1), k1)[None, :, None]                   # [1, k1^2, 1]
+  start = root + k1 * (outcome + 1)
+  blocks = (slots <= root + outcome) | ((slots >= start) & (slots < start + k1))
+  return jnp.concatenate([causal, blocks], axis=1)

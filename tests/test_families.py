@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import pytest
 
-from configs import ar_lm, eagle, medusa, mtp
-from models import EagleDrafter, MedusaHeads, Transformer, families
+from configs import ar_lm, eagle, eagle3, medusa, mtp, tidar
+from models import EagleDrafter, MedusaHeads, TidarLM, Transformer, families
 from training import checkpoints, objectives, tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,8 @@ def _shapes(tree):
 
 def test_the_objectives_train_the_modules_of_the_family_map():
   for config, module_type in ((ar_lm.get_config('size=tiny'), Transformer),
-                              (mtp.get_config('size=tiny,heads=3'), Transformer)):
+                              (mtp.get_config('size=tiny,heads=3'), Transformer),
+                              (tidar.get_config('size=tiny,block=4'), TidarLM)):
     objective = objectives.build(config, VOCAB)
     assert objective.model == families.build_module(config, VOCAB)
     assert isinstance(objective.model, module_type)
@@ -54,11 +55,14 @@ def test_the_objectives_train_the_modules_of_the_family_map():
   # The heads families, on a target of their config's model (not restored: none is needed).
   for config in (medusa.get_config('size=tiny,num_heads=2,joint=false'),
                  medusa.get_config('size=tiny,num_heads=2,joint=true'),
-                 eagle.get_config('size=tiny')):
+                 eagle.get_config('size=tiny'), eagle3.get_config('size=tiny')):
     target = Transformer(families.transformer_config(config, VOCAB))
     if config.family == 'medusa':
       objective = objectives.MedusaObjective(target.config, 2, target, None,
                                              joint=config.medusa.joint)
+    elif config.family == 'eagle3':
+      objective = objectives.Eagle3Objective(target.config, target, None,
+                                             config.eagle3.feature_layers)
     else:
       objective = objectives.EagleObjective(target.config, target, None)
     assert objective.model == families.build_module(config, VOCAB)
