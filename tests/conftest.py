@@ -116,15 +116,15 @@ def trained_eagle3(trained_tiny, tfds_dir, tmp_path_factory):
   from configs import eagle3
   config = eagle3.get_config('size=tiny')
   config.target_workdir = trained_tiny.workdir
-  return _train_briefly(config, tfds_dir, str(tmp_path_factory.mktemp('eagle3')), steps=80)
+  return _train_briefly(config, tfds_dir, tmp_path_factory, 'eagle3', steps=80)
 
 
 @pytest.fixture(scope='session')
 def trained_tidar(tfds_dir, tmp_path_factory):
   """(eval metrics, restored) a tiny TiDAR model (block 4) trained from scratch."""
   from configs import tidar
-  return _train_briefly(tidar.get_config('size=tiny,block=4'), tfds_dir,
-                        str(tmp_path_factory.mktemp('tidar')), steps=100)
+  return _train_briefly(tidar.get_config('size=tiny,block=4'), tfds_dir, tmp_path_factory,
+                        'tidar', steps=100)
 
 
 @pytest.fixture(scope='session')
