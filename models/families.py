@@ -18,6 +18,9 @@ This module imports nothing from training/ or configs/.
                                           training, still a plain LM
   bd3lm     BlockDiffusionLM(config.model, the Transformer's, vocabulary + 1 (the mask
             bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
+  asarm     AnySubsetLM(config.model)     the Transformer's, vocabulary + 1 (the query
+                                          token [MASK]): an any-subset autoregressive model
+                                          (models/any_subset.py)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -30,10 +33,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer, TransformerConfig,
-                    masks)
+from models import (AnySubsetLM, BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer,
+                    TransformerConfig, masks)
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm')
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm', 'asarm')
 HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -49,6 +52,9 @@ _MODULES = {
     'bd3lm': lambda config, trunk: BlockDiffusionLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
         block_size=config.bd3lm.block_size),
+    # The query token [MASK] extends the tokenizer's vocabulary by one id.
+    'asarm': lambda config, trunk: AnySubsetLM(
+        dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1)),
 }
 
 
