@@ -278,10 +278,12 @@ register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
 # Any-subset AR models (decoding/any_subset.py): sequential any-order decoding and ASSD,
 # exact with respect to it. Both decode the AS-ARM in --workdir; --infill fills the
 # prompt's mask markers instead of continuing it.
-register(Method('any_order', 'any-order (sequential)', _any_order,
+# own_model: they decode their own family's model, never the AR target of a benchmark (the
+# family's figures come from launch.asarm_eval).
+register(Method('any_order', 'any-order (sequential)', _any_order, own_model=True,
                 check_model=any_subset.check_model, options=('infill',)))
-register(Method('assd', 'ASSD', _assd, check_model=any_subset.check_model,
-                options=('num_draft', 'infill'), draft_length=None))
+register(Method('assd', 'ASSD', _assd, check_model=any_subset.check_model, own_model=True,
+                options=('num_draft', 'infill')))
 register(Method('self_speculative', 'self-speculative', _self_speculative,
                 options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
                 workdir_options=_searched_skip))

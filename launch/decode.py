@@ -170,7 +170,7 @@ def main(argv):
     print(json.dumps(result))
     return
   for out in result['outputs']:
-    if isinstance(out['prompt'], str) and not _CHAT.value:
+    if isinstance(out['prompt'], str) and not _CHAT.value and not _INFILL.value:
       print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
     else:  # A chat: the reply alone.
       print(f'--- {out["prompt"]!r}\n{out["completion"]}')
