@@ -275,6 +275,9 @@ register(Method('lookahead', 'lookahead', _lookahead,
 register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
                 check_model=block_diffusion.check_model, own_model=True, own_family=True,
                 options=('diffusion_steps', 'diffusion_sampler')))
+register(Method('self_speculative', 'self-speculative', _self_speculative,
+                options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
+                workdir_options=_searched_skip))
 # Any-subset AR models (decoding/any_subset.py): sequential any-order decoding and ASSD,
 # exact with respect to it. Both decode the AS-ARM in --workdir; --infill fills the
 # prompt's mask markers instead of continuing it.
@@ -284,6 +287,3 @@ register(Method('any_order', 'any-order (sequential)', _any_order, own_model=Tru
                 check_model=any_subset.check_model, options=('infill',)))
 register(Method('assd', 'ASSD', _assd, check_model=any_subset.check_model, own_model=True,
                 options=('num_draft', 'infill')))
-register(Method('self_speculative', 'self-speculative', _self_speculative,
-                options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
-                workdir_options=_searched_skip))
