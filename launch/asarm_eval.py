@@ -129,6 +129,7 @@ def speed_rows(asarm, ar, prompts, templates, drafts, batch_sizes, temperatures,
 
 
 def table(rows) -> str:
+  """The speed records as a Markdown table."""
   lines = ['| task | batch | T | method | NFE/token | tokens/s | speedup vs sequential |',
            '|---|---|---|---|---|---|---|']
   for r in rows:
