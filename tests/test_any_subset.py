@@ -56,7 +56,7 @@ def _batch(inputs, lengths):
 def test_left_to_right_loss_is_the_ar_loss_on_the_same_batch():
   """The objective in the left-to-right order (one two-stream forward) equals the AR
   loss (next_token_nll) of the logits a plain causal forward gives over [x_0 .. x_t,
-  [MASK] at t + 1] for every t: p(x_{t+1} | x_<=t), computed T times independently."""
+  [MASK] at t + 1] for every t: p(x_{t+1} | x_<=t), each t its own sequence."""
   model, params = MODEL
   rng = np.random.default_rng(0)
   inputs = rng.integers(0, model.mask_id, (2, 9))
@@ -64,13 +64,19 @@ def test_left_to_right_loss_is_the_ar_loss_on_the_same_batch():
   objective = objective_lib.AnySubsetObjective(model.config, order='l2r')
   sums = objective.sums(params, batch, objective_lib.draw_ranks(
       jax.random.PRNGKey(0), objective_lib.scored_tokens(batch)[0], 'l2r'))
-  rows = []
-  for t in range(inputs.shape[1]):
-    tokens = jnp.concatenate([batch['inputs'][:, :t + 1],
-                              jnp.full((2, 1), model.mask_id, jnp.int32)], axis=1)
-    out = model.apply({'params': params}, tokens, jnp.broadcast_to(jnp.arange(t + 2), (2, t + 2)))
-    rows.append(model.prediction_logits(out.logits[:, -1]))
-  ar = next_token_nll(jnp.stack(rows, axis=1), batch)
+  # Row (t, b): x_0 .. x_t of row b, [MASK] at t + 1, padding after it (which the causal
+  # mask hides from the query): one forward for every t.
+  rows, length = inputs.shape
+  tokens = np.zeros((length, rows, length + 1), np.int32)
+  for t in range(length):
+    tokens[t, :, :t + 1] = inputs[:, :t + 1]
+    tokens[t, :, t + 1] = model.mask_id
+  out = model.apply({'params': params}, jnp.asarray(tokens.reshape(-1, length + 1)),
+                    jnp.broadcast_to(jnp.arange(length + 1), (length * rows, length + 1)))
+  logits = out.logits.reshape(length, rows, length + 1, -1)
+  query = logits[jnp.arange(length), :, jnp.arange(length) + 1]            # [T, B, V]
+  logits = model.prediction_logits(jnp.swapaxes(query, 0, 1))
+  ar = next_token_nll(logits, batch)
   assert float(sums['tokens']) == float(ar['tokens']) == 8 + 5
   np.testing.assert_allclose(float(sums['nll_sum']), float(ar['nll_sum']), rtol=1e-5)
   # Other orders train other factorizations of the same tokens.
