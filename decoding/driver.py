@@ -38,7 +38,7 @@ import numpy as np
 from decoding import trees, verify
 from decoding.proposal import Proposer
 from decoding.sampling import SamplingConfig, log_probs, sample
-from models import BlockDiffusionLM, KVCache, masks
+from models import AnySubsetLM, BlockDiffusionLM, KVCache, masks
 
 
 @flax.struct.dataclass
@@ -363,7 +363,8 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   Raises ValueError (while tracing) when the method and its drafter do not fit, for a
   speculative method on a model with dynamic NTK rotary scaling (not lossless there), or
   for a block diffusion model (BD3-LM) under any method but block_diffusion (a config
-  whose generate_own runs the whole generation, decoding/block_diffusion.py).
+  whose generate_own runs the whole generation, decoding/block_diffusion.py), or an
+  any-subset AR model under any method but any_order / assd (decoding/any_subset.py).
   """
   own = config.generate_own(model, params, prompts, prompt_lengths, rng)
   if own is not None:
@@ -372,6 +373,10 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
     raise ValueError(f'This is a block diffusion model (BD3-LM, block size '
                      f'{model.block_size}): its denoiser predicts masked tokens, not the next '
                      'one; decode it with --method=block_diffusion.')
+  if isinstance(model, AnySubsetLM):
+    raise ValueError('This is an any-subset autoregressive model (AS-ARM): its predictions '
+                     'come from query tokens, not the next-token head; decode it with '
+                     '--method=any_order or --method=assd.')
   proposer = config.proposer(model, drafter)
   if proposer is not None and getattr(model.config, 'rope_type', 'default') == 'dynamic':
     # Dynamic NTK rotary frequencies follow a call's largest position (as transformers

@@ -13,14 +13,14 @@ tree (one spec string for every method that drafts a tree:
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
 jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
 diffusion_steps / diffusion_sampler (block_diffusion), skip_layers / exit_layer
-(self_speculative).
+(self_speculative), infill (any_order, assd; num_draft is ASSD's k).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import (autoregressive, block_diffusion, driver, eagle, jacobi, lookahead, lookup,
-                      medusa, self_speculative, speculative, tidar, trees)
+from decoding import (any_subset, autoregressive, block_diffusion, driver, eagle, jacobi,
+                      lookahead, lookup, medusa, self_speculative, speculative, tidar, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +180,21 @@ def _block_diffusion(options, capacity, eos_ids, model, drafter):
       sampler=options.diffusion_sampler, schedule=block_diffusion.NoiseSchedule())
 
 
+def _any_order(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  return any_subset.AnyOrderConfig(**base_settings(options, capacity, eos_ids),
+                                   infill=options.infill)
+
+
+def _assd(options, capacity, eos_ids, model, drafter):
+  del model, drafter
+  if not isinstance(options.num_draft, int) or options.num_draft < 1:
+    raise ValueError(f'--num_draft={options.num_draft} for assd must be an integer k >= 1 '
+                     '(tokens drafted per round).')
+  return any_subset.ASSDConfig(**base_settings(options, capacity, eos_ids),
+                               infill=options.infill, draft=options.num_draft)
+
+
 def _self_speculative(options, capacity, eos_ids, model, drafter):
   del drafter
   num_layers = model.config.num_layers
@@ -280,3 +295,12 @@ register(Method('self_speculative', 'self-speculative', _self_speculative,
 # TiDAR: one model drafts by diffusion and verifies autoregressively in the same call.
 register(Method('tidar', 'TiDAR', _tidar, check_model=tidar.check_model, own_model=True,
                 options=('chain_rule',)))
+# Any-subset AR models (decoding/any_subset.py): sequential any-order decoding and ASSD,
+# exact with respect to it. Both decode the AS-ARM in --workdir; --infill fills the
+# prompt's mask markers instead of continuing it.
+# own_model: they decode their own family's model, never the AR target of a benchmark (the
+# family's figures come from launch.asarm_eval).
+register(Method('any_order', 'any-order (sequential)', _any_order, own_model=True,
+                check_model=any_subset.check_model, options=('infill',)))
+register(Method('assd', 'ASSD', _assd, check_model=any_subset.check_model, own_model=True,
+                options=('num_draft', 'infill')))

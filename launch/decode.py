@@ -19,6 +19,9 @@
       --lookahead_ngram=5 --lookahead_candidates=5]
   python -m launch.decode --workdir=BD3LM --method=block_diffusion [--diffusion_steps=8 \
       --diffusion_sampler=ancestral|first_hitting]
+  python -m launch.decode --workdir=ASARM --method=any_order|assd [--num_draft=4] --prompt='...'
+  python -m launch.decode --workdir=ASARM --method=assd --infill \
+      --prompt='def add(a, b):\n    return <mask:8>\n'    # <mask> = --max_new_tokens tokens
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
@@ -37,7 +40,8 @@ With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
    "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
 speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats;
-block_diffusion adds "nfe" (model calls the rows needed, summed over rows).
+block_diffusion, any_order and assd add "nfe" (model calls the rows needed, summed over
+rows); with --infill "completion" is the template with its spans filled.
 """
 import json
 import sys
@@ -114,6 +118,8 @@ _SKIP = flags.DEFINE_string('skip_layers', '', 'self_speculative: the blocks the
                             '(launch.skip_search), else exit at half depth.')
 _EXIT = flags.DEFINE_integer('exit_layer', 0, 'self_speculative: draft with the first E '
                              'blocks (early exit), 1 <= E < layers.')
+_INFILL = flags.DEFINE_bool('infill', False, 'any_order, assd: each prompt is a template; '
+                            'fill its <mask:N> (N tokens) and <mask> (--max_new_tokens) spans.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -147,6 +153,7 @@ def main(argv):
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
         diffusion_steps=_DIFFUSION_STEPS.value, diffusion_sampler=_DIFFUSION_SAMPLER.value,
         skip_layers=_SKIP.value, exit_layer=_EXIT.value, plugins=tuple(_PLUGINS.value),
+        infill=_INFILL.value,
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
@@ -166,7 +173,7 @@ def main(argv):
     print(json.dumps(result))
     return
   for out in result['outputs']:
-    if isinstance(out['prompt'], str) and not _CHAT.value:
+    if isinstance(out['prompt'], str) and not _CHAT.value and not _INFILL.value:
       print(f'--- {out["prompt"]!r}\n{out["prompt"]}{out["completion"]}')
     else:  # A chat: the reply alone.
       print(f'--- {out["prompt"]!r}\n{out["completion"]}')
@@ -181,7 +188,7 @@ def main(argv):
           f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')
-  if 'nfe' in s:  # block diffusion: model calls the rows needed, summed
+  if 'nfe' in s:  # block diffusion, any-subset: model calls the rows needed, summed
     extra += f', NFE {s["nfe"]} ({s["nfe"] / max(s["new_tokens"], 1):.2f} per token)'
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '
         f'{s["target_calls"]} target calls{extra}, compile {s["compile_s"]:.2f}s',

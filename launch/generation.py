@@ -9,6 +9,7 @@ Used by launch.decode and launch.bench:
 """
 import dataclasses
 import json
+import re
 import statistics
 import time
 
@@ -68,10 +69,40 @@ class DecodeOptions:
   skip_layers: str = ''
   exit_layer: int = 0
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
+  # any_order, assd (decoding/any_subset.py): each prompt is an infilling template whose
+  # mask markers (INFILL_MARKER) are filled, instead of a prompt to continue
+  infill: bool = False
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                           min_p=self.min_p)
+
+
+# An infilling span in a prompt: <mask:N> is N tokens to fill, <mask> is max_new_tokens.
+INFILL_MARKER = re.compile(r'<mask(?::(\d+))?>')
+
+
+def infill_template(tokenizer, text: str, mask_id: int, span: int, capacity: int) -> list[int]:
+  """The token template of an infilling prompt: the text between mask markers encoded
+  (the first piece as a prompt, with the tokenizer's BOS), each marker `<mask:N>`
+  replaced by N [MASK] ids (mask_id) and `<mask>` by `span` of them.
+  Raises ValueError for a text without a marker, a marker of 0 tokens, or a template
+  (text and spans) longer than `capacity` tokens."""
+  pieces = INFILL_MARKER.split(text)      # text, N or None, text, N or None, ..., text
+  if len(pieces) == 1:
+    raise ValueError('--infill: the prompt has no mask marker; mark each span to fill with '
+                     '<mask:N> (N tokens) or <mask> (--max_new_tokens tokens).')
+  ids = [int(x) for x in tokenizer.encode_prompt(pieces[0])]
+  for count, piece in zip(pieces[1::2], pieces[2::2]):
+    n = span if count is None else int(count)
+    if n < 1:
+      raise ValueError(f'--infill: a span of {n} tokens; give <mask:N> with N >= 1.')
+    ids += [mask_id] * n + [int(x) for x in tokenizer.encode(piece)]
+  if len(ids) > capacity:
+    raise ValueError(f'--infill: the template has {len(ids)} tokens with its spans, more than '
+                     f'the context ({capacity} tokens): shorten the text or the spans, or '
+                     'raise --max_context.')
+  return ids
 
 
 def draft_length(text: str, flag: str) -> int | str:
@@ -218,6 +249,13 @@ def completion_text(tokenizer, prompt_ids, new_ids) -> str:
   return full[common:]
 
 
+def infilled_text(tokenizer, template: list[int], filled: list[int], mask_id: int) -> str:
+  """The text of an infilling template with its [MASK] ids replaced, left to right, by
+  the filled tokens."""
+  fill = iter(filled)
+  return tokenizer.decode([next(fill) if t == mask_id else t for t in template])
+
+
 def check_draft(restored, draft) -> None:
   """A draft must encode text as the target does (Tokenizer.fingerprint: vocabulary,
   merges, added tokens; not its own BOS / EOS ids). Embeddings padded to different
@@ -246,7 +284,13 @@ def decode_texts(restored, texts: list, method: str = 'autoregressive',
     raise ValueError('No prompts given.')
   tokenizer = restored.tokenizer
   prompts = [_as_prompt(t, chat) for t in texts]
-  encoded = encode_prompts(tokenizer, prompts, chat)
+  if options.infill:
+    if chat:
+      raise ValueError('--infill fills a text template; it does not take --chat.')
+    encoded = [infill_template(tokenizer, p.label, restored.model.mask_id,
+                               options.max_new_tokens, options.max_context) for p in prompts]
+  else:
+    encoded = encode_prompts(tokenizer, prompts, chat)
   completions, stats = decode_tokens(restored, encoded, method, options, draft)
   finishes = stats.pop('finish_reasons')
   outputs = []
@@ -254,6 +298,8 @@ def decode_texts(restored, texts: list, method: str = 'autoregressive',
     out = {'prompt': prompt.label if prompt.messages is None else list(prompt.messages),
            'completion': completion_text(tokenizer, prompt_ids, ids), 'tokens': ids,
            'finish_reason': finish['reason']}
+    if options.infill:  # The template with its spans filled, and each span's text.
+      out['completion'] = infilled_text(tokenizer, prompt_ids, ids, restored.model.mask_id)
     if 'stop_id' in finish:
       out['stop_id'] = finish['stop_id']
     if prompt.category:
@@ -329,11 +375,19 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   tokenizer, model = restored.tokenizer, restored.model
   longest = max(len(p) for p in prompts)
   padded, lengths = driver.pad_prompts(prompts, tokenizer.pad_id)
-  driver.check_prompts(padded, lengths, capacity=options.max_context,
-                       vocab_size=getattr(model, 'mask_id', model.config.vocab_size),
-                       max_new_tokens=options.max_new_tokens)
-  # The cache holds what the longest prompt needs, within the context limit.
-  capacity = min(options.max_context, longest + options.max_new_tokens)
+  if options.infill:  # Templates: their spans are the new tokens.
+    if entry.name not in ('any_order', 'assd'):
+      raise ValueError(f'--infill is an option of any_order, assd, not of --method={method}.')
+    entry.check_model(model)
+    from decoding import any_subset
+    any_subset.check_templates(padded, lengths, model.mask_id, options.max_context)
+    capacity = longest
+  else:
+    driver.check_prompts(padded, lengths, capacity=options.max_context,
+                         vocab_size=getattr(model, 'mask_id', model.config.vocab_size),
+                         max_new_tokens=options.max_new_tokens)
+    # The cache holds what the longest prompt needs, within the context limit.
+    capacity = min(options.max_context, longest + options.max_new_tokens)
   config, drafter, params = _build(restored, entry, options, capacity, draft)
 
   mesh = sharding.make_mesh(options.model_parallelism)
@@ -380,7 +434,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       finishes += out.finish_reasons()[:len(chunk)]
       stats['new_tokens'] += sum(len(c) for c in new)
       stats['target_calls'] += int(out.target_calls)
-      if 'nfe' in out.stats:  # block diffusion: model calls per row
+      if 'nfe' in out.stats:  # block diffusion, any-subset: model calls per row
         stats['nfe'] = stats.get('nfe', 0) + int(np.asarray(out.stats['nfe'])[:len(chunk)].sum())
       if 'accepted_histogram' in out.stats:
         h = np.asarray(out.stats['accepted_histogram'])

@@ -22,6 +22,9 @@ This module imports nothing from training/ or configs/.
             bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
   tidar     TidarLM(config.model,         the Transformer's, vocabulary + 1 (the mask token):
             tidar.block_size)             one model, AR LM and block diffusion drafter (TiDAR)
+  asarm     AnySubsetLM(config.model)     the Transformer's, vocabulary + 1 (the query
+                                          token [MASK]): an any-subset autoregressive model
+                                          (models/any_subset.py)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -34,11 +37,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, TidarLM, Transformer,
-                    TransformerConfig, masks)
+from models import (AnySubsetLM, BlockDiffusionLM, EagleDrafter, MedusaHeads, TidarLM,
+                    Transformer, TransformerConfig, masks)
 from models.heads import check_feature_layers
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm', 'tidar')
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm', 'tidar',
+            'asarm')
 HEADS_FAMILIES = ('medusa', 'eagle', 'eagle3')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -59,6 +63,9 @@ _MODULES = {
     'tidar': lambda config, trunk: TidarLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
         block_size=config.tidar.block_size),
+    # The query token [MASK] extends the tokenizer's vocabulary by one id.
+    'asarm': lambda config, trunk: AnySubsetLM(
+        dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1)),
 }
 
 

@@ -182,3 +182,48 @@ def tidar_round_mask(root_slots: jnp.ndarray, num_draft: int, capacity: int) -> 
   start = root + k1 * (outcome + 1)
   blocks = (slots <= root + outcome) | ((slots >= start) & (slots < start + k1))
   return jnp.concatenate([causal, blocks], axis=1)
+def any_order_training_mask(ranks: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+  """[B, 2T, 2T] the two-stream mask of an any-subset autoregressive model (AS-ARM; Guo and
+  Ermon 2025, after XLNet's two-stream attention, Yang et al. 2019, section 2.3) over the
+  content stream (this row's T tokens) concatenated with the query stream (T [MASK]
+  tokens at the same positions), restricted to each packed document.
+
+  ranks: [B, T] int, 0 for a known (conditioning) token, 1, 2, ... for the tokens to
+  predict in their decoding order (ties are not allowed among ranks > 0); segment_ids:
+  [B, T] document ids (0 = padding).
+    content i -> content j  iff rank_j == 0 or rank_j <= rank_i: the known tokens see each
+                 other (bidirectional, as the reference code's prompt does) and a predicted
+                 token's content sees the known set and the tokens decoded up to itself;
+    query i   -> content j  iff rank_j < rank_i (the known set and the tokens decoded
+                 before i), and -> query i itself (its own position, never its token);
+    content   -> query      never.
+  The query stream's output at i is then p(x_i | x_{rank < rank_i}), and the content
+  stream holds exactly the keys/values a KV cache keeps while decoding in that order.
+  """
+  length = ranks.shape[1]
+  rq, rk = ranks[:, :, None], ranks[:, None, :]
+  same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids != 0)[:, :, None]
+  content = ((rk == 0) | (rk <= rq)) & same_doc
+  query = (rk < rq) & same_doc
+  own = jnp.broadcast_to(jnp.eye(length, dtype=bool), content.shape)
+  none = jnp.zeros_like(content)
+  top = jnp.concatenate([content, none], axis=2)                           # content queries
+  bottom = jnp.concatenate([query, own], axis=2)                           # query stream
+  return jnp.concatenate([top, bottom], axis=1)
+
+
+def any_order_slot_mask(visible: jnp.ndarray, write_slots: jnp.ndarray,
+                        within: jnp.ndarray) -> jnp.ndarray:
+  """[B, T, S] the mask of one cached call of an any-order model whose T tokens sit at
+  arbitrary cache slots: token t sees every slot `visible` marks (the tokens already kept,
+  at non-contiguous slots) and, of this call's tokens, those `within` allows.
+
+  visible: [B, S] bool per-slot validity; write_slots: [B, T] this call's slots (>= S =
+  not written, seen by nobody); within: [T, T] or [B, T, T] bool, query t -> this
+  call's token u.
+  """
+  capacity = visible.shape[1]
+  at = write_slots[:, :, None] == jnp.arange(capacity)[None, None, :]       # [B, T, S]
+  within = jnp.broadcast_to(within, write_slots.shape + write_slots.shape[1:])
+  in_call = jnp.einsum('btu,bus->bts', within.astype(jnp.int32), at.astype(jnp.int32)) > 0
+  return visible[:, None, :] | in_call

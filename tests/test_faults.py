@@ -295,7 +295,7 @@ def test_an_option_of_another_method_is_refused():
   from launch import generation
   options = generation.DecodeOptions(num_draft=6)
   with pytest.raises(ValueError, match=r'--num_draft is an option of speculative, lookup, '
-                                       r'self_speculative(, repeat_last)?, not of '
+                                       r'self_speculative(, \w+)*, not of '
                                        r'--method=autoregressive'):
     registry.check_options(registry.get('autoregressive'), options)
   registry.check_options(registry.get('speculative'), options)

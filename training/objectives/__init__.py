@@ -6,14 +6,15 @@ frozen target). Metrics are *sums* over the batch (nll_sum, tokens, bytes) so
 the trainer can average them over many eval batches exactly.
 
 One file per family (ar_lm, mtp, distill, medusa, eagle and eagle3; consistency for cllm;
-block_diffusion for bd3lm; tidar), each
+block_diffusion for bd3lm; tidar; any_subset for asarm), each
 with its objective class and `build(config, vocab_size)`; what they share is in `base`.
 The module each family trains, and its parameter tree, come from the family map
 (models/families.py), which checkpoints use too.
 """
 from models.families import FAMILIES, HEADS_FAMILIES, transformer_config
-from training.objectives import (ar_lm, block_diffusion, consistency, distill, eagle, medusa, mtp,
-                                 tidar)
+from training.objectives import (any_subset, ar_lm, block_diffusion, consistency, distill, eagle,
+                                 medusa, mtp, tidar)
+from training.objectives.any_subset import AnySubsetObjective
 from training.objectives.ar_lm import LanguageModelObjective
 from training.objectives.base import (Objective, Params, next_token_nll, shift_left,
                                       shifted_targets, summarize)
@@ -29,7 +30,7 @@ from training.objectives.tidar import TidarObjective
 BUILDERS = {'ar_lm': ar_lm.build, 'distill': distill.build, 'medusa': medusa.build,
             'eagle': eagle.build, 'eagle3': eagle.build_eagle3, 'mtp': mtp.build,
             'cllm': consistency.build, 'tidar': tidar.build,
-            'bd3lm': block_diffusion.build}
+            'bd3lm': block_diffusion.build, 'asarm': any_subset.build}
 assert set(BUILDERS) == set(FAMILIES), 'Each family of the family map needs an objective.'
 
 
