@@ -18,6 +18,10 @@ This module imports nothing from training/ or configs/.
                                           training, still a plain LM
   bd3lm     BlockDiffusionLM(config.model, the Transformer's, vocabulary + 1 (the mask
             bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
+  early_exit Transformer(config.model)    the Transformer's with exit heads at
+                                          model.exit_layers (shared final norm and unembedding,
+                                          optional per-exit norms, CALM's exit classifier);
+                                          still a plain LM at its last layer
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer, TransformerConfig,
                     masks)
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm')
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm', 'early_exit')
 HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -49,6 +53,7 @@ _MODULES = {
     'bd3lm': lambda config, trunk: BlockDiffusionLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
         block_size=config.bd3lm.block_size),
+    'early_exit': lambda config, trunk: Transformer(trunk),
 }
 
 

@@ -5,14 +5,15 @@ metrics from a batch, and says which parameters train (e.g. draft heads on a
 frozen target). Metrics are *sums* over the batch (nll_sum, tokens, bytes) so
 the trainer can average them over many eval batches exactly.
 
-One file per family (ar_lm, mtp, distill, medusa, eagle; consistency for cllm;
-block_diffusion for bd3lm), each
+One file per family (ar_lm, mtp, distill, medusa, eagle, early_exit; consistency for
+cllm; block_diffusion for bd3lm), each
 with its objective class and `build(config, vocab_size)`; what they share is in `base`.
 The module each family trains, and its parameter tree, come from the family map
 (models/families.py), which checkpoints use too.
 """
 from models.families import FAMILIES, HEADS_FAMILIES, transformer_config
-from training.objectives import ar_lm, block_diffusion, consistency, distill, eagle, medusa, mtp
+from training.objectives import (ar_lm, block_diffusion, consistency, distill, eagle, early_exit,
+                                 medusa, mtp)
 from training.objectives.ar_lm import LanguageModelObjective
 from training.objectives.base import (Objective, Params, next_token_nll, shift_left,
                                       shifted_targets, summarize)
@@ -20,13 +21,14 @@ from training.objectives.block_diffusion import BlockDiffusionObjective
 from training.objectives.consistency import ConsistencyObjective
 from training.objectives.distill import DistillationObjective
 from training.objectives.eagle import EagleObjective
+from training.objectives.early_exit import EarlyExitObjective
 from training.objectives.medusa import MedusaObjective
 from training.objectives.mtp import MultiTokenObjective
 
 # family -> build(config, vocab_size) -> Objective; the keys are models.families.FAMILIES.
 BUILDERS = {'ar_lm': ar_lm.build, 'distill': distill.build, 'medusa': medusa.build,
             'eagle': eagle.build, 'mtp': mtp.build, 'cllm': consistency.build,
-            'bd3lm': block_diffusion.build}
+            'bd3lm': block_diffusion.build, 'early_exit': early_exit.build}
 assert set(BUILDERS) == set(FAMILIES), 'Each family of the family map needs an objective.'
 
 
