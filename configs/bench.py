@@ -36,6 +36,10 @@ def get_config(arg: str | None = None):
       eagle=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
   config.typical = ('medusa',)                  # also typical acceptance (LOSSY), last tree
   config.auto = ()                              # also with num_draft=auto (launch/autotune.py)
+  # early_exit (CALM, LOSSY; a target trained with configs/early_exit.py): one run per
+  # threshold ('' = the calibrated one, launch.calibrate_exit), with this measure
+  config.exit_thresholds = ()
+  config.exit_confidence = 'softmax'
   config.num_draft = 4                          # speculative chain: K
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps

@@ -59,6 +59,24 @@ def ar_agreement(model, params, prompts, ar_completions, completions) -> str:
   return verdict
 
 
+def token_agreement(model, params, prompts, completions) -> list[float]:
+  """Per row, the fraction of a (lossy) method's new tokens that equal the full model's
+  greedy token on the same prefix (teacher forced: one plain call over prompt +
+  completion): CALM's consistency with the full model, token by token. A row without
+  new tokens counts 1."""
+  out = []
+  for prompt, ids in zip(prompts, completions):
+    if not ids:
+      out.append(1.0)
+      continue
+    seq = jnp.asarray([list(prompt) + list(ids)], jnp.int32)
+    logits = model.apply({'params': params}, seq, jnp.arange(seq.shape[1])[None]).logits
+    top = np.asarray(jnp.argmax(logits[0, :, :model.config.vocab_size], -1))
+    full = top[len(prompt) - 1:len(prompt) - 1 + len(ids)]
+    out.append(float(np.mean(full == np.asarray(ids))))
+  return out
+
+
 def validation_prompts(restored, num_prompts: int, prompt_len: int, split: str = 'validation',
                        skip: int = 0) -> list[list[int]]:
   """The first `prompt_len` tokens ([bos] + text) of validation documents long enough
@@ -164,7 +182,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
   """(method, tree, typical, auto) for each run of `methods` on one model: autoregressive
   first, then each method once per entry of config.trees.<method> ('' = the method's
   default tree; a method with no entry runs once with ''), methods listed in
-  config.typical once more with typical acceptance (LOSSY) on their last tree, and
+  config.typical once more with typical acceptance (LOSSY) on their last tree (early_exit:
+  once per config.exit_thresholds, the threshold in the tree's place), and
   methods listed in config.auto once more with their draft length chosen by the cost
   model (launch/autotune.py: `--num_draft=auto`)."""
   trees_of = config.get('trees', {})
@@ -173,6 +192,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
     if method == 'autoregressive':
       continue
     variants = tuple(trees_of.get(method, ('',))) or ('',)
+    if method == 'early_exit':  # one run per threshold (in the tree's place)
+      variants = tuple(str(float(t)) for t in config.get('exit_thresholds', ())) or ('',)
     runs += [(method, tree, False, False) for tree in variants]
     if method in config.get('typical', ()):
       runs.append((method, variants[-1], True, False))
@@ -186,6 +207,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
 def _name(method: str, typical: bool, stats: dict) -> str:
   """The table's name of a record: the method's label, _typical, and its tree."""
   tree = f'({trees.label(stats["tree"])})' if 'tree' in stats else ''
+  if 'threshold' in stats:  # early exit: its threshold and confidence measure
+    tree = f'(threshold {stats["threshold"]:g}, {stats["confidence"]})'
   return registry.get(method).label + ('_typical' if typical else '') + tree
 
 
@@ -474,6 +497,19 @@ def _capacity(config, prompts: list[list[int]]) -> int:
 _LATENCY = ('prefill_ms', 'decode_tokens_per_s')
 
 
+def _lossy_fields(model, prompts, completions, stats, temperature, lossless) -> dict:
+  """A lossy greedy row's token agreement with the full model (token_agreement), and an
+  early-exit row's mean exit layer and blocks per step."""
+  out = {}
+  if not lossless and temperature == 0:
+    out['token_agreement'] = float(np.mean(token_agreement(model.model, model.params, prompts,
+                                                           completions)))
+  for key in ('mean_exit_layer', 'blocks_per_step', 'exit_histogram'):
+    if key in stats:
+      out[key] = stats[key]
+  return out
+
+
 def _record(name, stats, ar, machine, **fields) -> dict:
   """A bench row: counts, speed, latency split and memory, with ratios to our AR (`ar`:
   AR's stats in the same group; None for AR itself)."""
@@ -621,8 +657,11 @@ def run(config, workdir: str) -> list[dict]:
           for method, tree, typical, auto in variants:
             bar.set_postfix(method=method + tree, category=category, batch=batch_size,
                             temperature=temperature)
+            chosen = (dict(exit_threshold=float(tree) if tree else None,
+                           exit_confidence=config.get('exit_confidence', 'softmax'))
+                      if method == 'early_exit' else dict(tree=tree))
             method_options = registry.options_for(
-                registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
+                registry.get(method), dataclasses.replace(options, typical=typical, **chosen))
             if auto:   # the cost model's draft length, or tree size (launch/autotune.py)
               entry = registry.get(method)
               method_options = dataclasses.replace(
@@ -647,7 +686,8 @@ def run(config, workdir: str) -> list[dict]:
                 matches_ar=(completions == ar[0]) if greedy_lossless else None,
                 ar_agreement=(ar_agreement(restored.model, restored.params, prompts, ar[0],
                                            completions)
-                              if greedy_lossless and model is restored else None)))
+                              if greedy_lossless and model is restored else None),
+                **_lossy_fields(model, prompts, completions, stats, temperature, lossless)))
           if model is restored:
             target_ar, target_prompts = ar, prompts
         if temperature == 0:
@@ -735,6 +775,8 @@ def markdown_table(records: list[dict]) -> str:
           'compile_s', 'peak_rss_mb']
   if any(r.get('device_peak_mb') is not None for r in records):
     cols.append('device_peak_mb')
+  if any('token_agreement' in r or 'mean_exit_layer' in r for r in records):  # lossy rows
+    cols += ['token_agreement', 'mean_exit_layer', 'blocks_per_step']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for r in records:
     lines.append('| ' + ' | '.join(_cell(r.get(c)) for c in cols) + ' |')

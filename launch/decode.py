@@ -16,6 +16,8 @@
       --lookahead_ngram=5 --lookahead_candidates=5]
   python -m launch.decode --workdir=BD3LM --method=block_diffusion [--diffusion_steps=8 \
       --diffusion_sampler=ancestral|first_hitting]
+  python -m launch.decode --workdir=EARLY_EXIT --method=early_exit [--exit_threshold=0.9 \
+      --exit_confidence=softmax|top2|state|classifier --exit_layers=2,4]   # CALM, LOSSY
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
@@ -111,6 +113,14 @@ _SKIP = flags.DEFINE_string('skip_layers', '', 'self_speculative: the blocks the
                             '(launch.skip_search), else exit at half depth.')
 _EXIT = flags.DEFINE_integer('exit_layer', 0, 'self_speculative: draft with the first E '
                              'blocks (early exit), 1 <= E < layers.')
+_EXIT_THRESHOLD = flags.DEFINE_float(
+    'exit_threshold', None, 'early_exit (CALM, LOSSY): exit when the confidence is >= this, '
+    'in [0, 1] (1 = never); default: the workdir\'s calibrated threshold '
+    '(launch.calibrate_exit), else 0.9.')
+_EXIT_CONFIDENCE = flags.DEFINE_string(
+    'exit_confidence', 'softmax', 'early_exit: softmax | top2 | state | classifier.')
+_EXIT_LAYERS = flags.DEFINE_string('exit_layers', '', 'early_exit: the exits used ("2,4"); '
+                                   'default: all the model\'s.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -144,6 +154,8 @@ def main(argv):
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
         diffusion_steps=_DIFFUSION_STEPS.value, diffusion_sampler=_DIFFUSION_SAMPLER.value,
         skip_layers=_SKIP.value, exit_layer=_EXIT.value, plugins=tuple(_PLUGINS.value),
+        exit_threshold=_EXIT_THRESHOLD.value, exit_confidence=_EXIT_CONFIDENCE.value,
+        exit_layers=_EXIT_LAYERS.value,
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
@@ -178,6 +190,10 @@ def main(argv):
           f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')
+  if 'exit_histogram' in s:  # CALM early exit (lossy)
+    extra += (f', LOSSY early exit at threshold {s["threshold"]:g} ({s["confidence"]}): '
+              f'mean exit layer {s["mean_exit_layer"]:.2f}, {s["blocks_per_step"]:.2f} blocks '
+              f'per step, row-tokens per exit {dict(zip(s["exit_layers"], s["exit_histogram"]))}')
   if 'nfe' in s:  # block diffusion: model calls the rows needed, summed
     extra += f', NFE {s["nfe"]} ({s["nfe"] / max(s["new_tokens"], 1):.2f} per token)'
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '
