@@ -594,13 +594,24 @@ def _engines(config, restored, capacity: int, directory: str, skipped: dict) -> 
   return engines
 
 
-def _methods(config) -> list[str]:
+def _decodes(method, model) -> bool:
+  """Whether `method` accepts `model` (its check_model raises nothing)."""
+  try:
+    method.check_model(model)
+  except ValueError:
+    return False
+  return True
+
+
+def _methods(config, model=None) -> list[str]:
   """config.methods, plus (config.training_free) every registered method that decodes the
-  target with no second model (autoregressive, prompt lookup, Jacobi, ...)."""
+  target `model` with no second model (autoregressive, prompt lookup, Jacobi, ...; not
+  early_exit on a model without exit heads)."""
   methods = list(config.methods)
   if config.get('training_free', False):
     methods += [m.name for m in registry.METHODS.values()
-                if m.second is None and not m.own_model and m.name not in methods]
+                if m.second is None and not m.own_model and m.name not in methods
+                and (model is None or _decodes(m, model))]
   for name in methods:
     registry.get(name)  # Unknown names fail here, before any work.
   return methods
@@ -621,8 +632,8 @@ def run(config, workdir: str) -> list[dict]:
   from launch import generation
   from training import checkpoints
   registry.load_plugins(config.get('plugins', ()))
-  methods = _methods(config)
   restored = checkpoints.restore_model(config.target_workdir)
+  methods = _methods(config, restored.model)
   second = _second_models(config, methods)
   # (model, its label, [(method, tree, typical)]): speedups are against that model's AR.
   on_target = [m for m in methods if not registry.get(m).own_model]
