@@ -1,5 +1,6 @@
 """The early-exit family and CALM decoding (decoding/early_exit.py): training step (8
-devices == 1), never-exit == plain greedy, state propagation, per-row exits, calibration,
+devices == 1), never-exit == plain greedy, state propagation, per-row exits, 8 devices,
+calibration,
 LayerSkip's trained self-speculation (greedy and sampling), the registry and clear errors."""
 import flax.linen as nn
 import jax
@@ -135,6 +136,12 @@ def _exit_states(cache, tokens, positions):
   return [h[:, 0] for h in out.layer_hidden]
 
 
+def _exit_logits(state, index):
+  """[B, D] block output -> [B, 60] exit `index`'s logits (real vocabulary)."""
+  normed = MODEL.apply({'params': PARAMS}, state[:, None], index, method=Transformer.exit_hidden)
+  return MODEL.apply({'params': PARAMS}, normed, method=Transformer.logits)[:, 0, :60]
+
+
 def _check_propagated(new_cache, cache, tokens, positions, exit_at):
   """Every row's keys/values of blocks >= its exit E, at its token's slot, are what those
   blocks compute from the exit state (block E - 1's output); blocks below E are plain."""
@@ -158,9 +165,7 @@ def _check_propagated(new_cache, cache, tokens, positions, exit_at):
 def test_threshold_zero_exits_first_and_propagates_the_exit_state():
   (token, exit_at, new_cache, blocks), cache, tokens, positions = _one_step(0.0)
   assert (np.asarray(exit_at) == 1).all() and int(blocks) == 1   # one block for the batch
-  states = _exit_states(cache, tokens, positions)
-  normed = MODEL.apply({'params': PARAMS}, states[0], 0, method=Transformer.exit_hidden)
-  logits = MODEL.apply({'params': PARAMS}, normed, method=Transformer.logits)[:, :60]
+  logits = _exit_logits(_exit_states(cache, tokens, positions)[0], 0)
   np.testing.assert_array_equal(token, np.argmax(logits, -1))
   _check_propagated(new_cache, cache, tokens, positions, exit_at)
 
@@ -171,10 +176,8 @@ def test_rows_exit_at_different_layers_in_one_step_and_decode_as_alone():
   values written for the exited row are still the propagated ones); each row of a batch
   decodes exactly as it does alone."""
   _, cache, tokens, positions = _one_step(1.0)
-  states = _exit_states(cache, tokens, positions)
-  normed = MODEL.apply({'params': PARAMS}, states[0], 0, method=Transformer.exit_hidden)
-  logits = MODEL.apply({'params': PARAMS}, normed, method=Transformer.logits)
-  conf = np.asarray(early_exit.confidence('softmax', logits[:, :60], None, None, None))
+  logits = _exit_logits(_exit_states(cache, tokens, positions)[0], 0)
+  conf = np.asarray(early_exit.confidence('softmax', logits, None, None, None))
   order = np.argsort(conf)
   threshold = float((conf[order[-1]] + conf[order[-2]]) / 2)
   (token, exit_at, new_cache, _), *_ = _one_step(threshold)
@@ -188,6 +191,23 @@ def test_rows_exit_at_different_layers_in_one_step_and_decode_as_alone():
   for row, prompt in enumerate(PROMPTS):
     alone = _decode(config, [prompt])
     assert alone.completions()[0] == batch.completions()[row]
+
+
+def test_eight_devices_give_the_tokens_of_one():
+  from models import sharding
+  prompts = PROMPTS * 2
+  config = _calm(0.2, 'top2', max_new=8, sampling=SamplingConfig(temperature=1.0))
+  single = _decode(config, prompts)
+  mesh = sharding.make_mesh(model_parallelism=2)
+  padded, lengths = driver.pad_prompts(prompts)
+  with jax.set_mesh(mesh):
+    out = driver.generate(
+        MODEL, jax.device_put(PARAMS, sharding.param_shardings(MODEL, mesh)),
+        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
+        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)), config,
+        jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+  np.testing.assert_array_equal(out.stats['exit_histogram'], single.stats['exit_histogram'])
 
 
 def test_choose_threshold_is_fixed_sequence_testing():
