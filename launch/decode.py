@@ -36,7 +36,9 @@ With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
    "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
 speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats;
-block_diffusion adds "nfe" (model calls the rows needed, summed over rows).
+block_diffusion adds "nfe" (model calls the rows needed, summed over rows); early_exit
+(LOSSY) adds "exit_layers", "exit_histogram" (row-tokens per exit, the last = the full
+model), "mean_exit_layer", "blocks_per_step", "threshold" and "confidence".
 """
 import json
 import sys
