@@ -65,7 +65,8 @@ class Method:
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
-    return config.acceptance is None and config.exact and not self.own_family
+    return (config.acceptance is None and getattr(config, 'exact', True)
+            and not self.own_family)
 
 
 METHODS: dict[str, Method] = {}
