@@ -42,6 +42,10 @@ def get_config(arg: str | None = None):
   # samples under the target: denoising steps per block (0 = the block size) and sampler.
   config.diffusion_steps = 0
   config.diffusion_sampler = 'ancestral'        # or first_hitting
+  # early_exit (CALM, LOSSY; a target trained with configs/early_exit.py): one run per
+  # threshold ('' = the calibrated one, launch.calibrate_exit), with this measure
+  config.exit_thresholds = ()
+  config.exit_confidence = 'softmax'
   config.num_draft = 4                          # speculative chain: K
   config.adaptive_threshold = 0.0               # speculative: 0 = always draft K
   config.naive_reference = True                 # also time a Python loop of jitted steps

@@ -117,6 +117,12 @@ class DecodeConfig:
     return None
 
   @property
+  def exact(self) -> bool:
+    """Whether the method reproduces the target (False: a lossy method that does not
+    verify, e.g. CALM early exit, decoding/early_exit.py)."""
+    return True
+
+  @property
   def acceptance(self) -> Optional[verify.TypicalAcceptance]:
     """The acceptance rule: None = exact (lossless); a lossy rule otherwise."""
     return None

@@ -13,14 +13,16 @@ tree (one spec string for every method that drafts a tree:
 typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
 jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
 diffusion_steps / diffusion_sampler (block_diffusion), skip_layers / exit_layer
-(self_speculative), infill (any_order, assd; num_draft is ASSD's k).
+(self_speculative), infill (any_order, assd; num_draft is ASSD's k), exit_threshold /
+exit_confidence / exit_layers (early_exit).
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
-from decoding import (any_subset, autoregressive, block_diffusion, driver, eagle, jacobi,
-                      lookahead, lookup, medusa, self_speculative, speculative, tidar, trees)
+from decoding import (any_subset, autoregressive, block_diffusion, driver, eagle, early_exit,
+                      jacobi, lookahead, lookup, medusa, self_speculative, speculative, tidar,
+                      trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,8 @@ class Method:
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
-    return config.acceptance is None and not self.own_family
+    return (config.acceptance is None and getattr(config, 'exact', True)
+            and not self.own_family)
 
 
 METHODS: dict[str, Method] = {}
@@ -203,10 +206,14 @@ def _self_speculative(options, capacity, eos_ids, model, drafter):
   if not isinstance(options.num_draft, int):
     raise ValueError(f'--num_draft={options.num_draft} for self_speculative must be a '
                      'positive integer.')
+  exits = getattr(model.config, 'exit_layers', ())
   if options.skip_layers:
     skip = self_speculative.parse_skip(options.skip_layers)
-  else:  # No skip set anywhere: LayerSkip's exit at half depth.
+  elif options.exit_layer or not exits:  # No skip set anywhere: exit at half depth.
     skip = self_speculative.exit_skip(options.exit_layer or max(num_layers // 2, 1),
+                                      num_layers)
+  else:  # An early-exit model: its trained exit nearest half depth (LayerSkip).
+    skip = self_speculative.exit_skip(min(exits, key=lambda e: abs(e - num_layers / 2)),
                                       num_layers)
   self_speculative.check_skip(skip, num_layers)
   return self_speculative.SelfSpeculativeConfig(
@@ -219,6 +226,29 @@ def _tidar(options, capacity, eos_ids, model, drafter):
   # The model's own block (block_size - 1 drafts): the length it was trained to draft.
   return tidar.TidarConfig(**base_settings(options, capacity, eos_ids),
                            chain_rule=options.chain_rule)
+
+
+def _early_exit(options, capacity, eos_ids, model, drafter):
+  del drafter
+  exits = (self_speculative.parse_skip(options.exit_layers, 'exit_layers')
+           if options.exit_layers else ())
+  exits = early_exit.check_model(model, exits)
+  threshold = (early_exit.DEFAULT_THRESHOLD if options.exit_threshold is None
+               else options.exit_threshold)
+  return early_exit.EarlyExitConfig(
+      **base_settings(options, capacity, eos_ids), threshold=threshold,
+      confidence=options.exit_confidence, exit_layers=exits)
+
+
+def _calibrated_threshold(options, workdir):
+  """The threshold launch.calibrate_exit chose for this model and confidence measure
+  (and exits), when the options give none."""
+  if options.exit_threshold is not None:
+    return options
+  found = early_exit.load_calibration(workdir, options.exit_confidence, options.exit_layers)
+  if found is None:
+    return options
+  return dataclasses.replace(options, exit_threshold=float(found['threshold']))
 
 
 def _searched_skip(options, workdir):
@@ -289,6 +319,10 @@ register(Method('lookahead', 'lookahead', _lookahead,
 register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
                 check_model=block_diffusion.check_model, own_model=True, own_family=True,
                 options=('diffusion_steps', 'diffusion_sampler')))
+register(Method('early_exit', 'CALM early exit (LOSSY)', _early_exit,
+                check_model=lambda model: early_exit.check_model(model) and None,
+                options=('exit_threshold', 'exit_confidence', 'exit_layers'),
+                workdir_options=_calibrated_threshold))
 register(Method('self_speculative', 'self-speculative', _self_speculative,
                 options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
                 workdir_options=_searched_skip))

@@ -5,7 +5,9 @@ Zhang et al. 2024, "Draft & Verify: Lossless Large Language Model Acceleration v
 Self-Speculative Decoding", section 3; SWIFT, Xia et al. 2025) or every block from E on,
 i.e. the first E blocks (LayerSkip's early-exit draft, Elhoushi et al. 2024, section 4).
 A skipped block passes the residual stream through; the final norm and the LM head are
-the model's own (models.Transformer.__call__(layers=...)). It needs no training and
+the model's own (models.Transformer.__call__(layers=...)); on an early-exit model
+(family early_exit, trained with LayerSkip's recipe: configs/early_exit.py) an exit-layer
+draft uses that exit's head, LayerSkip's trained self-speculation. It needs no training and
 works on any imported plain LM; `launch.skip_search` chooses a skip set on calibration
 text by measured acceptance.
 
@@ -57,8 +59,8 @@ def exit_skip(exit_layer: int, num_layers: int) -> tuple[int, ...]:
   return tuple(range(exit_layer, num_layers))
 
 
-def parse_skip(text: str) -> tuple[int, ...]:
-  """'3,5,9-11' -> (3, 5, 9, 10, 11). Raises ValueError for anything else."""
+def parse_skip(text: str, flag: str = 'skip_layers') -> tuple[int, ...]:
+  """'3,5,9-11' -> (3, 5, 9, 10, 11). Raises ValueError (naming --flag) for anything else."""
   out = []
   try:
     for part in text.split(','):
@@ -68,7 +70,7 @@ def parse_skip(text: str) -> tuple[int, ...]:
       else:
         out.append(int(part))
   except ValueError:
-    raise ValueError(f'--skip_layers={text!r}; expected block indices like "3,5,9-11".') \
+    raise ValueError(f'--{flag}={text!r}; expected block indices like "3,5,9-11".') \
         from None
   return tuple(out)
 
@@ -131,12 +133,18 @@ class SelfDraftProposer(Proposer):
     self.keep = tuple(i for i in range(num_layers) if i not in config.skip_layers)
     self.shared = min(config.skip_layers)       # blocks 0 .. shared - 1 run in both
     self.max_depth = config.num_draft
+    # LayerSkip's trained variant: an exit-layer draft of an early-exit model (family
+    # early_exit) drafts with that exit's head (its own norm when the model has them).
+    exits = getattr(model.config, 'exit_layers', ())
+    self.exit_head = (self.shared if self.keep == tuple(range(self.shared))
+                      and self.shared in exits else None)
 
   def _draft(self, params, tokens, positions, cache):
     """One draft call on [B] tokens at [B] positions (appended to `cache`) -> (logits
     [B, V], hidden at block `shared` [B, D] or None, cache)."""
     out = self.model.apply({'params': params}, tokens[:, None], positions[:, None],
-                           cache=cache, return_layer_hidden=self.shared > 0, layers=self.keep)
+                           cache=cache, return_layer_hidden=self.shared > 0, layers=self.keep,
+                           exit_head=self.exit_head)
     hidden = out.layer_hidden[self.shared - 1][:, 0] if self.shared else None
     return out.logits[:, 0], hidden, out.cache
 

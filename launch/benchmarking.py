@@ -103,6 +103,24 @@ def _quality(target, model, prompts, completions) -> dict:
   return sample_quality(target, prompts, completions)
 
 
+def token_agreement(model, params, prompts, completions) -> list[float]:
+  """Per row, the fraction of a (lossy) method's new tokens that equal the full model's
+  greedy token on the same prefix (teacher forced: one plain call over prompt +
+  completion): CALM's consistency with the full model, token by token. A row without
+  new tokens counts 1."""
+  out = []
+  for prompt, ids in zip(prompts, completions):
+    if not ids:
+      out.append(1.0)
+      continue
+    seq = jnp.asarray([list(prompt) + list(ids)], jnp.int32)
+    logits = model.apply({'params': params}, seq, jnp.arange(seq.shape[1])[None]).logits
+    top = np.asarray(jnp.argmax(logits[0, :, :model.config.vocab_size], -1))
+    full = top[len(prompt) - 1:len(prompt) - 1 + len(ids)]
+    out.append(float(np.mean(full == np.asarray(ids))))
+  return out
+
+
 def validation_prompts(restored, num_prompts: int, prompt_len: int, split: str = 'validation',
                        skip: int = 0) -> list[list[int]]:
   """The first `prompt_len` tokens ([bos] + text) of validation documents long enough
@@ -208,7 +226,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
   """(method, tree, typical, auto) for each run of `methods` on one model: autoregressive
   first, then each method once per entry of config.trees.<method> ('' = the method's
   default tree; a method with no entry runs once with ''), methods listed in
-  config.typical once more with typical acceptance (LOSSY) on their last tree, and
+  config.typical once more with typical acceptance (LOSSY) on their last tree (early_exit:
+  once per config.exit_thresholds, the threshold in the tree's place), and
   methods listed in config.auto once more with their draft length chosen by the cost
   model (launch/autotune.py: `--num_draft=auto`)."""
   trees_of = config.get('trees', {})
@@ -217,6 +236,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
     if method == 'autoregressive':
       continue
     variants = tuple(trees_of.get(method, ('',))) or ('',)
+    if method == 'early_exit':  # one run per threshold (in the tree's place)
+      variants = tuple(str(float(t)) for t in config.get('exit_thresholds', ())) or ('',)
     runs += [(method, tree, False, False) for tree in variants]
     if method in config.get('typical', ()):
       runs.append((method, variants[-1], True, False))
@@ -230,6 +251,8 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
 def _name(method: str, typical: bool, stats: dict) -> str:
   """The table's name of a record: the method's label, _typical, and its tree."""
   tree = f'({trees.label(stats["tree"])})' if 'tree' in stats else ''
+  if 'threshold' in stats:  # early exit: its threshold and confidence measure
+    tree = f'(threshold {stats["threshold"]:g}, {stats["confidence"]})'
   return registry.get(method).label + ('_typical' if typical else '') + tree
 
 
@@ -518,6 +541,19 @@ def _capacity(config, prompts: list[list[int]]) -> int:
 _LATENCY = ('prefill_ms', 'decode_tokens_per_s')
 
 
+def _lossy_fields(model, prompts, completions, stats, temperature, lossless) -> dict:
+  """A lossy greedy row's token agreement with the full model (token_agreement), and an
+  early-exit row's mean exit layer and blocks per step."""
+  out = {}
+  if not lossless and temperature == 0:
+    out['token_agreement'] = float(np.mean(token_agreement(model.model, model.params, prompts,
+                                                           completions)))
+  for key in ('mean_exit_layer', 'blocks_per_step', 'exit_histogram'):
+    if key in stats:
+      out[key] = stats[key]
+  return out
+
+
 def _record(name, stats, ar, machine, **fields) -> dict:
   """A bench row: counts, speed, latency split and memory, with ratios to our AR (`ar`:
   AR's stats in the same group; None for AR itself)."""
@@ -604,13 +640,24 @@ def _engines(config, restored, capacity: int, directory: str, skipped: dict) -> 
   return engines
 
 
-def _methods(config) -> list[str]:
+def _decodes(method, model) -> bool:
+  """Whether `method` accepts `model` (its check_model raises nothing)."""
+  try:
+    method.check_model(model)
+  except ValueError:
+    return False
+  return True
+
+
+def _methods(config, model=None) -> list[str]:
   """config.methods, plus (config.training_free) every registered method that decodes the
-  target with no second model (autoregressive, prompt lookup, Jacobi, ...)."""
+  target `model` with no second model (autoregressive, prompt lookup, Jacobi, ...; not
+  early_exit on a model without exit heads)."""
   methods = list(config.methods)
   if config.get('training_free', False):
     methods += [m.name for m in registry.METHODS.values()
-                if m.second is None and not m.own_model and m.name not in methods]
+                if m.second is None and not m.own_model and m.name not in methods
+                and (model is None or _decodes(m, model))]
   for name in methods:
     registry.get(name)  # Unknown names fail here, before any work.
   return methods
@@ -631,8 +678,8 @@ def run(config, workdir: str) -> list[dict]:
   from launch import generation
   from training import checkpoints
   registry.load_plugins(config.get('plugins', ()))
-  methods = _methods(config)
   restored = checkpoints.restore_model(config.target_workdir)
+  methods = _methods(config, restored.model)
   second = _second_models(config, methods)
   # (model, its label, [(method, tree, typical)]): speedups are against that model's AR.
   on_target = [m for m in methods if not registry.get(m).own_model]
@@ -677,8 +724,11 @@ def run(config, workdir: str) -> list[dict]:
           for method, tree, typical, auto in variants:
             bar.set_postfix(method=method + tree, category=category, batch=batch_size,
                             temperature=temperature)
+            chosen = (dict(exit_threshold=float(tree) if tree else None,
+                           exit_confidence=config.get('exit_confidence', 'softmax'))
+                      if method == 'early_exit' else dict(tree=tree))
             method_options = registry.options_for(
-                registry.get(method), dataclasses.replace(options, tree=tree, typical=typical))
+                registry.get(method), dataclasses.replace(options, typical=typical, **chosen))
             if auto:   # the cost model's draft length, or tree size (launch/autotune.py)
               entry = registry.get(method)
               method_options = dataclasses.replace(
@@ -707,6 +757,7 @@ def run(config, workdir: str) -> list[dict]:
                 ar_agreement=(ar_agreement(restored.model, restored.params, prompts, ar[0],
                                            completions)
                               if greedy_lossless and model is restored else None),
+                **_lossy_fields(model, prompts, completions, stats, temperature, lossless),
                 **(_quality(restored, model, prompts, completions)
                    if registry.get(method).own_family or (
                        scores_samples and model is restored and method == 'autoregressive')
@@ -800,6 +851,8 @@ def markdown_table(records: list[dict]) -> str:
     cols += ['nfe_per_token', 'gen_ppl', 'entropy_bits']
   if any(r.get('device_peak_mb') is not None for r in records):
     cols.append('device_peak_mb')
+  if any('token_agreement' in r or 'mean_exit_layer' in r for r in records):  # lossy rows
+    cols += ['token_agreement', 'mean_exit_layer', 'blocks_per_step']
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for r in records:
     lines.append('| ' + ' | '.join(_cell(r.get(c)) for c in cols) + ' |')

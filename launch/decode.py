@@ -22,6 +22,8 @@
   python -m launch.decode --workdir=ASARM --method=any_order|assd [--num_draft=4] --prompt='...'
   python -m launch.decode --workdir=ASARM --method=assd --infill \
       --prompt='def add(a, b):\n    return <mask:8>\n'    # <mask> = --max_new_tokens tokens
+  python -m launch.decode --workdir=EARLY_EXIT --method=early_exit [--exit_threshold=0.9 \
+      --exit_confidence=softmax|top2|state|classifier --exit_layers=2,4]   # CALM, LOSSY
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
@@ -41,7 +43,9 @@ With --json, stdout holds exactly one JSON object (logs go to stderr):
    "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
 speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats;
 block_diffusion, any_order and assd add "nfe" (model calls the rows needed, summed over
-rows); with --infill "completion" is the template with its spans filled.
+rows); with --infill "completion" is the template with its spans filled; early_exit
+(LOSSY) adds "exit_layers", "exit_histogram" (row-tokens per exit, the last = the full
+model), "mean_exit_layer", "blocks_per_step", "threshold" and "confidence".
 """
 import json
 import sys
@@ -120,6 +124,14 @@ _EXIT = flags.DEFINE_integer('exit_layer', 0, 'self_speculative: draft with the 
                              'blocks (early exit), 1 <= E < layers.')
 _INFILL = flags.DEFINE_bool('infill', False, 'any_order, assd: each prompt is a template; '
                             'fill its <mask:N> (N tokens) and <mask> (--max_new_tokens) spans.')
+_EXIT_THRESHOLD = flags.DEFINE_float(
+    'exit_threshold', None, 'early_exit (CALM, LOSSY): exit when the confidence is >= this, '
+    'in [0, 1] (1 = never); default: the workdir\'s calibrated threshold '
+    '(launch.calibrate_exit), else 0.9.')
+_EXIT_CONFIDENCE = flags.DEFINE_string(
+    'exit_confidence', 'softmax', 'early_exit: softmax | top2 | state | classifier.')
+_EXIT_LAYERS = flags.DEFINE_string('exit_layers', '', 'early_exit: the exits used ("2,4"); '
+                                   'default: all the model\'s.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -154,6 +166,8 @@ def main(argv):
         diffusion_steps=_DIFFUSION_STEPS.value, diffusion_sampler=_DIFFUSION_SAMPLER.value,
         skip_layers=_SKIP.value, exit_layer=_EXIT.value, plugins=tuple(_PLUGINS.value),
         infill=_INFILL.value,
+        exit_threshold=_EXIT_THRESHOLD.value, exit_confidence=_EXIT_CONFIDENCE.value,
+        exit_layers=_EXIT_LAYERS.value,
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
@@ -188,6 +202,10 @@ def main(argv):
           f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
            if 'mean_accepted' in s else '')
+  if 'exit_histogram' in s:  # CALM early exit (lossy)
+    extra += (f', LOSSY early exit at threshold {s["threshold"]:g} ({s["confidence"]}): '
+              f'mean exit layer {s["mean_exit_layer"]:.2f}, {s["blocks_per_step"]:.2f} blocks '
+              f'per step, row-tokens per exit {dict(zip(s["exit_layers"], s["exit_histogram"]))}')
   if 'nfe' in s:  # block diffusion, any-subset: model calls the rows needed, summed
     extra += f', NFE {s["nfe"]} ({s["nfe"] / max(s["new_tokens"], 1):.2f} per token)'
   print(f'--- {s["new_tokens"]} tokens in {s["wall_s"]:.3f}s ({s["tokens_per_s"]:.1f} tok/s), '

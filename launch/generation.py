@@ -68,6 +68,12 @@ class DecodeOptions:
   # (launch.skip_search), else exit at half depth.
   skip_layers: str = ''
   exit_layer: int = 0
+  # early_exit (decoding/early_exit.py, CALM, LOSSY): the confidence threshold in [0, 1]
+  # (None = the workdir's calibrated one, launch.calibrate_exit, else 0.9), the measure
+  # (softmax | top2 | state | classifier) and the exits used ('2,4'; '' = the model's).
+  exit_threshold: float | None = None
+  exit_confidence: str = 'softmax'
+  exit_layers: str = ''
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
   # any_order, assd (decoding/any_subset.py): each prompt is an infilling template whose
   # mask markers (INFILL_MARKER) are filled, instead of a prompt to continue
@@ -407,6 +413,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   if getattr(config, 'tree', None) is not None:
     stats['tree'] = str(config.tree)
   histogram, draft_calls, compiled, finishes = None, 0, None, []
+  exits = exit_blocks = exit_steps = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     for start in range(0, len(prompts), batch):
       chunk = list(range(start, min(start + batch, len(prompts))))
@@ -436,6 +443,11 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       stats['target_calls'] += int(out.target_calls)
       if 'nfe' in out.stats:  # block diffusion, any-subset: model calls per row
         stats['nfe'] = stats.get('nfe', 0) + int(np.asarray(out.stats['nfe'])[:len(chunk)].sum())
+      if 'exit_histogram' in out.stats:  # early exit: row-tokens per exit, blocks run
+        h = np.asarray(out.stats['exit_histogram'])
+        exits = h if exits is None else exits + h
+        exit_blocks = (exit_blocks or 0) + int(out.stats['blocks_run'])
+        exit_steps = (exit_steps or 0) + int(out.stats['steps'])
       if 'accepted_histogram' in out.stats:
         h = np.asarray(out.stats['accepted_histogram'])
         histogram = h if histogram is None else histogram + h
@@ -452,6 +464,13 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   # Per prompt: {'reason': 'stop', 'stop_id': id} | {'reason': 'length'} | {'reason': 'context'}.
   stats['finish_reasons'] = finishes
   stats['lossless'] = entry.lossless(config)
+  if exits is not None:
+    layers = np.asarray(config.exit_layers + (model.config.num_layers,))
+    stats.update(exit_layers=layers.tolist(), exit_histogram=exits.tolist(),
+                 threshold=config.threshold, confidence=config.confidence,
+                 # blocks per token each row needed, and per step the batch ran
+                 mean_exit_layer=float((exits * layers).sum() / max(exits.sum(), 1)),
+                 blocks_per_step=exit_blocks / max(exit_steps, 1))
   if histogram is not None:
     stats.update(mean_accepted=driver.mean_accepted(histogram), draft_calls=draft_calls,
                  accepted_histogram=histogram.tolist())

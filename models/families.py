@@ -25,6 +25,10 @@ This module imports nothing from training/ or configs/.
   asarm     AnySubsetLM(config.model)     the Transformer's, vocabulary + 1 (the query
                                           token [MASK]): an any-subset autoregressive model
                                           (models/any_subset.py)
+  early_exit Transformer(config.model)    the Transformer's with exit heads at
+                                          model.exit_layers (shared final norm and unembedding,
+                                          optional per-exit norms, CALM's exit classifier);
+                                          still a plain LM at its last layer
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -42,7 +46,7 @@ from models import (AnySubsetLM, BlockDiffusionLM, EagleDrafter, MedusaHeads, Ti
 from models.heads import check_feature_layers
 
 FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm', 'tidar',
-            'asarm')
+            'asarm', 'early_exit')
 HEADS_FAMILIES = ('medusa', 'eagle', 'eagle3')  # trained on a frozen target_workdir, whose model
                                       # and tokenizer they take
 
@@ -66,6 +70,7 @@ _MODULES = {
     # The query token [MASK] extends the tokenizer's vocabulary by one id.
     'asarm': lambda config, trunk: AnySubsetLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1)),
+    'early_exit': lambda config, trunk: Transformer(trunk),
 }
 
 

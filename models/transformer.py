@@ -67,6 +67,12 @@ class TransformerConfig:
   # position p sees keys at positions > p - sliding_window. 0 = full attention.
   sliding_window: int = 0
   window_start_layer: int = 0  # layers (and MTP heads) from this index on use the window
+  # Early exit (the early_exit family; CALM, Schuster et al. 2022; LayerSkip, Elhoushi et
+  # al. 2024): exit E reads block E - 1's output with the LM head, 1 <= E < num_layers,
+  # increasing; the last block is always the final exit. exit_norm: each exit has its own
+  # RMSNorm scale (params['exit_norms'] [E, D]) instead of sharing the final norm.
+  exit_layers: tuple[int, ...] = ()
+  exit_norm: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -85,6 +91,16 @@ class TransformerConfig:
                        'original context length).')
     if self.sliding_window < 0:
       raise ValueError(f'sliding_window={self.sliding_window}; expected >= 0 (0 = none).')
+    # A config read back from JSON holds a list: a tuple keeps the config hashable.
+    object.__setattr__(self, 'exit_layers', tuple(int(e) for e in self.exit_layers))
+    for e in self.exit_layers:
+      if not 1 <= e < self.num_layers:
+        raise ValueError(f'exit layer {e} is outside [1, {self.num_layers}) for this '
+                         f'{self.num_layers}-layer model.')
+    if list(self.exit_layers) != sorted(set(self.exit_layers)):
+      raise ValueError(f'exit_layers={self.exit_layers} must be increasing and distinct.')
+    if self.exit_layers and self.mtp_heads > 1:
+      raise ValueError('An early-exit model has one output head (mtp_heads=1).')
 
   def windowed(self, layer: int) -> bool:
     """Whether attention layer `layer` (MTP heads count after the blocks) is windowed."""
@@ -130,6 +146,13 @@ def _param(module: nn.Module, name: str, init, *args):
   return module.param(name, init, *args)
 
 
+def rms_norm(x, scale, eps: float, dtype):
+  """x [..., D] normalised by its root mean square (in float32) times scale [D]."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale.astype(jnp.float32)).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: jnp.dtype
@@ -139,9 +162,19 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+    return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def project_kv(x, positions, wk, wv, k_bias, v_bias, config):
+  """Keys and values of one attention layer: x [B, T, D] (after the layer's attention
+  norm), positions [B, T]; wk, wv [D, K, H] (maybe quantized), biases [K, H] or None.
+  Returns (k rotated, v), each [B, T, K, H] in the activation dtype."""
+  dtype = config.activation_dtype
+  k = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wk, dtype))
+  v = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wv, dtype))
+  if k_bias is not None:
+    k, v = k + k_bias.astype(dtype), v + v_bias.astype(dtype)
+  return rope.rotate(k, positions, config), v
 
 
 def _attend(q, k, v, mask, config):
@@ -228,17 +261,17 @@ class Attention(nn.Module):
                                ('heads', 'head_dim', 'embed')),
                     (c.num_heads, c.head_dim, c.d_model), pdtype)
     q = jnp.einsum('BTD,DNH->BTNH', x, quant.as_float(wq, dtype))
-    k = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wk, dtype))
-    v = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wv, dtype))
+    k_bias = v_bias = None
     if c.qkv_bias:
       zeros = nn.initializers.zeros
       q += self.param('q_bias', nn.with_logical_partitioning(zeros, ('heads', 'head_dim')),
                       (c.num_heads, c.head_dim), pdtype).astype(dtype)
-      k += self.param('k_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
-                      (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
-      v += self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
-                      (c.num_kv_heads, c.head_dim), pdtype).astype(dtype)
-    q, k = rope.rotate(q, positions, c), rope.rotate(k, positions, c)
+      k_bias = self.param('k_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
+                          (c.num_kv_heads, c.head_dim), pdtype)
+      v_bias = self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
+                          (c.num_kv_heads, c.head_dim), pdtype)
+    q = rope.rotate(q, positions, c)
+    k, v = project_kv(x, positions, wk, wv, k_bias, v_bias, c)
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(q.shape[:2] + (c.num_kv_heads, groups, c.head_dim))       # [B, T, K, G, H]
 
@@ -368,6 +401,14 @@ class Transformer(nn.Module):
     if c.mtp_heads > 1:
       self.future_params = _param(self, 'future', _stacked_block_init(c, c.mtp_heads - 1))
     self.final_norm = RMSNorm(c.norm_eps, c.activation_dtype, pdtype, name='final_norm')
+    if c.exit_layers:
+      if c.exit_norm:
+        self.exit_norms = _param(self, 'exit_norms', nn.with_logical_partitioning(
+            nn.initializers.ones, ('layers', 'embed')), (len(c.exit_layers), c.d_model), pdtype)
+      # CALM's early-exit classifier (section 3.5): confidence = sigmoid(w . h + b) on an
+      # exit's normalised hidden state h; trained on frozen states (objectives/early_exit).
+      self.exit_classifier = _param(self, 'exit_classifier', nn.with_logical_partitioning(
+          nn.initializers.zeros, ('embed',)), (c.d_model + 1,), pdtype)
     if not c.tie_embeddings:
       self.lm_head = _param(self, 'lm_head', _init(c.d_model ** -0.5, ('embed', 'vocab')),
                                 (c.d_model, c.padded_vocab_size), pdtype)
@@ -387,10 +428,55 @@ class Transformer(nn.Module):
     """[B, T, D] the last block's output -> [B, T, V] float32 logits (final norm + LM head)."""
     return self.logits(self.final_norm(x))
 
+  def exit_hidden(self, x: jax.Array, exit_index) -> jax.Array:
+    """[B, T, D] the output of block exit_layers[exit_index] - 1 -> the exit's normalised
+    hidden state [B, T, D]: its own RMSNorm (config.exit_norm) or the shared final norm.
+    exit_index: an int or a traced int32 scalar into config.exit_layers; len(exit_layers)
+    = the last block (the final norm)."""
+    c = self.config
+    if not c.exit_norm:
+      return self.final_norm(x)
+    count = len(c.exit_layers)
+    scale = self.exit_norms[jnp.minimum(exit_index, count - 1)]
+    normed = rms_norm(x, scale, c.norm_eps, c.activation_dtype)
+    if isinstance(exit_index, int):
+      return normed if exit_index < count else self.final_norm(x)
+    return jnp.where(exit_index < count, normed, self.final_norm(x))
+
+  def exit_confidence(self, hidden: jax.Array) -> jax.Array:
+    """CALM's trained early-exit classifier (Schuster et al. 2022, section 3.5): an exit's
+    normalised hidden state [..., D] -> the probability [...] that the exit's prediction
+    equals the final layer's (sigmoid of a linear function)."""
+    w = self.exit_classifier.astype(jnp.float32)
+    return jax.nn.sigmoid(hidden.astype(jnp.float32) @ w[:-1] + w[-1])
+
+  def propagate(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+                write_slots: jax.Array, start) -> KVCache:
+    """CALM's state propagation (Schuster et al. 2022, section 4.1): the keys/values of
+    blocks start .. L - 1 for this call's tokens computed from x [B, T, D] (an exit's
+    hidden state, copied up to every skipped layer), written at write_slots [B, T] of
+    cache layers start .. L - 1, so later tokens attend to every layer. Only each block's
+    attention norm and key/value projections run (no attention, no MLP). start: an int
+    or a traced int32 scalar."""
+    c = self.config
+    rows = jnp.arange(x.shape[0])[:, None]
+
+    def layer(i, kv):
+      p = jax.tree.map(lambda leaf: leaf[i], self.layer_params)
+      h = rms_norm(x, p['attention_norm']['scale'], c.norm_eps, c.activation_dtype)
+      a = p['attention']
+      k, v = project_kv(h, positions, a['k'], a['v'], a.get('k_bias'), a.get('v_bias'), c)
+      return (kv[0].at[i, rows, write_slots].set(k.astype(kv[0].dtype), mode='drop'),
+              kv[1].at[i, rows, write_slots].set(v.astype(kv[1].dtype), mode='drop'))
+
+    k, v = jax.lax.fori_loop(start, c.num_layers, layer, (cache.k, cache.v))
+    return cache.replace(k=k, v=v)
+
   def blocks(self, x: jax.Array, positions: jax.Array, attention_mask=None,
              cache: Optional[KVCache] = None, write_slots: Optional[jax.Array] = None,
-             start: int = 0, stop: Optional[int] = None):
-    """Runs blocks start .. stop - 1 (a range of layers: early exit, layer skipping).
+             start: int = 0, stop: Optional[int] = None, layer_ids=None):
+    """Runs blocks start .. stop - 1 (a range of layers: early exit, layer skipping), or
+    with layer_ids (a traced [n] int32 array) exactly those blocks in order.
 
     x: [B, T, D] (the embedding for start = 0, else block start - 1's output);
     positions: [B, T]; attention_mask, cache, write_slots as in __call__. Only the
@@ -406,13 +492,13 @@ class Transformer(nn.Module):
     attention_mask, write_slots = self._mask_and_slots(x.shape[:2], attention_mask, cache,
                                                        write_slots, positions)
     x, kv, outputs = self._scan(self.layer_params, start, stop, x, positions, attention_mask,
-                                cache, write_slots, collect=True)
+                                cache, write_slots, collect=True, layer_ids=layer_ids)
     if cache is not None:
       cache = cache.replace(k=kv[0], v=kv[1])
     return x, cache, tuple(outputs)
 
   def _scan(self, params, start, stop, x, positions, attention_masks, cache, write_slots,
-            collect=False, chain=True, first_layer=None, layer_ids=None):
+            collect=False, chain=True, first_layer=None, layer_ids=None, layer_keep=None):
     """Blocks start .. stop - 1 of the stacked `params` as one lax.scan.
 
     chain: each block reads the previous one's output (the trunk); False: every block
@@ -420,7 +506,9 @@ class Transformer(nn.Module):
     start). layer_ids: instead of start .. stop - 1, run exactly these blocks in order
     (a static tuple or a traced [n] int32 array of block indices, each its own cache
     layer): the layer-skipping forward; the blocks not listed pass the residual stream
-    through and write no keys/values. Returns (the last output [B, T, D], the cache's
+    through and write no keys/values. layer_keep: [n, B] bool or None; a False entry
+    drops that block for that row (its output is its input: LayerSkip's layer dropout,
+    training only). Returns (the last output [B, T, D], the cache's
     (k, v) or None, the outputs [n, B, T, D] (n = stop - start or len(layer_ids)) when
     collect or chain=False, else None).
     """
@@ -447,16 +535,18 @@ class Transformer(nn.Module):
 
     def body(carry, xs):
       h, kv = carry
-      p, layer, flag = xs
+      p, layer, flag, keep = xs
       if p is None:
         p = jax.tree.map(lambda leaf: leaf[layer], params)
       mask = jnp.where(flag, windowed, full) if mixed else full
       out, kv = block.apply({'params': p}, h if chain else x, positions, mask, kv,
                             write_slots, layer)
+      if keep is not None:
+        out = jnp.where(keep[:, None, None], out, h if chain else x)
       return (out if chain else h, kv), (out if collect or not chain else None)
 
     kv = None if cache is None else (cache.k, cache.v)
-    (h, kv), outputs = jax.lax.scan(body, (x, kv), (layer_params, layers, flags))
+    (h, kv), outputs = jax.lax.scan(body, (x, kv), (layer_params, layers, flags, layer_keep))
     return (h if chain else outputs[-1]), kv, outputs
 
   def _mask_and_slots(self, shape, attention_mask, cache, write_slots, positions):
@@ -497,7 +587,8 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens, positions, attention_mask=None, cache: Optional[KVCache] = None,
                return_layer_hidden: bool = False,
-               write_slots: Optional[jax.Array] = None, layers=None) -> ForwardOutput:
+               write_slots: Optional[jax.Array] = None, layers=None, layer_keep=None,
+               exit_head: Optional[int] = None) -> ForwardOutput:
     """tokens, positions: [B, T] int32.
 
     attention_mask: [B, T, S] bool, or None for causal. Without a cache, S = T and
@@ -515,6 +606,11 @@ class Transformer(nn.Module):
       stream through unchanged and writes no keys/values; the final norm and LM head
       are the model's own. layer_hidden then holds the n run blocks' outputs.
       Raises ValueError for a multi-token prediction model.
+    layer_keep: [L, B] bool or None: LayerSkip's layer dropout (training); a dropped
+      block passes its row's residual stream through (plain LMs only).
+    exit_head: None, or an exit layer E of config.exit_layers: the logits are exit E's
+      head (its norm, the shared unembedding) on the last run block's output (the
+      LayerSkip self-speculation draft of an early-exit model: layers = the first E).
     """
     c = self.config
     batch, length = tokens.shape
@@ -531,7 +627,7 @@ class Transformer(nn.Module):
                        f'prediction heads (mtp_heads={c.mtp_heads}).')
     if c.mtp_heads == 1:
       x, kv, layer_hidden = run(self.layer_params, 0, c.num_layers, x, cache=cache,
-                                collect=collect, layer_ids=layers)
+                                collect=collect, layer_ids=layers, layer_keep=layer_keep)
     else:
       # The trunk (blocks 0 .. L-2), head 1's block, then the future heads reading the trunk.
       trunk, kv, hidden_trunk = (run(self.layer_params, 0, c.num_layers - 1, x, cache=cache,
@@ -546,7 +642,13 @@ class Transformer(nn.Module):
                           chain=False, first_layer=c.num_layers)
       future_logits = jnp.stack([self.logits(self.final_norm(h)) for h in future],
                                 axis=2)                                      # [B, T, n-1, V]
-    hidden = self.final_norm(x)
+    if exit_head is None:
+      hidden = self.final_norm(x)
+    else:
+      if exit_head not in c.exit_layers:
+        raise ValueError(f'Exit layer {exit_head} has no exit head (this model\'s exits: '
+                         f'{", ".join(map(str, c.exit_layers)) or "none"}).')
+      hidden = self.exit_hidden(x, c.exit_layers.index(exit_head))
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=kv[0], v=kv[1],

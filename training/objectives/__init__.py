@@ -5,15 +5,15 @@ metrics from a batch, and says which parameters train (e.g. draft heads on a
 frozen target). Metrics are *sums* over the batch (nll_sum, tokens, bytes) so
 the trainer can average them over many eval batches exactly.
 
-One file per family (ar_lm, mtp, distill, medusa, eagle and eagle3; consistency for cllm;
-block_diffusion for bd3lm; tidar; any_subset for asarm), each
+One file per family (ar_lm, mtp, distill, medusa, eagle and eagle3, early_exit; consistency
+for cllm; block_diffusion for bd3lm; tidar; any_subset for asarm), each
 with its objective class and `build(config, vocab_size)`; what they share is in `base`.
 The module each family trains, and its parameter tree, come from the family map
 (models/families.py), which checkpoints use too.
 """
 from models.families import FAMILIES, HEADS_FAMILIES, transformer_config
 from training.objectives import (any_subset, ar_lm, block_diffusion, consistency, distill, eagle,
-                                 medusa, mtp, tidar)
+                                 early_exit, medusa, mtp, tidar)
 from training.objectives.any_subset import AnySubsetObjective
 from training.objectives.ar_lm import LanguageModelObjective
 from training.objectives.base import (Objective, Params, next_token_nll, shift_left,
@@ -22,6 +22,7 @@ from training.objectives.block_diffusion import BlockDiffusionObjective
 from training.objectives.consistency import ConsistencyObjective
 from training.objectives.distill import DistillationObjective
 from training.objectives.eagle import Eagle3Objective, EagleObjective
+from training.objectives.early_exit import EarlyExitObjective
 from training.objectives.medusa import MedusaObjective
 from training.objectives.mtp import MultiTokenObjective
 from training.objectives.tidar import TidarObjective
@@ -30,7 +31,8 @@ from training.objectives.tidar import TidarObjective
 BUILDERS = {'ar_lm': ar_lm.build, 'distill': distill.build, 'medusa': medusa.build,
             'eagle': eagle.build, 'eagle3': eagle.build_eagle3, 'mtp': mtp.build,
             'cllm': consistency.build, 'tidar': tidar.build,
-            'bd3lm': block_diffusion.build, 'asarm': any_subset.build}
+            'bd3lm': block_diffusion.build, 'asarm': any_subset.build,
+            'early_exit': early_exit.build}
 assert set(BUILDERS) == set(FAMILIES), 'Each family of the family map needs an objective.'
 
 

@@ -106,8 +106,8 @@ def summarize(sums: dict) -> dict:
          'bits_per_byte': float(sums['nll_sum']) / max(float(sums['bytes']), 1.0) / math.log(2)}
   if 'kl_sum' in sums:
     out['kl_to_target'] = float(sums['kl_sum']) / tokens
-  for key in sorted(sums):  # Per-head metrics of draft heads: averages per target token.
-    if key.startswith('head') and key.endswith('_sum'):
+  for key in sorted(sums):  # Per-head metrics of draft heads and early exits: averages
+    if key.startswith(('head', 'exit')) and key.endswith('_sum'):   # per target token.
       out[key[:-len('_sum')]] = float(sums[key]) / max(float(sums['head_tokens']), 1.0)
   return out
 
