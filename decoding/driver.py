@@ -233,18 +233,20 @@ def commit_state(state: State, candidates: jax.Array, count: jax.Array, eos_ids)
 
 
 def prefill(model, params, prompts, prompt_lengths, config: DecodeConfig, cache_size: int,
-            rng, max_depth: int = 0):
+            rng, max_depth: int = 0, layer_hidden: bool = False):
   """The prefill call over the padded prompts and the first token.
 
   prompts: [B, P] int32 right-padded; prompt_lengths: [B]; cache_size: the target
-  cache's slots (S plus a method's slack). Returns (the loop state with the first
-  token committed, the prefill's ForwardOutput).
+  cache's slots (S plus a method's slack); layer_hidden: also return the per-layer
+  hidden states (Proposer.layer_hidden). Returns (the loop state with the first token
+  committed, the prefill's ForwardOutput).
   """
   batch, prompt_len = prompts.shape
   rows = jnp.arange(batch)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+  extra = dict(return_layer_hidden=True) if layer_hidden else {}
   out = model.apply({'params': params}, prompts, positions,
-                    cache=KVCache.empty(model.config, batch, cache_size))
+                    cache=KVCache.empty(model.config, batch, cache_size), **extra)
   rng, key = jax.random.split(rng)
   first = sample(key, out.logits[rows, prompt_lengths - 1], config.sampling,
                  model.config.vocab_size)
@@ -292,7 +294,7 @@ def finish_round(state: State, accepted_tokens, num_accepted, next_token, target
       **updates)
 
 
-def _verify_call(model, params, proposal, root, mask, cache):
+def _verify_call(model, params, proposal, root, mask, cache, layer_hidden=False):
   """The round's one target call on the proposal's nodes, at the fixed width N = nodes.
 
   A round in which no row drafted anything (Proposal.num_drafted 0: prompt lookup without
@@ -303,7 +305,8 @@ def _verify_call(model, params, proposal, root, mask, cache):
   capacity, while the saving is at most 1 - 1 / c(N) of a no-draft round (c(5) = 1.1 on a
   CPU at batch 1). tests/test_driver_hlo.py checks that no chain method copies the cache."""
   positions = root[:, None] + proposal.depths
-  return model.apply({'params': params}, proposal.tokens, positions, mask, cache)
+  extra = dict(return_layer_hidden=True) if layer_hidden else {}
+  return model.apply({'params': params}, proposal.tokens, positions, mask, cache, **extra)
 
 
 def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
@@ -321,7 +324,8 @@ def speculative_round(model, params: Params, proposer: Proposer, config: DecodeC
   out = proposer.score(model, params, proposal, root[:, None] + proposal.depths,
                        state.target_cache, proposer_state)
   if out is None:
-    out = _verify_call(model, params.target, proposal, root, mask, state.target_cache)
+    out = _verify_call(model, params.target, proposal, root, mask, state.target_cache,
+                       proposer.layer_hidden)
   target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
   path, num_accepted, next_token = verify.accept(
       keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance,
@@ -373,7 +377,8 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   slack = 0 if proposer is None else proposer.cache_slots
   cache_size = config.cache_capacity + slack
   state, out = prefill(model, params, prompts, prompt_lengths, config, cache_size, rng,
-                       0 if proposer is None else proposer.max_depth)
+                       0 if proposer is None else proposer.max_depth,
+                       proposer is not None and proposer.layer_hidden)
   if proposer is None:
     round_ = functools.partial(autoregressive_round, model, params, config)
   else:

@@ -108,10 +108,14 @@ class Proposer:
       slot root + i, past its position root + depth(i)); 0 for chains.
     needs_key: whether `propose` draws random numbers (then the round splits its key
       three ways: next round, proposal, verification; else two).
+    layer_hidden: whether the proposer reads the target's per-layer hidden states (a
+      drafter fusing several target layers): the prefill and the verify call then return
+      them (ForwardOutput.layer_hidden) to `start` and `observe`.
   """
   max_depth: int = 1
   cache_slots: int = 0
   needs_key: bool = False
+  layer_hidden: bool = False
 
   def start(self, params, prefill, prompts: jax.Array, prompt_lengths: jax.Array,
             cache_size: int) -> tuple[Any, jax.Array]:

@@ -16,11 +16,14 @@
       --lookahead_ngram=5 --lookahead_candidates=5]
   python -m launch.decode --workdir=BD3LM --method=block_diffusion [--diffusion_steps=8 \
       --diffusion_sampler=ancestral|first_hitting]
+  python -m launch.decode --workdir=TARGET --method=parallel_draft --draft_workdir=PDRAFT \
+      [--block_size=8] [--tree=best:16,4]
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
 node paths ("paths:0;1;0.0", e.g. from launch.tune_tree), or an EAGLE-2 dynamic tree
-("dynamic:TOP_K,DEPTH,BUDGET"). Methods are the entries of decoding/registry.py;
+("dynamic:TOP_K,DEPTH,BUDGET"), or a parallel drafter's best-first tree
+("best:BUDGET[,TOP_K]"). Methods are the entries of decoding/registry.py;
 --plugins imports modules that register more.
 
 --chat renders each prompt as one user message with the model's chat template (as
@@ -61,7 +64,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
 _MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
-_DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir.')
+_DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir; '
+                             'parallel_draft: the parallel drafter\'s.')
 _NUM_DRAFT = flags.DEFINE_string('num_draft', '4', 'speculative, lookup: drafted tokens per '
                                   'round, or auto (the cost model picks it, or plain decoding).')
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
@@ -111,6 +115,9 @@ _SKIP = flags.DEFINE_string('skip_layers', '', 'self_speculative: the blocks the
                             '(launch.skip_search), else exit at half depth.')
 _EXIT = flags.DEFINE_integer('exit_layer', 0, 'self_speculative: draft with the first E '
                              'blocks (early exit), 1 <= E < layers.')
+_BLOCK = flags.DEFINE_integer('block_size', 0, 'parallel_draft: tokens per verified block '
+                               '(the root + drafted positions), 2 .. the drafter\'s trained '
+                               'block; 0 = the trained block. Its tree: --tree=best:BUDGET[,TOP_K].')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -143,7 +150,8 @@ def main(argv):
         lookup_branches=_LOOKUP_BRANCHES.value,
         jacobi_window=generation.draft_length(_JACOBI_WINDOW.value, 'jacobi_window'),
         diffusion_steps=_DIFFUSION_STEPS.value, diffusion_sampler=_DIFFUSION_SAMPLER.value,
-        skip_layers=_SKIP.value, exit_layer=_EXIT.value, plugins=tuple(_PLUGINS.value),
+        skip_layers=_SKIP.value, exit_layer=_EXIT.value, block_size=_BLOCK.value,
+        plugins=tuple(_PLUGINS.value),
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)

@@ -67,6 +67,9 @@ class DecodeOptions:
   # (launch.skip_search), else exit at half depth.
   skip_layers: str = ''
   exit_layer: int = 0
+  # parallel_draft (decoding/parallel_drafter.py): tokens per verified block (the root +
+  # drafted positions), 2 .. the drafter's trained block; 0 = the trained block
+  block_size: int = 0
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
 
   def sampling(self) -> SamplingConfig:

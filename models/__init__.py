@@ -4,3 +4,4 @@ from models.kv_cache import KVCache
 from models.transformer import ForwardOutput, Transformer, TransformerConfig
 from models.heads import EagleDrafter, MedusaHeads
 from models.block_diffusion import BlockDiffusionLM
+from models.parallel_drafter import ParallelDrafter

@@ -18,6 +18,8 @@ This module imports nothing from training/ or configs/.
                                           training, still a plain LM
   bd3lm     BlockDiffusionLM(config.model, the Transformer's, vocabulary + 1 (the mask
             bd3lm.block_size)             token): a block diffusion LM (models/block_diffusion.py)
+  parallel_drafter  ParallelDrafter(target,  the drafter's layers, fusion and mask embedding
+            parallel_drafter.*)           (DFlash, models/parallel_drafter.py)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -30,12 +32,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, Transformer, TransformerConfig,
-                    masks)
+from models import (BlockDiffusionLM, EagleDrafter, MedusaHeads, ParallelDrafter, Transformer,
+                    TransformerConfig, masks)
+from models.parallel_drafter import default_target_layers
 
-FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm')
-HEADS_FAMILIES = ('medusa', 'eagle')  # trained on a frozen target_workdir, whose model
-                                      # and tokenizer they take
+FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'mtp', 'cllm', 'bd3lm', 'parallel_drafter')
+# Trained on a frozen target_workdir, whose model and tokenizer they take.
+HEADS_FAMILIES = ('medusa', 'eagle', 'parallel_drafter')
 
 # family -> (training config, the trunk's TransformerConfig) -> the module it trains.
 _MODULES = {
@@ -49,7 +52,21 @@ _MODULES = {
     'bd3lm': lambda config, trunk: BlockDiffusionLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1),
         block_size=config.bd3lm.block_size),
+    'parallel_drafter': lambda config, trunk: parallel_drafter(config.parallel_drafter, trunk),
 }
+
+
+def parallel_drafter(settings, trunk: TransformerConfig) -> ParallelDrafter:
+  """The DFlash drafter of a config's `parallel_drafter` block (num_layers, block_size,
+  target_layers: a tuple of target block indices, empty = default_target_layers) on the
+  target trunk `trunk`. Raises ValueError for a target layer outside the trunk."""
+  layers = tuple(settings.target_layers) or default_target_layers(trunk.num_layers)
+  for layer in layers:
+    if not 0 <= layer < trunk.num_layers:
+      raise ValueError(f'parallel_drafter.target_layers holds {layer}; the target has '
+                       f'{trunk.num_layers} blocks (0 .. {trunk.num_layers - 1}).')
+  return ParallelDrafter(trunk, num_layers=settings.num_layers, block_size=settings.block_size,
+                         target_layers=layers)
 
 
 def transformer_config(config, vocab_size: int) -> TransformerConfig:
@@ -103,6 +120,9 @@ def init_params(module: nn.Module, rng: jax.Array, batch: dict,
   if isinstance(module, EagleDrafter):
     z = jnp.zeros(batch['inputs'].shape + (module.config.d_model,), jnp.float32)
     return module.init(rng, z, z, batch['positions'])['params']
+  if isinstance(module, ParallelDrafter):
+    inputs = [jnp.zeros(s.shape, s.dtype) for s in module.example_inputs()]
+    return module.init(rng, *inputs)['params']
   return module.init(rng, batch['inputs'], batch['positions'],
                      masks.packed_causal_mask(batch['segment_ids']))['params']
 

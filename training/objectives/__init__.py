@@ -6,13 +6,14 @@ frozen target). Metrics are *sums* over the batch (nll_sum, tokens, bytes) so
 the trainer can average them over many eval batches exactly.
 
 One file per family (ar_lm, mtp, distill, medusa, eagle; consistency for cllm;
-block_diffusion for bd3lm), each
+block_diffusion for bd3lm; parallel_drafter), each
 with its objective class and `build(config, vocab_size)`; what they share is in `base`.
 The module each family trains, and its parameter tree, come from the family map
 (models/families.py), which checkpoints use too.
 """
 from models.families import FAMILIES, HEADS_FAMILIES, transformer_config
-from training.objectives import ar_lm, block_diffusion, consistency, distill, eagle, medusa, mtp
+from training.objectives import (ar_lm, block_diffusion, consistency, distill, eagle, medusa, mtp,
+                                 parallel_drafter)
 from training.objectives.ar_lm import LanguageModelObjective
 from training.objectives.base import (Objective, Params, next_token_nll, shift_left,
                                       shifted_targets, summarize)
@@ -22,11 +23,12 @@ from training.objectives.distill import DistillationObjective
 from training.objectives.eagle import EagleObjective
 from training.objectives.medusa import MedusaObjective
 from training.objectives.mtp import MultiTokenObjective
+from training.objectives.parallel_drafter import ParallelDrafterObjective
 
 # family -> build(config, vocab_size) -> Objective; the keys are models.families.FAMILIES.
 BUILDERS = {'ar_lm': ar_lm.build, 'distill': distill.build, 'medusa': medusa.build,
             'eagle': eagle.build, 'mtp': mtp.build, 'cllm': consistency.build,
-            'bd3lm': block_diffusion.build}
+            'bd3lm': block_diffusion.build, 'parallel_drafter': parallel_drafter.build}
 assert set(BUILDERS) == set(FAMILIES), 'Each family of the family map needs an objective.'
 
 
