@@ -27,14 +27,17 @@ def get_config(arg: str | None = None):
   config.workdirs = ml_collections.ConfigDict(dict(
       speculative='workdirs/draft_small', medusa='workdirs/medusa_small',
       eagle='workdirs/eagle_small', eagle3='workdirs/eagle3_small', mtp='workdirs/mtp_small',
-      tidar='workdirs/tidar_small', block_diffusion='workdirs/bd3lm_small'))
+      tidar='workdirs/tidar_small', block_diffusion='workdirs/bd3lm_small',
+      parallel_draft='workdirs/pdraft_small'))
   # The trees each method runs with, one record each ('' = the method's default:
   # speculative a chain of num_draft, medusa / mtp the tree launch.tune_tree saved,
-  # eagle, eagle3 dynamic:4,5,24). Children per depth '3,2,1', sparse 'paths:...', or EAGLE-2
-  # 'dynamic:TOP_K,DEPTH,BUDGET'.
+  # eagle, eagle3 dynamic:4,5,24, parallel_draft a chain of its trained block). Children
+  # per depth '3,2,1', sparse 'paths:...', EAGLE-2 'dynamic:TOP_K,DEPTH,BUDGET', or a
+  # parallel drafter's best-first 'best:BUDGET,TOP_K'.
   config.trees = ml_collections.ConfigDict(dict(
       speculative=('', '3,2,1', 'dynamic:4,5,24'), medusa=('4,2,2', ''),
-      eagle=('dynamic:4,5,24',), eagle3=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', '')))
+      eagle=('dynamic:4,5,24',), eagle3=('dynamic:4,5,24',), mtp=('1,1,1', '4,2,2', ''),
+      parallel_draft=('', 'best:24,4')))
   config.typical = ('medusa',)                  # also typical acceptance (LOSSY), last tree
   config.auto = ()                              # also with num_draft=auto (launch/autotune.py)
   # block_diffusion (its own model, a BD3-LM: configs/bd3lm.py) is measured against the

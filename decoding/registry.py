@@ -14,15 +14,16 @@ typical, lookup_max_ngram / lookup_min_ngram / lookup_branches (prompt lookup),
 jacobi_window, lookahead_window / lookahead_ngram / lookahead_candidates (W, N, G), and
 diffusion_steps / diffusion_sampler (block_diffusion), skip_layers / exit_layer
 (self_speculative), infill (any_order, assd; num_draft is ASSD's k), exit_threshold /
-exit_confidence / exit_layers (early_exit).
+exit_confidence / exit_layers (early_exit), block_size (parallel_draft: tokens per verified
+block, 0 = the drafter's trained block; its tree is "best:BUDGET[,TOP_K]").
 """
 import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
 from decoding import (any_subset, autoregressive, block_diffusion, driver, eagle, early_exit,
-                      jacobi, lookahead, lookup, medusa, self_speculative, speculative, tidar,
-                      trees)
+                      jacobi, lookahead, lookup, medusa, parallel_drafter, self_speculative,
+                      speculative, tidar, trees)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +289,19 @@ def _eagle_drafter(second, eagle3: bool = False) -> Drafter:
   return Drafter(second.model, second.params)
 
 
+def _parallel_draft(options, capacity, eos_ids, model, drafter):
+  return parallel_drafter.make_config(base_settings(options, capacity, eos_ids),
+                                      options.block_size, options.tree, model, drafter)
+
+
+def _parallel_drafter(second) -> Drafter:
+  from models import ParallelDrafter
+  if second is None or not isinstance(second.model, ParallelDrafter):
+    raise ValueError('The parallel_draft method needs a parallel drafter workdir '
+                     '(--draft_workdir), trained with configs/parallel_drafter.py.')
+  return Drafter(second.model, second.params)
+
+
 def _has_mtp_heads(model) -> None:
   if model.config.mtp_heads < 2:
     raise ValueError('The mtp method needs a multi-token prediction model (trained with '
@@ -323,6 +337,8 @@ register(Method('early_exit', 'CALM early exit (LOSSY)', _early_exit,
                 check_model=lambda model: early_exit.check_model(model) and None,
                 options=('exit_threshold', 'exit_confidence', 'exit_layers'),
                 workdir_options=_calibrated_threshold))
+register(Method('parallel_draft', 'parallel draft', _parallel_draft, second='draft_workdir',
+                drafter=_parallel_drafter, options=('block_size', 'tree')))
 register(Method('self_speculative', 'self-speculative', _self_speculative,
                 options=('num_draft', 'skip_layers', 'exit_layer'), draft_length='num_draft',
                 workdir_options=_searched_skip))

@@ -22,6 +22,10 @@ Three kinds of tree:
                    its top_k children; then the `budget` best nodes of everything drafted
                    are kept (reranking). The shape differs per row and per round; the
                    arrays describing it (tokens, parents, depths) have fixed sizes.
+  BestFirstTreeSpec DDTree (Ringel et al. 2026): from ONE call of a parallel drafter's
+                   per-position distributions, the `budget` most probable prefixes under
+                   their product (best_first_tree); per row and per round, like a dynamic
+                   tree.
 """
 import collections
 import dataclasses
@@ -211,6 +215,109 @@ class DynamicTreeSpec:
                                           for _ in range(self.top_k ** 2)], np.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class BestFirstTreeSpec:
+  """DDTree's tree (Ringel et al. 2026, "Accelerating Speculative Decoding with Block
+  Diffusion Draft Trees", arXiv 2604.12989, section 3): `budget` nodes grown best-first
+  from a parallel drafter's per-position distributions, each node's children among its
+  depth's `top_k` most probable tokens. Its depth is the drafter's block (the drafted
+  positions), so the range of budget is checked against it (check_depth)."""
+  budget: int
+  top_k: int = 4
+
+  def __post_init__(self):
+    if self.budget < 1 or self.top_k < 1:
+      raise ValueError(f'A best-first tree needs budget >= 1 and top_k >= 1; got {self}.')
+
+  def __str__(self) -> str:
+    return f'best:{self.budget},{self.top_k}'
+
+  @property
+  def max_children(self) -> int:
+    return self.top_k
+
+  @property
+  def num_nodes(self) -> int:
+    return self.budget + 1
+
+  @property
+  def cache_slots(self) -> int:
+    return self.num_nodes
+
+  def max_budget(self, depth: int) -> int:
+    """The most nodes `depth` levels of `top_k` candidates can hold: sum_d top_k^d."""
+    return sum(self.top_k ** d for d in range(1, depth + 1))
+
+  def check_depth(self, depth: int) -> None:
+    """Raises ValueError unless 1 <= budget <= max_budget(depth)."""
+    if not 1 <= self.budget <= self.max_budget(depth):
+      raise ValueError(f'Best-first tree budget must be in [1, {self.max_budget(depth)}] (the '
+                       f'nodes {depth} drafted positions of top_k={self.top_k} candidates '
+                       f'hold); got {self.budget}.')
+
+
+def best_first_tree(spec: BestFirstTreeSpec, root_token: jax.Array, scores: jax.Array):
+  """DDTree's best-first construction (Ringel et al. 2026, section 3, the heap algorithm)
+  from per-position log-probabilities.
+
+  root_token: [B] the last committed token; scores: [B, D, V] the drafter's
+  log-probabilities for drafted positions 1 .. D (one call; positions independent given
+  the context). A node is a prefix (x_1 .. x_d); its score, the surrogate of its chance
+  to be accepted, is sum_i scores[i, x_i]. The `budget` best prefixes form a tree (a
+  prefix scores at least as high as its extensions), found exactly by the heap
+  enumeration: pop the best candidate, make it node i, push its next sibling (the next
+  token of its depth's ranked list, same parent) and its first child (the best token of
+  the next depth). The heap is a fixed array of 2 budget + 1 candidates and pop is an
+  argmax (budget is small), so the loop has static shapes. Nodes come out best first,
+  hence parents before children.
+
+  Returns (node_tokens [B, N], parents [B, N] (-1 for the root), depths [B, N]) with
+  N = budget + 1; siblings are distinct tokens (deterministic candidates: verify with
+  the point-mass rule, draft_logp None). Raises ValueError for a budget out of range.
+  """
+  batch, depth, _ = scores.shape
+  spec.check_depth(depth)
+  k, budget = min(spec.top_k, scores.shape[-1]), spec.budget
+  # Finite floor: -inf - (-inf) never forms, and filtered tokens just rank last.
+  top_scores, top_tokens = jax.lax.top_k(jnp.maximum(scores, -1e30), k)     # [B, D, k]
+  pool = 2 * budget + 1
+  rows = jnp.arange(batch)
+  cand = dict(parent=jnp.zeros((batch, pool), jnp.int32),
+              depth=jnp.ones((batch, pool), jnp.int32),     # 1-based
+              rank=jnp.zeros((batch, pool), jnp.int32),
+              base=jnp.zeros((batch, pool), jnp.float32),   # the parent's score
+              live=jnp.zeros((batch, pool), bool).at[:, 0].set(True))
+  nodes = dict(token=jnp.zeros((batch, budget + 1), jnp.int32).at[:, 0].set(root_token),
+               parent=jnp.full((batch, budget + 1), -1, jnp.int32),
+               depth=jnp.zeros((batch, budget + 1), jnp.int32))
+
+  def step(i, carry):
+    cand, nodes = carry
+    own = top_scores[rows[:, None], cand['depth'] - 1, cand['rank']]         # [B, pool]
+    best = jnp.argmax(jnp.where(cand['live'], cand['base'] + own, -jnp.inf), axis=1)
+    pick = {name: value[rows, best] for name, value in cand.items()}
+    score = pick['base'] + own[rows, best]
+    node = i + 1
+    nodes = dict(token=nodes['token'].at[:, node].set(
+                     top_tokens[rows, pick['depth'] - 1, pick['rank']]),
+                 parent=nodes['parent'].at[:, node].set(pick['parent']),
+                 depth=nodes['depth'].at[:, node].set(pick['depth']))
+    live = cand['live'].at[rows, best].set(False)
+    sibling, child = 2 * i + 1, 2 * i + 2
+    new = dict(parent=(pick['parent'], jnp.full((batch,), node, jnp.int32)),
+               depth=(pick['depth'], pick['depth'] + 1),
+               rank=(pick['rank'] + 1, jnp.zeros((batch,), jnp.int32)),
+               base=(pick['base'], score))
+    cand = {name: value.at[:, sibling].set(new[name][0]).at[:, child].set(new[name][1])
+            for name, value in cand.items() if name != 'live'}
+    cand['live'] = live.at[:, sibling].set(pick['rank'] + 1 < k).at[:, child].set(
+        pick['depth'] < depth)
+    return cand, nodes
+
+  _, nodes = jax.lax.fori_loop(0, budget, step, (cand, nodes))
+  return nodes['token'], nodes['parent'], nodes['depth']
+
+
 def label(spec: str) -> str:
   """A short name of a tree spec string for tables: sparse trees by their size."""
   if spec.startswith('paths:'):
@@ -220,8 +327,14 @@ def label(spec: str) -> str:
 
 def parse(spec: str):
   """'3,2,1' -> TreeSpec((3, 2, 1)); 'dynamic:8,5,48' -> DynamicTreeSpec(top_k=8,
-  depth=5, budget=48); 'paths:0;1;0.0' -> SparseTree(((0,), (1,), (0, 0)))."""
+  depth=5, budget=48); 'paths:0;1;0.0' -> SparseTree(((0,), (1,), (0, 0)));
+  'best:16' or 'best:16,4' -> BestFirstTreeSpec(budget=16, top_k=4)."""
   try:
+    if spec.startswith('best:'):
+      values = [int(x) for x in spec[len('best:'):].split(',')]
+      if len(values) > 2:
+        raise ValueError('best: takes BUDGET or BUDGET,TOP_K')
+      return BestFirstTreeSpec(*values)
     if spec.startswith('paths:'):
       return SparseTree(tuple(tuple(int(r) for r in path.split('.'))
                               for path in spec[len('paths:'):].split(';')))
@@ -231,8 +344,9 @@ def parse(spec: str):
     return TreeSpec(tuple(int(x) for x in spec.split(',')))
   except ValueError as e:
     raise ValueError(f'Bad tree spec {spec!r}: expected children per level, like "3,2,1", '
-                     f'"dynamic:TOP_K,DEPTH,BUDGET", like "dynamic:8,5,48", or sparse node '
-                     f'paths, like "paths:0;1;0.0". ({e})') from e
+                     f'"dynamic:TOP_K,DEPTH,BUDGET", like "dynamic:8,5,48", sparse node '
+                     f'paths, like "paths:0;1;0.0", or a best-first tree "best:BUDGET[,TOP_K]", '
+                     f'like "best:16,4". ({e})') from e
 
 
 def ancestors_from_parents(parents: jax.Array, depth: int) -> jax.Array:

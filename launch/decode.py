@@ -24,11 +24,14 @@
       --prompt='def add(a, b):\n    return <mask:8>\n'    # <mask> = --max_new_tokens tokens
   python -m launch.decode --workdir=EARLY_EXIT --method=early_exit [--exit_threshold=0.9 \
       --exit_confidence=softmax|top2|state|classifier --exit_layers=2,4]   # CALM, LOSSY
+  python -m launch.decode --workdir=TARGET --method=parallel_draft --draft_workdir=PDRAFT \
+      [--block_size=8] [--tree=best:16,4]
   python -m launch.decode --workdir=DIR --plugins=my.module --method=my_method ...
 
 One --tree for every method that drafts a tree: children per depth ("3,2,1"), sparse
 node paths ("paths:0;1;0.0", e.g. from launch.tune_tree), or an EAGLE-2 dynamic tree
-("dynamic:TOP_K,DEPTH,BUDGET"). Methods are the entries of decoding/registry.py;
+("dynamic:TOP_K,DEPTH,BUDGET"), or a parallel drafter's best-first tree
+("best:BUDGET[,TOP_K]"). Methods are the entries of decoding/registry.py;
 --plugins imports modules that register more.
 
 --chat renders each prompt as one user message with the model's chat template (as
@@ -72,7 +75,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
 _MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
-_DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir.')
+_DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir; '
+                             'parallel_draft: the parallel drafter\'s.')
 _NUM_DRAFT = flags.DEFINE_string('num_draft', '4', 'speculative, lookup: drafted tokens per '
                                   'round, or auto (the cost model picks it, or plain decoding).')
 _ADAPTIVE = flags.DEFINE_float('adaptive_threshold', 0.0,
@@ -132,6 +136,9 @@ _EXIT_CONFIDENCE = flags.DEFINE_string(
     'exit_confidence', 'softmax', 'early_exit: softmax | top2 | state | classifier.')
 _EXIT_LAYERS = flags.DEFINE_string('exit_layers', '', 'early_exit: the exits used ("2,4"); '
                                    'default: all the model\'s.')
+_BLOCK = flags.DEFINE_integer('block_size', 0, 'parallel_draft: tokens per verified block '
+                               '(the root + drafted positions), 2 .. the drafter\'s trained '
+                               'block; 0 = the trained block. Its tree: --tree=best:BUDGET[,TOP_K].')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -168,6 +175,7 @@ def main(argv):
         infill=_INFILL.value,
         exit_threshold=_EXIT_THRESHOLD.value, exit_confidence=_EXIT_CONFIDENCE.value,
         exit_layers=_EXIT_LAYERS.value,
+        block_size=_BLOCK.value,
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)

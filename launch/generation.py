@@ -74,6 +74,9 @@ class DecodeOptions:
   exit_threshold: float | None = None
   exit_confidence: str = 'softmax'
   exit_layers: str = ''
+  # parallel_draft (decoding/parallel_drafter.py): tokens per verified block (the root +
+  # drafted positions), 2 .. the drafter's trained block; 0 = the trained block
+  block_size: int = 0
   plugins: tuple[str, ...] = ()  # modules that register more methods (decoding/registry.py)
   # any_order, assd (decoding/any_subset.py): each prompt is an infilling template whose
   # mask markers (INFILL_MARKER) are filled, instead of a prompt to continue

@@ -5,3 +5,4 @@ from models.transformer import ForwardOutput, Transformer, TransformerConfig
 from models.heads import EagleDrafter, MedusaHeads
 from models.block_diffusion import BlockDiffusionLM, TidarLM
 from models.any_subset import AnySubsetLM
+from models.parallel_drafter import ParallelDrafter

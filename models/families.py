@@ -29,6 +29,8 @@ This module imports nothing from training/ or configs/.
                                           model.exit_layers (shared final norm and unembedding,
                                           optional per-exit norms, CALM's exit classifier);
                                           still a plain LM at its last layer
+  parallel_drafter  ParallelDrafter(target,  the drafter's layers, fusion and mask embedding
+            parallel_drafter.*)           (DFlash, models/parallel_drafter.py)
 
 For the heads families (medusa, eagle) config.model is the target's model block: the
 trainer copies it from target_workdir, and the heads read the target's hidden states.
@@ -41,14 +43,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import (AnySubsetLM, BlockDiffusionLM, EagleDrafter, MedusaHeads, TidarLM,
-                    Transformer, TransformerConfig, masks)
+from models import (AnySubsetLM, BlockDiffusionLM, EagleDrafter, MedusaHeads, ParallelDrafter,
+                    TidarLM, Transformer, TransformerConfig, masks)
 from models.heads import check_feature_layers
+from models.parallel_drafter import default_target_layers
 
 FAMILIES = ('ar_lm', 'distill', 'medusa', 'eagle', 'eagle3', 'mtp', 'cllm', 'bd3lm', 'tidar',
-            'asarm', 'early_exit')
-HEADS_FAMILIES = ('medusa', 'eagle', 'eagle3')  # trained on a frozen target_workdir, whose model
-                                      # and tokenizer they take
+            'asarm', 'early_exit', 'parallel_drafter')
+# Trained on a frozen target_workdir, whose model and tokenizer they take.
+HEADS_FAMILIES = ('medusa', 'eagle', 'eagle3', 'parallel_drafter')
 
 # family -> (training config, the trunk's TransformerConfig) -> the module it trains.
 _MODULES = {
@@ -71,7 +74,21 @@ _MODULES = {
     'asarm': lambda config, trunk: AnySubsetLM(
         dataclasses.replace(trunk, vocab_size=trunk.vocab_size + 1)),
     'early_exit': lambda config, trunk: Transformer(trunk),
+    'parallel_drafter': lambda config, trunk: parallel_drafter(config.parallel_drafter, trunk),
 }
+
+
+def parallel_drafter(settings, trunk: TransformerConfig) -> ParallelDrafter:
+  """The DFlash drafter of a config's `parallel_drafter` block (num_layers, block_size,
+  target_layers: a tuple of target block indices, empty = default_target_layers) on the
+  target trunk `trunk`. Raises ValueError for a target layer outside the trunk."""
+  layers = tuple(settings.target_layers) or default_target_layers(trunk.num_layers)
+  for layer in layers:
+    if not 0 <= layer < trunk.num_layers:
+      raise ValueError(f'parallel_drafter.target_layers holds {layer}; the target has '
+                       f'{trunk.num_layers} blocks (0 .. {trunk.num_layers - 1}).')
+  return ParallelDrafter(trunk, num_layers=settings.num_layers, block_size=settings.block_size,
+                         target_layers=layers)
 
 
 def transformer_config(config, vocab_size: int) -> TransformerConfig:
@@ -126,6 +143,9 @@ def init_params(module: nn.Module, rng: jax.Array, batch: dict,
     features = jnp.zeros(batch['inputs'].shape + (module.feature_size,), jnp.float32)
     embedded = jnp.zeros(batch['inputs'].shape + (module.config.d_model,), jnp.float32)
     return module.init(rng, features, embedded, batch['positions'])['params']
+  if isinstance(module, ParallelDrafter):
+    inputs = [jnp.zeros(s.shape, s.dtype) for s in module.example_inputs()]
+    return module.init(rng, *inputs)['params']
   return module.init(rng, batch['inputs'], batch['positions'],
                      masks.packed_causal_mask(batch['segment_ids']))['params']
 
