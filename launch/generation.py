@@ -33,6 +33,7 @@ class DecodeOptions:
   batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
   max_context: int = 1024       # cache capacity limit: prompt + new tokens
   model_parallelism: int = 1    # size of the mesh's model axis
+  mesh_shape: str = ''          # e.g. 'fsdp=8' (models/sharding.py); '' = data x model
   # speculative chains, lookup: tokens drafted per round, at most; 'auto' = the cost
   # model's choice (launch/autotune.py), which may be plain decoding
   num_draft: int | str = 4
@@ -291,6 +292,16 @@ def _median_seconds(compiled, arguments: dict, repeats: int):
   return statistics.median(times), out
 
 
+def _on_every_host(tree):
+  """`tree`'s arrays as host values in every process: a multi-process run's outputs are
+  global arrays of which a process holds only its rows; process_allgather gives each
+  process the whole (single-process: unchanged)."""
+  if all(getattr(x, 'is_fully_addressable', True) for x in jax.tree.leaves(tree)):
+    return tree
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def decode_tokens(restored, prompts: list[list[int]], method: str, options: DecodeOptions,
                   draft=None, repeats: int = 1,
                   time_prefill: bool = False) -> tuple[list[list[int]], dict]:
@@ -336,8 +347,10 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   capacity = min(options.max_context, longest + options.max_new_tokens)
   config, drafter, params = _build(restored, entry, options, capacity, draft)
 
-  mesh = sharding.make_mesh(options.model_parallelism)
-  data_size = mesh.shape['data']
+  # Over every process's devices: a multi-process run decodes each batch as one global
+  # program (each process holds its rows' shards), and every process gets all outputs.
+  mesh = sharding.make_mesh(options.model_parallelism, shape=options.mesh_shape)
+  data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
   params = jax.device_put(params, sharding.param_shardings(model, mesh, params=params))
@@ -372,6 +385,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
                                                drafter=drafter.module, **dynamic).compile()
           stats['prefill_compile_s'] = time.perf_counter() - t0
       seconds, out = _median_seconds(compiled, dynamic, repeats)
+      out = _on_every_host(out)
       stats['wall_s'] += seconds
       if time_prefill:
         stats['prefill_s'] += _median_seconds(prefill_only, dynamic, repeats)[0]

@@ -39,8 +39,9 @@ def _flatten(tree, prefix=''):
   return {prefix[:-1]: tree}
 
 
-def check_and_save_config(workdir: str, config) -> None:
-  """Refuses a workdir whose saved model config differs from `config`; then saves it."""
+def check_and_save_config(workdir: str, config, write: bool = True) -> None:
+  """Refuses a workdir whose saved model config differs from `config`; then saves it
+  (if `write`: in a multi-process run only process 0 writes)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   if os.path.exists(path) and has_checkpoint(workdir):
@@ -54,6 +55,8 @@ def check_and_save_config(workdir: str, config) -> None:
       raise ConfigMismatchError(
           f'Workdir {workdir} holds a checkpoint of a different model config:\n  '
           + '\n  '.join(diffs) + '\nUse a new --workdir or the matching config.')
+  if not write:
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
     f.write(config.to_json(indent=2))
@@ -99,10 +102,31 @@ def _tuples_restored(state):
   return state
 
 
+def _all_processes_data_state(state: dict) -> dict:
+  """A data.ShardedIterator state merged over every process ({'shards': {shard: state}}),
+  so the one JSON item orbax writes (from process 0) holds every shard's position. A
+  collective: every process calls it at the same step."""
+  if jax.process_count() == 1:
+    return state
+  import numpy as np
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).ravel()
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  merged = {}
+  for row, size in zip(rows, sizes):
+    merged.update(json.loads(row[:size].tobytes())['shards'])
+  return {'shards': merged}
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, force=False) -> bool:
+  """Saves the train state (each process writes its shards of the global arrays) and
+  the data position of every process's shards. A collective in multi-process runs."""
   return manager.save(step, force=force, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_iterator.get_state())))
+      data=ocp.args.JsonSave(_all_processes_data_state(data_iterator.get_state()))))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
