@@ -37,7 +37,9 @@ def main(argv):
   if not common.is_main_process():
     return
   metrics = ', '.join(f'{k} {v:.4f}' for k, v in result.eval_metrics.items())
-  print(f'Finished at step {int(result.state.step)} in {_WORKDIR.value}: {metrics}')
+  speed = (f'; {result.tokens_per_s:,.0f} training tokens/s at the last log'
+           if result.tokens_per_s else '')
+  print(f'Finished at step {int(result.state.step)} in {_WORKDIR.value}: {metrics}{speed}')
 
 
 if __name__ == '__main__':
