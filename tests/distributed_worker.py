@@ -8,7 +8,7 @@
 """
 import json
 import os
-import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -38,6 +38,8 @@ def main(argv):
       if jax.process_index() == 0:
         print(f'LOSS {step} {loss!r}', flush=True)
       if step == _KILL_AFTER.value:
+        if jax.process_index() != 0:
+          time.sleep(1)  # so that process 0's last line is out before the cluster stops
         os._exit(3)
 
     trainer.train(_CONFIG.value, _WORKDIR.value, step_callback=callback, progress=False)

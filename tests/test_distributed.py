@@ -145,7 +145,8 @@ def test_bad_multi_process_input_is_one_line(tiny_config, tmp_path):
   start = time.monotonic()
   done = subprocess.run(
       [sys.executable, '-m', 'launch.train', '--config=configs/ar_lm.py:size=tiny',
-       f'--workdir={tmp_path / "x"}', f'--coordinator_address=127.0.0.1:{local_cluster.free_port()}',
+       f'--workdir={tmp_path / "x"}',
+       f'--coordinator_address=127.0.0.1:{local_cluster.free_port()}',
        '--num_processes=2', '--process_id=1', '--distributed_timeout=3'],
       cwd=REPO, capture_output=True, text=True, timeout=120,
       env=local_cluster.process_env(4))

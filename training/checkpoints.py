@@ -183,7 +183,15 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     if step not in manager.all_steps():
       raise FileNotFoundError(f'Workdir {workdir} has no checkpoint at step {step}; it has '
                               f'{manager.all_steps()}.')
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except ValueError as e:
+      if 'Topology mismatch' not in str(e):
+        raise
+      # Written by a run over other devices (a multi-process run, a pod): read every array
+      # whole onto this process's first device.
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+          _local_target(manager.item_metadata(step)['state']))))
   finally:
     manager.close()
   # Checkpoints written before the layer scan name each block; today's trunk stacks them.
@@ -197,6 +205,15 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     raise ConfigMismatchError(f'The checkpoint in {workdir} does not match its config.json:\n  '
                               + '\n  '.join(diffs[:10]))
   return RestoredModel(config, tokenizer, model, params, int(step), workdir)
+
+
+def _local_target(metadata):
+  """A restore target for a checkpoint's array metadata: each array whole, on this
+  process's first device; other leaves as saved."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+      if hasattr(m, 'shape') and hasattr(m, 'dtype') else m, metadata)
 
 
 DTYPES = ('float32', 'bfloat16')
