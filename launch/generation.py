@@ -292,6 +292,15 @@ def _median_seconds(compiled, arguments: dict, repeats: int):
   return statistics.median(times), out
 
 
+def _place(tree, shardings):
+  """jax.device_put onto a mesh; in a multi-process run from host copies (arrays on one
+  local device cannot move to other processes' devices; every process holds the same
+  values, so each places its own shards)."""
+  if jax.process_count() > 1:
+    tree = jax.device_get(tree)
+  return jax.device_put(tree, shardings)
+
+
 def _on_every_host(tree):
   """`tree`'s arrays as host values in every process: a multi-process run's outputs are
   global arrays of which a process holds only its rows; process_allgather gives each
@@ -353,10 +362,10 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  params = jax.device_put(params, sharding.param_shardings(model, mesh, params=params))
+  params = _place(params, sharding.param_shardings(model, mesh, params=params))
   drafter_params = drafter.params
   if drafter_params is not None:
-    drafter_params = jax.device_put(drafter_params, sharding.param_shardings(
+    drafter_params = _place(drafter_params, sharding.param_shardings(
         drafter.module, mesh, params=drafter_params))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
@@ -372,7 +381,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
       dynamic = dict(params=params, prompts=jax.device_put(padded[fill], rows),
                      prompt_lengths=jax.device_put(lengths[fill], row_lengths),
-                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start),
+                     rng=_place(jax.random.fold_in(jax.random.PRNGKey(options.seed), start),
+                                sharding.replicated(mesh)),
                      drafter_params=drafter_params)
       if compiled is None:  # One compilation for every batch: they share one shape.
         t0 = time.perf_counter()
