@@ -57,6 +57,10 @@ def data_config() -> ml_collections.ConfigDict:
       train_split='train',
       validation_split='validation',
       rows_shuffle_window=64,   # packed rows shuffled within windows of this many
+      num_shards=0,             # independent pipelines forming the global batch (each over
+                                # every num_shards-th document); a process reads its own
+                                # shards. 0 = one per process. Same value = same batches,
+                                # whatever the process count (training/data.py)
   ))
 
 
@@ -81,6 +85,9 @@ def train_config() -> ml_collections.ConfigDict:
   config.adam_b2 = 0.95
   config.grad_clip_norm = 1.0         # global-norm clipping
   config.model_parallelism = 1        # size of the mesh's `model` axis
+  config.mesh = ml_collections.ConfigDict(dict(
+      shape='',                       # e.g. 'fsdp=8', 'data=2,fsdp=4', 'data=-1,model=2'
+  ))                                  # (models/sharding.py); '' = data x model_parallelism
   config.init_from = ''               # workdir (e.g. launch.convert --from_hf) whose params
                                       # and tokenizer start a fresh run; '' = random init
   config.tokenizer = ml_collections.ConfigDict(dict(

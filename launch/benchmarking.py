@@ -701,7 +701,7 @@ def run(config, workdir: str) -> list[dict]:
              'cpu_count': os.cpu_count(), 'jax': jax.__version__}
   groups = [(b, t) for b in config.batch_sizes for t in config.temperatures]
   bar = tqdm.tqdm(total=len(groups) * len(categories) * sum(len(s[2]) for s in suites),
-                  desc='bench', dynamic_ncols=True)
+                  desc='bench', dynamic_ncols=True, disable=jax.process_index() != 0)
   records, skipped = [], {}
   time_prefill = config.get('time_prefill', True)
   # Another family's samples are scored by the target: the target's AR samples too.
@@ -785,6 +785,8 @@ def run(config, workdir: str) -> list[dict]:
                                   config.cost_tokens)
       save_verify_cost(restored.workdir, entry)
       curves.append(entry)
+  if jax.process_index() != 0:  # A multi-process run: process 0 writes the results.
+    return records
   os.makedirs(workdir, exist_ok=True)
   skipped_list = [dict(what=k, reason=v) for k, v in skipped.items()]
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:

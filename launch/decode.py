@@ -49,6 +49,12 @@ block_diffusion, any_order and assd add "nfe" (model calls the rows needed, summ
 rows); with --infill "completion" is the template with its spans filled; early_exit
 (LOSSY) adds "exit_layers", "exit_histogram" (row-tokens per exit, the last = the full
 model), "mean_exit_layer", "blocks_per_step", "threshold" and "confidence".
+
+Multi-process (every process runs the same command; process 0 prints):
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or the environment
+  variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or --distributed
+  on a cluster JAX detects (TPU pod slice, SLURM, Open MPI); locally:
+  python -m launch.local_cluster --processes=2 --devices_per_process=4 -- launch.decode ...
 """
 import json
 import sys
@@ -75,6 +81,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
 _MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
+_MESH_SHAPE = flags.DEFINE_string('mesh_shape', '', 'Mesh shape over all processes\' devices, '
+                                  'e.g. fsdp=8 or data=2,fsdp=4 (models/sharding.py).')
+common.define_distributed_flags()
 _DRAFT = flags.DEFINE_string('draft_workdir', None, 'speculative: the draft model workdir; '
                              'parallel_draft: the parallel drafter\'s.')
 _NUM_DRAFT = flags.DEFINE_string('num_draft', '4', 'speculative, lookup: drafted tokens per '
@@ -153,6 +162,7 @@ def main(argv):
   from launch import generation
   from training import checkpoints
   with common.user_errors_as_messages():
+    common.init_distributed()
     texts = list(_PROMPT.value)
     if _PROMPT_FILE.value:
       texts += generation.read_prompt_file(_PROMPT_FILE.value, turn=_TURN.value)
@@ -164,6 +174,7 @@ def main(argv):
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
         max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
+        mesh_shape=_MESH_SHAPE.value,
         num_draft=generation.draft_length(_NUM_DRAFT.value, 'num_draft'),
         adaptive_threshold=_ADAPTIVE.value, chain_rule=_CHAIN_RULE.value, tree=_TREE.value,
         typical=_TYPICAL.value, tree_rule=_TREE_RULE.value,
@@ -191,6 +202,8 @@ def main(argv):
       draft = draft and checkpoints.with_dtype(draft, _DTYPE.value)
     result = generation.decode_texts(restored, texts, _METHOD.value, options, draft,
                                      chat=_CHAT.value)
+  if not common.is_main_process():  # Every process has the outputs; process 0 prints them.
+    return
   if _JSON.value:
     print(json.dumps(result))
     return

@@ -34,6 +34,7 @@ class DecodeOptions:
   batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
   max_context: int = 1024       # cache capacity limit: prompt + new tokens
   model_parallelism: int = 1    # size of the mesh's model axis
+  mesh_shape: str = ''          # e.g. 'fsdp=8' (models/sharding.py); '' = data x model
   # speculative chains, lookup: tokens drafted per round, at most; 'auto' = the cost
   # model's choice (launch/autotune.py), which may be plain decoding
   num_draft: int | str = 4
@@ -346,6 +347,25 @@ def _median_seconds(compiled, arguments: dict, repeats: int):
   return statistics.median(times), out
 
 
+def _place(tree, shardings):
+  """jax.device_put onto a mesh; in a multi-process run from host copies (arrays on one
+  local device cannot move to other processes' devices; every process holds the same
+  values, so each places its own shards)."""
+  if jax.process_count() > 1:
+    tree = jax.device_get(tree)
+  return jax.device_put(tree, shardings)
+
+
+def _on_every_host(tree):
+  """`tree`'s arrays as host values in every process: a multi-process run's outputs are
+  global arrays of which a process holds only its rows; process_allgather gives each
+  process the whole (single-process: unchanged)."""
+  if all(getattr(x, 'is_fully_addressable', True) for x in jax.tree.leaves(tree)):
+    return tree
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def decode_tokens(restored, prompts: list[list[int]], method: str, options: DecodeOptions,
                   draft=None, repeats: int = 1,
                   time_prefill: bool = False) -> tuple[list[list[int]], dict]:
@@ -399,14 +419,16 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     capacity = min(options.max_context, longest + options.max_new_tokens)
   config, drafter, params = _build(restored, entry, options, capacity, draft)
 
-  mesh = sharding.make_mesh(options.model_parallelism)
-  data_size = mesh.shape['data']
+  # Over every process's devices: a multi-process run decodes each batch as one global
+  # program (each process holds its rows' shards), and every process gets all outputs.
+  mesh = sharding.make_mesh(options.model_parallelism, shape=options.mesh_shape)
+  data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  params = jax.device_put(params, sharding.param_shardings(model, mesh, params=params))
+  params = _place(params, sharding.param_shardings(model, mesh, params=params))
   drafter_params = drafter.params
   if drafter_params is not None:
-    drafter_params = jax.device_put(drafter_params, sharding.param_shardings(
+    drafter_params = _place(drafter_params, sharding.param_shardings(
         drafter.module, mesh, params=drafter_params))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
@@ -423,7 +445,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
       dynamic = dict(params=params, prompts=jax.device_put(padded[fill], rows),
                      prompt_lengths=jax.device_put(lengths[fill], row_lengths),
-                     rng=jax.random.fold_in(jax.random.PRNGKey(options.seed), start),
+                     rng=_place(jax.random.fold_in(jax.random.PRNGKey(options.seed), start),
+                                sharding.replicated(mesh)),
                      drafter_params=drafter_params)
       if compiled is None:  # One compilation for every batch: they share one shape.
         t0 = time.perf_counter()
@@ -436,6 +459,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
                                                drafter=drafter.module, **dynamic).compile()
           stats['prefill_compile_s'] = time.perf_counter() - t0
       seconds, out = _median_seconds(compiled, dynamic, repeats)
+      out = _on_every_host(out)
       stats['wall_s'] += seconds
       if time_prefill:
         stats['prefill_s'] += _median_seconds(prefill_only, dynamic, repeats)[0]

@@ -39,8 +39,9 @@ def _flatten(tree, prefix=''):
   return {prefix[:-1]: tree}
 
 
-def check_and_save_config(workdir: str, config) -> None:
-  """Refuses a workdir whose saved model config differs from `config`; then saves it."""
+def check_and_save_config(workdir: str, config, write: bool = True) -> None:
+  """Refuses a workdir whose saved model config differs from `config`; then saves it
+  (if `write`: in a multi-process run only process 0 writes)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   if os.path.exists(path) and has_checkpoint(workdir):
@@ -54,6 +55,8 @@ def check_and_save_config(workdir: str, config) -> None:
       raise ConfigMismatchError(
           f'Workdir {workdir} holds a checkpoint of a different model config:\n  '
           + '\n  '.join(diffs) + '\nUse a new --workdir or the matching config.')
+  if not write:
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
     f.write(config.to_json(indent=2))
@@ -99,10 +102,31 @@ def _tuples_restored(state):
   return state
 
 
+def _all_processes_data_state(state: dict) -> dict:
+  """A data.ShardedIterator state merged over every process ({'shards': {shard: state}}),
+  so the one JSON item orbax writes (from process 0) holds every shard's position. A
+  collective: every process calls it at the same step."""
+  if jax.process_count() == 1:
+    return state
+  import numpy as np
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).ravel()
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  merged = {}
+  for row, size in zip(rows, sizes):
+    merged.update(json.loads(row[:size].tobytes())['shards'])
+  return {'shards': merged}
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, force=False) -> bool:
+  """Saves the train state (each process writes its shards of the global arrays) and
+  the data position of every process's shards. A collective in multi-process runs."""
   return manager.save(step, force=force, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_iterator.get_state())))
+      data=ocp.args.JsonSave(_all_processes_data_state(data_iterator.get_state()))))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
@@ -159,7 +183,15 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     if step not in manager.all_steps():
       raise FileNotFoundError(f'Workdir {workdir} has no checkpoint at step {step}; it has '
                               f'{manager.all_steps()}.')
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except ValueError as e:
+      if 'Topology mismatch' not in str(e):
+        raise
+      # Written by a run over other devices (a multi-process run, a pod): read every array
+      # whole onto this process's first device.
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+          _local_target(manager.item_metadata(step)['state']))))
   finally:
     manager.close()
   # Checkpoints written before the layer scan name each block; today's trunk stacks them.
@@ -173,6 +205,15 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
     raise ConfigMismatchError(f'The checkpoint in {workdir} does not match its config.json:\n  '
                               + '\n  '.join(diffs[:10]))
   return RestoredModel(config, tokenizer, model, params, int(step), workdir)
+
+
+def _local_target(metadata):
+  """A restore target for a checkpoint's array metadata: each array whole, on this
+  process's first device; other leaves as saved."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+      if hasattr(m, 'shape') and hasattr(m, 'dtype') else m, metadata)
 
 
 DTYPES = ('float32', 'bfloat16')

@@ -235,6 +235,104 @@ def eval_batches(source: TextSource, tokenizer, *, batch_size: int, seq_len: int
     yield batch
 
 
+# Data shards: the global batch of a multi-process run.
+#
+# The global batch is `num_shards` equal blocks of rows, block s coming from its own
+# pipeline over documents s, s + num_shards, ... (grain's slice of the source). Process p
+# of P builds only the pipelines of its shards (a contiguous range of num_shards / P) and
+# hands the mesh its rows of the global batch (trainer.to_device). A given num_shards thus
+# gives the same global batches whatever the process count, which is what lets a 2-process
+# run reproduce a 1-process one and a checkpoint move between process counts: the data
+# state saved is every shard's iterator state (gathered from all processes), and a
+# process restoring picks its shards' states. With the default of one shard per process
+# this is grain's per-process sharding (ShardByJaxProcess) plus that bookkeeping.
+
+
+def data_shards(num_shards: int, batch_size: int, process_index: int,
+                process_count: int) -> tuple[int, range]:
+  """(the number of shards, this process's shards) for a global batch of `batch_size`.
+
+  num_shards: 0 = one per process. Raises ValueError when the process count does not
+  divide the batch or the shard count, or the shard count does not divide the batch.
+  """
+  if batch_size % process_count:
+    raise ValueError(f'batch_size={batch_size} is not divisible by the {process_count} '
+                     'processes (each process feeds an equal share of every batch).')
+  num_shards = num_shards or process_count
+  if num_shards % process_count:
+    raise ValueError(f'data.num_shards={num_shards} is not a multiple of the {process_count} '
+                     'processes (each reads whole shards).')
+  if batch_size % num_shards:
+    raise ValueError(f'batch_size={batch_size} is not divisible by data.num_shards='
+                     f'{num_shards}.')
+  per_process = num_shards // process_count
+  return num_shards, range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def _concat_rows(batches: list):
+  if len(batches) == 1:
+    return batches[0]
+  return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+class ShardedIterator:
+  """Iterates a process's shard pipelines together: each step, their batches
+  concatenated along rows (shard order), i.e. this process's rows of the global batch.
+  get_state / set_state: {'shards': {str(shard): grain iterator state}} (a checkpoint
+  holds every process's shards; see checkpoints.save)."""
+
+  def __init__(self, datasets: dict):
+    self._iters = {shard: iter(ds) for shard, ds in datasets.items()}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return _concat_rows([next(it) for it in self._iters.values()])
+
+  def get_state(self) -> dict:
+    return {'shards': {str(shard): it.get_state() for shard, it in self._iters.items()}}
+
+  def set_state(self, state: dict) -> None:
+    """Raises ValueError when the state lacks one of this process's shards (it was saved
+    with another data.num_shards)."""
+    if 'shards' not in state:  # A checkpoint from before data shards: one pipeline.
+      state = {'shards': {'0': state}}
+    shards = state['shards']
+    for shard, it in self._iters.items():
+      if str(shard) not in shards:
+        raise ValueError(f'The checkpoint\'s data state has shards {sorted(shards, key=int)}, '
+                         f'not shard {shard}: it was written with another data.num_shards.')
+      it.set_state(shards[str(shard)])
+
+  def close(self) -> None:
+    for it in self._iters.values():
+      if hasattr(it, 'close'):
+        it.close()
+
+
+class ShardedBatches:
+  """A process's share of the training batches: `make(shard, num_shards)` builds shard
+  `shard`'s grain IterDataset; iter() gives a fresh ShardedIterator."""
+
+  def __init__(self, make, num_shards: int, shards: range):
+    self.num_shards = num_shards
+    self.datasets = {s: make(s, num_shards) for s in shards}
+
+  def __iter__(self) -> ShardedIterator:
+    return ShardedIterator(self.datasets)
+
+
+def sharded_eval_batches(source: TextSource, tokenizer, *, batch_size: int, seq_len: int,
+                         num_batches: int, num_shards: int, shards: range) -> list:
+  """This process's rows of the first `num_batches` global validation batches (each
+  shard's eval_batches, rows concatenated). batch_size: the global batch."""
+  per_shard = [list(eval_batches(source, tokenizer, batch_size=batch_size // num_shards,
+                                 seq_len=seq_len, num_batches=num_batches,
+                                 process_index=s, process_count=num_shards)) for s in shards]
+  return [_concat_rows(list(rows)) for rows in zip(*per_shard)]
+
+
 # Jacobi trajectories (consistency training, CLLM; training/objectives/consistency.py).
 #
 # Storage: a directory with one .npy file per field plus trajectories.json (field

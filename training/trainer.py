@@ -71,6 +71,17 @@ class Setup:
   eval_batch_shardings: Any = None   # of an eval batch (its structure may differ)
 
 
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The training mesh: config.mesh.shape ('fsdp=8', 'data=2,fsdp=4', ...) or, without
+  one, data x config.model_parallelism; over all processes' devices by default. Raises
+  ValueError when the shape does not match the device count."""
+  shape = config.get('mesh', {}).get('shape', '') if 'mesh' in config else ''
+  try:
+    return sharding.make_mesh(config.model_parallelism, devices, shape=shape)
+  except ValueError as e:
+    raise ValueError(f'config.mesh.shape / model_parallelism: {e}') from None
+
+
 def build(config, objective: objectives.Objective, example_batch: dict,
           devices=None, rules=sharding.DEFAULT_RULES, eval_example: Optional[dict] = None
           ) -> Setup:
@@ -79,10 +90,10 @@ def build(config, objective: objectives.Objective, example_batch: dict,
   example_batch: a training batch (init's shapes, the train step's batch shardings);
   eval_example: an eval batch where its structure differs (default: example_batch).
   """
-  mesh = sharding.make_mesh(config.model_parallelism, devices)
-  if config.batch_size % mesh.shape['data']:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the mesh data axis '
-                     f'({mesh.shape["data"]} devices).')
+  mesh = make_mesh(config, devices)
+  if config.batch_size % sharding.data_parallel_size(mesh):
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the mesh\'s data '
+                     f'axes (data x fsdp = {sharding.data_parallel_size(mesh)} devices).')
   rng = jax.random.PRNGKey(config.seed)
   boxed = jax.eval_shape(objective.init, rng, example_batch)
   param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
@@ -159,12 +170,10 @@ def to_device(batch: dict, shardings) -> dict:
 
 
 def evaluate(setup: Setup, params, source, tokenizer, config) -> dict:
-  """Validation loss (nats/token), perplexity and bits per byte."""
+  """Validation loss (nats/token), perplexity and bits per byte, over the first
+  config.eval_batches global batches (each process evaluating its shards' rows)."""
   totals = None
-  for batch in data.eval_batches(source, tokenizer, batch_size=_local_batch(config),
-                                 seq_len=config.seq_len, num_batches=config.eval_batches,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
+  for batch in _eval_batches(source, tokenizer, config, config.eval_batches):
     sums = setup.eval_step(params, to_device(batch, setup.eval_batch_shardings), setup.frozen)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -173,8 +182,34 @@ def evaluate(setup: Setup, params, source, tokenizer, config) -> dict:
   return objectives.summarize(jax.device_get(totals))
 
 
-def _local_batch(config) -> int:
-  return config.batch_size // jax.process_count()
+def _data_shards(config) -> tuple[int, range]:
+  return data.data_shards(config.data.get('num_shards', 0), config.batch_size,
+                          jax.process_index(), jax.process_count())
+
+
+def _eval_batches(source, tokenizer, config, num_batches: int) -> list:
+  """This process's rows of the first `num_batches` validation batches; every process
+  gets the same number of them (each eval step is a collective)."""
+  num_shards, shards = _data_shards(config)
+  batches = data.sharded_eval_batches(source, tokenizer, batch_size=config.batch_size,
+                                      seq_len=config.seq_len, num_batches=num_batches,
+                                      num_shards=num_shards, shards=shards)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    fewest = int(multihost_utils.process_allgather(np.int32(len(batches))).min())
+    batches = batches[:fewest]
+  return batches
+
+
+def _first_process_first(fn: Callable[[], Any], name: str) -> Any:
+  """fn() in process 0, then (after a barrier) in the others: for work on shared files
+  (preparing a TFDS dataset, writing the tokenizer) that must not race."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f'fastdecode:{name}')
+  return result if jax.process_index() == 0 else fn()
 
 
 def prepare_tokenizer(config, workdir: str, train_source) -> tokenizers.Tokenizer:
@@ -227,21 +262,27 @@ def train(config, workdir: str, *, objective: Optional[objectives.Objective] = N
       config.model = source.model
       config.tokenizer = source.tokenizer
     log.info('Model and tokenizer config taken from %s', model_source)
-  checkpoints.check_and_save_config(workdir, config)
-  sources = data.load_sources(config.data)
-  tokenizer = prepare_tokenizer(config, workdir, sources['train'])
+  num_shards, shards = _data_shards(config)  # Bad batch / process counts fail here.
+  make_mesh(config, devices)                  # So does a mesh shape of other devices.
+  checkpoints.check_and_save_config(workdir, config, write=jax.process_index() == 0)
+  sources = _first_process_first(lambda: data.load_sources(config.data), 'data')
+  tokenizer = _first_process_first(
+      lambda: prepare_tokenizer(config, workdir, sources['train']) if jax.process_index() == 0
+      else tokenizers.load(workdir), 'tokenizer')
   objective = objective or objectives.build(config, tokenizer.vocab_size)
 
-  own_data = objective.train_dataset(_local_batch(config), config.seed, jax.process_index(),
-                                     jax.process_count())
-  train_data = own_data if own_data is not None else data.train_dataset(
-      sources['train'], tokenizer, batch_size=_local_batch(config), seq_len=config.seq_len,
-      seed=config.seed, rows_shuffle_window=config.data.rows_shuffle_window,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  per_shard = config.batch_size // num_shards
+  own_data = objective.train_dataset(per_shard, config.seed, 0, num_shards)
+  if own_data is not None:
+    train_data = data.ShardedBatches(
+        lambda s, n: objective.train_dataset(per_shard, config.seed, s, n), num_shards, shards)
+  else:
+    train_data = data.ShardedBatches(lambda s, n: data.train_dataset(
+        sources['train'], tokenizer, batch_size=per_shard, seq_len=config.seq_len,
+        seed=config.seed, rows_shuffle_window=config.data.rows_shuffle_window,
+        process_index=s, process_count=n), num_shards, shards)
   data_iter = iter(train_data)
-  example = next(iter(data.eval_batches(sources['validation'], tokenizer,
-                                        batch_size=_local_batch(config),
-                                        seq_len=config.seq_len, num_batches=1)), None)
+  example = next(iter(_eval_batches(sources['validation'], tokenizer, config, 1)), None)
   if example is None:
     example = next(iter(train_data))
   if own_data is None:
@@ -299,6 +340,7 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
     eval_metrics = evaluate(setup, state.params, validation, tokenizer, config)
     history.append((0, eval_metrics))
     log.info('step 0: %s', _format(eval_metrics))
+  progress = progress and jax.process_index() == 0  # One progress bar per run.
   bar = tqdm.tqdm(total=config.num_train_steps, initial=step, disable=not progress,
                   dynamic_ncols=True, desc='train')
   tokens_per_step = config.batch_size * config.seq_len
@@ -340,7 +382,8 @@ def _loop(config, setup, state, data_iter, validation, tokenizer, manager, write
       history.append((step, eval_metrics))
       for key, value in eval_metrics.items():
         writer.add_scalar(f'eval/{key}', value, step)
-      bar.write(f'step {step}: {_format(eval_metrics)}')
+      if jax.process_index() == 0:
+        bar.write(f'step {step}: {_format(eval_metrics)}')
       last_log_time, last_log_step = time.perf_counter(), step  # Eval is not training time.
     if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
       _check_finite(*pending, manager)
