@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
       speculative='workdirs/draft_small', medusa='workdirs/medusa_small',
       eagle='workdirs/eagle_small', eagle3='workdirs/eagle3_small', mtp='workdirs/mtp_small',
       tidar='workdirs/tidar_small', block_diffusion='workdirs/bd3lm_small',
-      parallel_draft='workdirs/pdraft_small'))
+      parallel_draft='workdirs/pdraft_small', assd='workdirs/asarm_small'))
   # The trees each method runs with, one record each ('' = the method's default:
   # speculative a chain of num_draft, medusa / mtp the tree launch.tune_tree saved,
   # eagle, eagle3 dynamic:4,5,24, parallel_draft a chain of its trained block). Children

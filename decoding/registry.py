@@ -62,6 +62,9 @@ class Method:
   # The method samples a model family of its own (block diffusion): it reproduces no
   # autoregressive decoding, so it is never called lossless.
   own_family: bool = False
+  # An own_model method's baseline on its own model in launch.bench (the decoding it is
+  # exact with respect to): plain AR by default; ASSD's is sequential any-order decoding.
+  reference: str = 'autoregressive'
   # (options, the target's workdir) -> options: settings the method reads from files in
   # the model's workdir when the options leave them unset (self_speculative's skip set).
   workdir_options: Optional[Callable[[Any, str], Any]] = None
@@ -348,9 +351,10 @@ register(Method('tidar', 'TiDAR', _tidar, check_model=tidar.check_model, own_mod
 # Any-subset AR models (decoding/any_subset.py): sequential any-order decoding and ASSD,
 # exact with respect to it. Both decode the AS-ARM in --workdir; --infill fills the
 # prompt's mask markers instead of continuing it.
-# own_model: they decode their own family's model, never the AR target of a benchmark (the
-# family's figures come from launch.asarm_eval).
+# own_model: they decode their own family's model, never the AR target of a benchmark; in
+# launch.bench ASSD's rows are measured against any-order decoding of the same model
+# (launch.asarm_eval adds infilling and the AR comparison).
 register(Method('any_order', 'any-order (sequential)', _any_order, own_model=True,
                 check_model=any_subset.check_model, options=('infill',)))
 register(Method('assd', 'ASSD', _assd, check_model=any_subset.check_model, own_model=True,
-                options=('num_draft', 'infill')))
+                options=('num_draft', 'infill'), reference='any_order'))

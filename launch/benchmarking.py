@@ -687,6 +687,8 @@ def run(config, workdir: str) -> list[dict]:
   for name in methods:
     if registry.get(name).own_model:
       variants = _method_variants(config, [name])
+      if registry.get(name).reference != 'autoregressive':   # ASSD: any-order decoding
+        variants = [(registry.get(name).reference, '', False, False)] + variants[1:]
       if registry.get(name).own_family:
         # A model of another family (BD3-LM) has no AR decoding of its own: its rows are
         # measured against the target's AR (an AR model of the same size, as BD3-LM
@@ -720,7 +722,9 @@ def run(config, workdir: str) -> list[dict]:
               diffusion_steps=config.get('diffusion_steps', 0) or None,
               diffusion_sampler=config.get('diffusion_sampler', 'ancestral'),
               plugins=tuple(config.get('plugins', ())))
-          ar = None if model is restored or variants[0][0] == 'autoregressive' else target_ar
+          # Each suite's first row is its reference, except another family's (BD3-LM),
+          # measured against the target's AR.
+          ar = target_ar if registry.get(variants[0][0]).own_family else None
           for method, tree, typical, auto in variants:
             bar.set_postfix(method=method + tree, category=category, batch=batch_size,
                             temperature=temperature)

@@ -290,34 +290,43 @@ def test_the_objective_trains_the_family_map_module():
   assert shapes['embedding'][0] == module.config.padded_vocab_size >= VOCAB + 1
 
 
-def test_bench_rows_against_the_ar_model_of_the_same_size(trained_tiny, tfds_dir, tmp_path):
-  """launch.bench with block_diffusion: its rows run on the BD3-LM's own model, have no AR
-  of their own (an AR method cannot decode it) and are measured against the target's AR,
-  with NFE per token and the generative perplexity of the samples under the target."""
-  from configs import bd3lm
+def test_bench_rows_of_models_of_other_families(trained_tiny, tfds_dir, tmp_path):
+  """launch.bench with block_diffusion and assd, each on its own model. BD3-LM has no AR
+  decoding of its own: its rows are measured against the target's AR (an AR model of the
+  same size) with NFE per token and the generative perplexity of its samples under the
+  target. ASSD's rows are measured against sequential any-order decoding of its AS-ARM
+  (the decoding it is exact with respect to)."""
+  from configs import asarm, bd3lm
   from configs import bench as bench_config
   from launch import benchmarking
   from training import trainer
-  config = bd3lm.get_config('size=tiny,block=4')
-  config.data.data_dir = tfds_dir
-  config.num_train_steps, config.seq_len, config.warmup_steps = 2, 32, 1
-  config.eval_every_steps = config.checkpoint_every_steps = 2
-  config.eval_batches = 1
-  trainer.train(config, str(tmp_path / 'bd3'), progress=False)
+  for name, config in (('bd3', bd3lm.get_config('size=tiny,block=4')),
+                       ('asarm', asarm.get_config('size=tiny'))):
+    config.data.data_dir = tfds_dir
+    config.num_train_steps, config.seq_len, config.warmup_steps = 2, 32, 1
+    config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.eval_batches = 1
+    trainer.train(config, str(tmp_path / name), progress=False)
   bench = bench_config.get_config()
   bench.target_workdir = trained_tiny.workdir
-  bench.methods = ('autoregressive', 'block_diffusion')
+  bench.methods = ('autoregressive', 'block_diffusion', 'assd')
   bench.workdirs.block_diffusion = str(tmp_path / 'bd3')
+  bench.workdirs.assd = str(tmp_path / 'asarm')
+  bench.num_draft = 3
   bench.batch_sizes, bench.temperatures = (2,), (1.0,)
   bench.num_prompts, bench.prompt_len, bench.max_new_tokens, bench.repeats = 2, 8, 8, 1
   bench.naive_reference = bench.verify_cost = False
   records = benchmarking.run(bench, str(tmp_path / 'bench'))
-  ar, bd3 = records
-  assert ar['method'] == 'autoregressive' and bd3['method'] == 'block diffusion (BD3-LM)'
+  ar, bd3, any_order, assd = records
+  assert [r['method'] for r in records] == ['autoregressive', 'block diffusion (BD3-LM)',
+                                            'any-order (sequential)', 'ASSD']
   assert bd3['lossless'] is False and bd3['matches_ar'] is None
   assert bd3['speedup_vs_ar'] == bd3['tokens_per_s'] / ar['tokens_per_s']
   assert 0 < bd3['nfe_per_token'] <= 2 and bd3['gen_ppl'] > 1 and bd3['entropy_bits'] >= 0
   assert ar['gen_ppl'] > 1                  # the target's own samples, the reference
   # A block's first token has no latency of its own: no prefill / decode split.
   assert 'decode_tokens_per_s' in ar and 'decode_tokens_per_s' not in bd3
+  assert any_order['speedup_vs_ar'] == 1.0 and assd['lossless'] is True
+  assert assd['speedup_vs_ar'] == assd['tokens_per_s'] / any_order['tokens_per_s']
+  assert any_order['nfe_per_token'] == 1.0 and 0 < assd['nfe_per_token'] <= 1.0
   assert 'gen_ppl' in (tmp_path / 'bench' / 'bench.md').read_text()
