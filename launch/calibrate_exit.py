@@ -35,20 +35,26 @@ from launch import common
 
 GRID = (1.0, 0.99, 0.975, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3, 0.0)
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'An early-exit model (configs/early_exit.py).')
-_AGREEMENT = flags.DEFINE_float('agreement', 0.9, 'Requested token agreement in (0, 1].')
-_CONFIDENCE = flags.DEFINE_string('confidence', 'softmax',
-                                  'softmax | top2 | state | classifier.')
-_EXITS = flags.DEFINE_string('exit_layers', '', 'The exits used ("2,4"); default: all.')
-_DELTA = flags.DEFINE_float('delta', 0.0, '0: empirical rule; > 0: Learn-then-Test with '
-                            'Hoeffding p-values at this error level.')
-_NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 16, 'Calibration prompts (and as many '
-                                    'held-out ones).')
-_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Tokens per prompt.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 32, 'New tokens per prompt.')
-_GRID = flags.DEFINE_list('thresholds', [str(t) for t in GRID],
-                          'Thresholds tried, from the safest down.')
-flags.mark_flags_as_required(['workdir'])
+def _define_flags():
+  """The command line's flags, defined only when this module runs as the program: the
+  library functions above are imported by tests beside other entry points that define
+  --workdir too."""
+  global _WORKDIR, _AGREEMENT, _CONFIDENCE, _EXITS, _DELTA, _NUM_PROMPTS, _PROMPT_LEN
+  global _MAX_NEW, _GRID
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'An early-exit model (configs/early_exit.py).')
+  _AGREEMENT = flags.DEFINE_float('agreement', 0.9, 'Requested token agreement in (0, 1].')
+  _CONFIDENCE = flags.DEFINE_string('confidence', 'softmax',
+                                    'softmax | top2 | state | classifier.')
+  _EXITS = flags.DEFINE_string('exit_layers', '', 'The exits used ("2,4"); default: all.')
+  _DELTA = flags.DEFINE_float('delta', 0.0, '0: empirical rule; > 0: Learn-then-Test with '
+                              'Hoeffding p-values at this error level.')
+  _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 16, 'Calibration prompts (and as many '
+                                      'held-out ones).')
+  _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Tokens per prompt.')
+  _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 32, 'New tokens per prompt.')
+  _GRID = flags.DEFINE_list('thresholds', [str(t) for t in GRID],
+                            'Thresholds tried, from the safest down.')
+  flags.mark_flags_as_required(['workdir'])
 
 
 def hoeffding_p(risks, epsilon: float) -> float:
@@ -169,4 +175,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

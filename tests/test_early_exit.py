@@ -236,7 +236,7 @@ def trained_early_exit(tfds_dir, tmp_path_factory):
   from tests.conftest import _train_briefly
   config = early_exit_config.get_config('size=tiny,layers=3,exits=1+2,exit_norm=true')
   config.batch_size = 8
-  metrics, restored = _train_briefly(config, tfds_dir, str(tmp_path_factory.mktemp('ee')),
+  metrics, restored = _train_briefly(config, tfds_dir, tmp_path_factory, 'early_exit',
                                      steps=30)
   assert {'loss', 'exit1_nll', 'exit2_nll', 'exit1_agree'} <= set(metrics)
   return restored
