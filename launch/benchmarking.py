@@ -750,6 +750,12 @@ def run(config, workdir: str) -> list[dict]:
                     f' auto({stats["auto"]["option"]}={stats["auto"]["chosen"]})' if auto
                     else '')
             bar.update(1)
+            # XLA:CPU keeps every compiled program's code mapped (about 500 memory maps
+            # per program on a 4-layer model, more on a 30-layer one) until the caches
+            # are cleared, and a long run's ~100 programs hit the kernel's limit of 65530
+            # maps: LLVM 'Cannot allocate memory', then a segfault. Each item compiles
+            # its own programs anyway (compile_s is reported apart), so drop them here.
+            jax.clear_caches()
             ar = ar or (completions, stats)
             lossless = stats['lossless']
             greedy_lossless = lossless and temperature == 0
