@@ -37,7 +37,7 @@ import numpy as np
 
 from decoding import trees, verify
 from decoding.proposal import Proposer
-from decoding.sampling import SamplingConfig, log_probs, sample
+from decoding.sampling import SamplingConfig, greedy_ids, log_probs, sample
 from models import AnySubsetLM, BlockDiffusionLM, KVCache, masks
 
 
@@ -338,10 +338,13 @@ def speculative_round(model, params: Params, proposer: Proposer, config: DecodeC
   if out is None:
     out = _verify_call(model, params.target, proposal, root, mask, state.target_cache,
                        proposer.needs_layer_hidden)
-  target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
-  path, num_accepted, next_token = verify.accept(
-      keys[-1], proposal, target_logp, config.sampling.greedy, config.acceptance,
-      config.chain_rule)
+  if config.sampling.greedy:  # The target's argmax per node; no [B, N, V] log-probs.
+    path, num_accepted, next_token = verify.greedy_accept(proposal, greedy_ids(
+        out.logits, model.config.vocab_size))
+  else:
+    target_logp = log_probs(out.logits, config.sampling, model.config.vocab_size)  # [B, N, V]
+    path, num_accepted, next_token = verify.accept(
+        keys[-1], proposal, target_logp, False, config.acceptance, config.chain_rule)
   cache = out.cache
   if tree:  # A chain's accepted tokens already sit in sequence order.
     cache = cache.move_slots(*trees.path_slots(root, path, num_accepted, cache_size))

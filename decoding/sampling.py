@@ -111,11 +111,17 @@ def log_probs(logits: jax.Array, config: SamplingConfig, vocab_size: int) -> jax
   return jax.nn.log_softmax(processed_logits(logits, config, vocab_size), axis=-1)
 
 
+def greedy_ids(logits: jax.Array, vocab_size: int) -> jax.Array:
+  """[..., V] logits -> [...] int32 argmax over the real vocabulary: the greedy token,
+  where the point mass of `processed_logits` sits (the first of tied maxima)."""
+  return jnp.argmax(mask_padded_vocab(logits, vocab_size), axis=-1).astype(jnp.int32)
+
+
 def sample(rng: jax.Array, logits: jax.Array, config: SamplingConfig,
            vocab_size: int) -> jax.Array:
   """Draws one token per row of [..., V] logits -> [...] int32."""
   if config.greedy:
-    return jnp.argmax(mask_padded_vocab(logits, vocab_size), axis=-1).astype(jnp.int32)
+    return greedy_ids(logits, vocab_size)
   return jax.random.categorical(rng, processed_logits(logits, config, vocab_size),
                                 axis=-1).astype(jnp.int32)
 

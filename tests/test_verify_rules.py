@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoding import verify
+from decoding import proposal as proposal_lib
+from decoding import trees, verify
 from tests.test_speculative import _g_test
 
 V, K = 4, 3
@@ -297,3 +298,52 @@ def test_rrsw_is_lossless_on_random_trees_and_the_iid_rule_on_distinct_draws_is_
   assert 0 < n.mean() < 2
   assert _g_test(out, exact) > 1e-3
   assert _g_test(_tree_draft_and_verify(p, q, rows, 1, rule='iid')[0], exact) < 1e-3
+
+
+def test_greedy_accept_equals_every_rule_under_point_masses():
+  """The greedy shortcut (no draws, no vocabulary pass per level) keeps the same path,
+  count and next token as the sampling rules fed point-mass targets: chains drawn from a
+  draft (block and token rules), deterministic chains with num_drafted, and trees with
+  duplicate sibling tokens (i.i.d. draws), on random proposals."""
+  rng = np.random.default_rng(0)
+  vocab, batch = 5, 64
+  point = lambda ids: jnp.where(jnp.arange(vocab) == ids[..., None], 0.0, -jnp.inf)
+  for trial in range(6):
+    k = 4
+    root = rng.integers(0, vocab, batch)
+    # Few symbols, so drafts often match the target's argmax (long accepted prefixes).
+    drafted = rng.integers(0, 2, (batch, k))
+    target_ids = jnp.asarray(rng.integers(0, 2, (batch, k + 1)), jnp.int32)
+    draft_logp = jnp.log(jnp.asarray(rng.dirichlet(np.ones(vocab), (batch, k + 1)),
+                                     jnp.float32))
+    num_drafted = jnp.asarray(rng.integers(0, k + 1, batch), jnp.int32)
+    chains = [proposal_lib.Proposal.chain(jnp.asarray(root), jnp.asarray(drafted),
+                                          draft_logp=draft_logp),
+              proposal_lib.Proposal.chain(jnp.asarray(root), jnp.asarray(drafted),
+                                          num_drafted=num_drafted)]
+    spec = trees.TreeSpec((2, 2, 1))
+    tree_tokens = jnp.asarray(rng.integers(0, 2, (batch, spec.num_nodes)), jnp.int32)
+    tree = proposal_lib.Proposal.static_tree(spec, tree_tokens)
+    tree_ids = jnp.asarray(rng.integers(0, 2, (batch, spec.num_nodes)), jnp.int32)
+    key = jax.random.PRNGKey(trial)
+    cases = [(chains[0], target_ids, lambda p, lp: verify.block_accept(
+                 key, p.tokens[:, 1:], p.draft_logp[:, :k], lp, jnp.full((batch,), k))),
+             (chains[0], target_ids, lambda p, lp: verify.chain_accept(
+                 key, p.tokens[:, 1:], p.draft_logp[:, :k], lp, jnp.full((batch,), k))),
+             (chains[1], target_ids, None), (tree, tree_ids, None)]
+    for proposal, ids, rule in cases:
+      path, count, nxt = verify.greedy_accept(proposal, ids)
+      if rule is None:   # the tree walk with point masses
+        parents = jnp.broadcast_to(jnp.asarray(proposal.parents), ids.shape)
+        if proposal.num_drafted is not None:
+          nodes = jnp.arange(ids.shape[1])[None]
+          parents = jnp.where(nodes <= proposal.num_drafted[:, None], parents, -2)
+        ref_path, ref_count, ref_next = verify.tree_accept(
+            key, proposal.tokens, parents, point(ids), proposal.depth,
+            proposal.max_children, greedy=True)
+        np.testing.assert_array_equal(path, ref_path)
+      else:
+        ref_count, ref_next = rule(proposal, point(ids))
+      np.testing.assert_array_equal(count, ref_count)
+      np.testing.assert_array_equal(nxt, ref_next)
+      assert int(jnp.max(count)) >= 2   # the shortcut was exercised past the first level
