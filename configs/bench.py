@@ -4,7 +4,8 @@
       --config.target_workdir=workdirs/ar_small
 
 Writes bench.json, bench.md and prints the table. Compilation is excluded from timing
-(reported as compile_s); each record is the median of `repeats` timed runs. Latency is
+(reported as compile_s); each record is the median of `repeats` timed runs after one
+untimed warm-up run (`warmup`). Latency is
 split into prefill (time to first token, ms per batch call) and decode tokens/s; peak
 host memory per method. The verify-cost curve (one cached call of T tokens relative to
 one token) is measured per batch size and cached in the target's workdir
@@ -73,5 +74,6 @@ def get_config(arg: str | None = None):
   config.prompt_len = 64                        # tokens per prompt (bos included)
   config.max_new_tokens = 128                   # new tokens per prompt
   config.repeats = 3                            # timed runs per record (median reported)
+  config.warmup = True                          # one untimed run of each program first
   config.seed = 0
   return config

@@ -742,7 +742,7 @@ def run(config, workdir: str) -> list[dict]:
             # has no first-token latency to split off.
             completions, stats = generation.decode_tokens(
                 model, prompts, method, method_options, second.get(method),
-                repeats=config.repeats,
+                repeats=config.repeats, warmup=config.get('warmup', True),
                 time_prefill=time_prefill and not registry.get(method).own_family)
             stats.update(peak_memory())
             name = _name(method, typical, stats) + (

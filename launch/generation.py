@@ -337,8 +337,13 @@ def _build(restored, method: registry.Method, options: DecodeOptions, capacity: 
   return config, drafter, params
 
 
-def _median_seconds(compiled, arguments: dict, repeats: int):
-  """(median wall seconds of `repeats` >= 1 runs of a compiled program, its output)."""
+def _median_seconds(compiled, arguments: dict, repeats: int, warmup: bool = False):
+  """(median wall seconds of `repeats` >= 1 runs of a compiled program, its output),
+  after one untimed run if `warmup`: a program's first execution pays one-time costs
+  (buffer allocation, first touch of the cache's pages) that made single-repeat
+  benchmark rows of the same program differ by up to 40%."""
+  if warmup:
+    jax.block_until_ready(compiled(**arguments))
   times, out = [], None
   for _ in range(max(repeats, 1)):
     t0 = time.perf_counter()
@@ -368,9 +373,11 @@ def _on_every_host(tree):
 
 def decode_tokens(restored, prompts: list[list[int]], method: str, options: DecodeOptions,
                   draft=None, repeats: int = 1,
-                  time_prefill: bool = False) -> tuple[list[list[int]], dict]:
+                  time_prefill: bool = False,
+                  warmup: bool = False) -> tuple[list[list[int]], dict]:
   """Decodes token prompts in batches of one shape (one compilation, excluded from
-  wall_s). With repeats > 1 each batch runs that many times and the median counts.
+  wall_s). With repeats > 1 each batch runs that many times and the median counts;
+  warmup: one more untimed run of each program first (benchmarks).
 
   restored / draft: checkpoints.RestoredModel of the target and of the method's second
   model (a draft, heads), or None. Returns (new tokens per prompt, stats); stats'
@@ -397,7 +404,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     run, options, auto = autotune.resolve(restored, prompts, method, options, draft)
     completions, stats = decode_tokens(restored, prompts, run, options,
                                        None if run == 'autoregressive' else draft, repeats,
-                                       time_prefill)
+                                       time_prefill, warmup)
     stats['auto'] = auto
     return completions, stats
   check_draft(restored, draft)
@@ -458,11 +465,11 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
           prefill_only = driver.generate.lower(model=model, config=first_token,
                                                drafter=drafter.module, **dynamic).compile()
           stats['prefill_compile_s'] = time.perf_counter() - t0
-      seconds, out = _median_seconds(compiled, dynamic, repeats)
+      seconds, out = _median_seconds(compiled, dynamic, repeats, warmup)
       out = _on_every_host(out)
       stats['wall_s'] += seconds
       if time_prefill:
-        stats['prefill_s'] += _median_seconds(prefill_only, dynamic, repeats)[0]
+        stats['prefill_s'] += _median_seconds(prefill_only, dynamic, repeats, warmup)[0]
       new = out.completions()[:len(chunk)]
       completions += new
       finishes += out.finish_reasons()[:len(chunk)]
