@@ -96,7 +96,7 @@ def accept(rng: jax.Array, proposal, target_logp: jax.Array, greedy: bool,
     nodes = jnp.arange(proposal.tokens.shape[1])[None]
     parents = jnp.where(nodes <= proposal.num_drafted[:, None], parents[None], -2)
   return tree_accept(rng, proposal.tokens, parents, target_logp, proposal.depth,
-                     proposal.max_children, proposal.draft_logp, greedy,
+                     proposal.max_children, proposal.draft_logp,
                      None if typical is None else (typical.epsilon, typical.delta),
                      proposal.candidates)
 
@@ -244,7 +244,7 @@ def block_accept(rng: jax.Array, draft_tokens: jax.Array, draft_logp: jax.Array,
 
 def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
                 target_logp: jax.Array, depth: int, max_children: int,
-                draft_logp: Optional[jax.Array] = None, greedy: bool = False,
+                draft_logp: Optional[jax.Array] = None,
                 typical: Optional[tuple[float, float]] = None,
                 candidates: Optional[jax.Array] = None):
   """Verifies one draft tree per row (decoding/trees.py), static or dynamic.
@@ -287,8 +287,9 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
       sibling draws; RRSw is local to a node, costs what the rule above costs (one
       residual per candidate), and fixes the larger loss, so it is the one built here.
   If every child is rejected, the next token is drawn from the last residual; at a
-  leaf, the bonus token from p. Greedy (point-mass p): descend to the child equal to
-  the target's argmax while there is one.
+  leaf, the bonus token from p. Under greedy decoding (point masses) this walk follows
+  the target's argmax; `accept` then takes `greedy_accept`, which does that without
+  draws.
 
   typical=(epsilon, delta): LOSSY, Medusa's typical acceptance (Cai et al. 2024), not
   distributed as the target. Take the first child x whose target probability clears
@@ -307,7 +308,7 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
   alive = jnp.ones((batch,), bool)           # still descending
   next_token = jnp.zeros((batch,), jnp.int32)
   path = [current]
-  rrsw = candidates is not None and not greedy and typical is None
+  rrsw = candidates is not None and typical is None
   if rrsw:
     if draft_logp is None:
       raise ValueError('Candidates drawn without replacement need their draft_logp.')
@@ -321,7 +322,7 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
           q_parent, alive, current)
     else:
       found, chosen, p = _try_children(keys, node_tokens, is_child, target_logp[rows, current],
-                                       q_parent, alive, current, max_children, greedy, typical)
+                                       q_parent, alive, current, max_children, typical)
     stop = alive & ~found
     drawn = jax.random.categorical(next(keys), p).astype(jnp.int32)
     if rrsw:  # A drawn token outside the tree was accepted: it is the next token.
@@ -338,7 +339,7 @@ def tree_accept(rng: jax.Array, node_tokens: jax.Array, parents: jax.Array,
 
 
 def _try_children(keys, node_tokens, is_child, p, q_parent, alive, current, max_children,
-                  greedy, typical):
+                  typical):
   """One level of tree_accept: tries the children of `current` [B] (is_child [B, N]) in
   sibling order against p [B, V]; q_parent [B, V] the draft distribution they were drawn
   from, or None (point masses). Uses one key of `keys` per child when sampling exactly.
@@ -355,9 +356,7 @@ def _try_children(keys, node_tokens, is_child, p, q_parent, alive, current, max_
     exists, child = jnp.any(slot, axis=1), jnp.argmax(slot, axis=1).astype(jnp.int32)
     x = node_tokens[rows, child]
     p_x = p[rows, x]
-    if greedy:
-      ok = p_x == 0.0  # log p(x) = 0: x is the target's argmax
-    elif typical is not None:
+    if typical is not None:
       ok = jnp.exp(p_x) > threshold
     else:
       q = (jnp.where(jnp.arange(p.shape[-1]) == x[:, None], 0.0, -jnp.inf)
@@ -367,7 +366,7 @@ def _try_children(keys, node_tokens, is_child, p, q_parent, alive, current, max_
     take = ok & exists & ~found & alive
     chosen = jnp.where(take, child, chosen)
     found = found | take
-    if not greedy and typical is None:  # Rows that rejected this child: the residual.
+    if typical is None:  # Rows that rejected this child: the residual.
       rejected = exists & ~found & alive
       p = jnp.where(rejected[:, None], residual_log_probs(p, q), p)
   return found, chosen, p

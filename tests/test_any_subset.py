@@ -10,10 +10,11 @@ import pytest
 
 from decoding import any_subset, autoregressive, driver, verify
 from decoding.sampling import SamplingConfig, log_probs
-from models import AnySubsetLM, TransformerConfig, sharding
+from models import AnySubsetLM, TransformerConfig
 from tests.test_speculative import _g_test
 from training.objectives import any_subset as objective_lib
 from training.objectives.base import next_token_nll
+from tests.sharded import generate_on_mesh
 
 EOS = 2
 
@@ -183,14 +184,7 @@ def test_eight_devices_give_the_result_of_one_for_decoding_and_the_train_step(tm
   prompts = PROMPTS * 2
   config = any_subset.ASSDConfig(8, 12, eos_ids=(EOS,), draft=3)
   one = _run(MODEL, prompts, config)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    eight = any_subset.generate(
-        model, jax.device_put(params, sharding.param_shardings(model, mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)), config,
-        jax.random.PRNGKey(0))
+  eight = generate_on_mesh(model, params, prompts, config, generate=any_subset.generate)
   assert eight.completions() == one.completions()
 
   train_config = asarm.get_config('size=tiny')

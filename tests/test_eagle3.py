@@ -10,12 +10,13 @@ import pytest
 from decoding import autoregressive, driver, eagle, registry, trees, verify
 from decoding.sampling import SamplingConfig
 from launch import generation
-from models import EagleDrafter, KVCache, sharding
+from models import EagleDrafter, KVCache
 from models.heads import check_feature_layers
 from tests.test_speculative import (DRAFT, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
                                     _g_test)
 from training import checkpoints
 from training.objectives import eagle as eagle_objective
+from tests.sharded import generate_on_mesh
 
 
 def _drafter(model, seed, layers=''):
@@ -99,15 +100,8 @@ def test_eight_devices_give_the_tokens_of_one():
   drafter = _drafter(TARGET[0], 5)
   kw = dict(tree=trees.DynamicTreeSpec(2, 2, 4), sampling=SamplingConfig(temperature=1.0))
   single = _eagle3(TARGET, drafter, prompts, 6, 16, **kw)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        TARGET[0], place(*TARGET), jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        eagle.EagleConfig(6, 16, eos_ids=(2,), **kw), jax.random.PRNGKey(0), drafter[0],
-        place(*drafter))
+  out = generate_on_mesh(*TARGET, prompts, eagle.EagleConfig(6, 16, eos_ids=(2,), **kw),
+                         *drafter)
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 

@@ -15,6 +15,7 @@ from decoding.self_speculative import SelfSpeculativeConfig
 from launch import calibrate_exit, generation
 from models import KVCache, Transformer, TransformerConfig
 from tests import test_speculative as ts
+from tests.sharded import generate_on_mesh
 
 EOS = 2
 PROMPTS = ts.PROMPTS
@@ -195,18 +196,10 @@ def test_rows_exit_at_different_layers_in_one_step_and_decode_as_alone():
 
 
 def test_eight_devices_give_the_tokens_of_one():
-  from models import sharding
   prompts = PROMPTS * 2
   config = _calm(0.2, 'top2', max_new=8, sampling=SamplingConfig(temperature=1.0))
   single = _decode(config, prompts)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        MODEL, jax.device_put(PARAMS, sharding.param_shardings(MODEL, mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)), config,
-        jax.random.PRNGKey(0))
+  out = generate_on_mesh(MODEL, PARAMS, prompts, config)
   np.testing.assert_array_equal(out.tokens, single.tokens)
   np.testing.assert_array_equal(out.stats['exit_histogram'], single.stats['exit_histogram'])
 

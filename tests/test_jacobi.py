@@ -13,8 +13,9 @@ import pytest
 from decoding import autoregressive, driver, jacobi, registry
 from decoding.sampling import SamplingConfig
 from launch import generation
-from models import ForwardOutput, sharding
+from models import ForwardOutput
 from tests.stub_model import StubConfig, StubModel
+from tests.sharded import generate_on_mesh
 from tests.test_speculative import (EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
                                     _g_test, _sampled, _wrong_rule_fails)
 
@@ -120,14 +121,7 @@ def test_jacobi_sampling_is_lossless(sampling, power, monkeypatch):
 def test_eight_devices_give_the_tokens_of_one():
   prompts = PROMPTS * 2
   single = _jacobi(*TARGET, prompts, 10, 24, window=3)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        TARGET[0], jax.device_put(TARGET[1], sharding.param_shardings(TARGET[0], mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        jacobi.JacobiConfig(10, 24, eos_ids=(EOS,), window=3), jax.random.PRNGKey(0))
+  out = generate_on_mesh(*TARGET, prompts, jacobi.JacobiConfig(10, 24, eos_ids=(EOS,), window=3))
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 

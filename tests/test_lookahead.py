@@ -17,8 +17,9 @@ from decoding import driver, registry
 from decoding.lookahead import LookaheadConfig, LookaheadProposer
 from decoding.sampling import SamplingConfig
 from launch import generation
-from models import ForwardOutput, sharding
+from models import ForwardOutput
 from tests.stub_model import StubConfig, StubModel, random_table
+from tests.sharded import generate_on_mesh
 from tests.test_speculative import (EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
                                     _g_test, _sampled, _wrong_rule_fails)
 
@@ -199,14 +200,7 @@ def test_eight_devices_give_the_tokens_of_one():
   prompts = PROMPTS * 2
   kw = dict(window=4, ngram=4, candidates=3)
   single = _lookahead(*TARGET, prompts, 10, 24, **kw)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        TARGET[0], jax.device_put(TARGET[1], sharding.param_shardings(TARGET[0], mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        LookaheadConfig(10, 24, eos_ids=(EOS,), **kw), jax.random.PRNGKey(0))
+  out = generate_on_mesh(*TARGET, prompts, LookaheadConfig(10, 24, eos_ids=(EOS,), **kw))
   np.testing.assert_array_equal(out.tokens, single.tokens)
   np.testing.assert_array_equal(out.stats['accepted_histogram'],
                                 single.stats['accepted_histogram'])

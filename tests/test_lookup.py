@@ -15,8 +15,8 @@ from decoding import driver, lookup, registry, verify
 from decoding.proposal import Proposal
 from decoding.sampling import SamplingConfig
 from launch import generation
-from models import sharding
 from tests.test_proposer import REPO
+from tests.sharded import generate_on_mesh
 from tests.test_speculative import (EOS, STUB, TABLE, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
                                     _g_test, _sampled, _wrong_rule_fails)
 
@@ -148,14 +148,7 @@ def test_lookup_sampling_is_lossless(sampling, kw, power, monkeypatch):
 def test_eight_devices_give_the_tokens_of_one(kw):
   prompts = REPEATING * 2
   single = _lookup(*TARGET, prompts, 10, 24, **kw)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        TARGET[0], jax.device_put(TARGET[1], sharding.param_shardings(TARGET[0], mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        lookup.LookupConfig(10, 24, eos_ids=(EOS,), **kw), jax.random.PRNGKey(0))
+  out = generate_on_mesh(*TARGET, prompts, lookup.LookupConfig(10, 24, eos_ids=(EOS,), **kw))
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 

@@ -14,8 +14,9 @@ import pytest
 from decoding import driver, parallel_drafter, registry, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
 from launch import generation
-from models import ParallelDrafter, sharding
+from models import ParallelDrafter
 from tests.test_speculative import PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint, _g_test
+from tests.sharded import generate_on_mesh
 
 
 def _drafter(model, seed, block_size=5, num_layers=1):
@@ -150,15 +151,8 @@ def test_eight_devices_give_the_tokens_of_one():
   drafter = _drafter(TARGET[0], 3)
   tree, sampling = None, SamplingConfig(temperature=1.0)
   single = _pd(TARGET, drafter, prompts, 10, 24, tree=tree, sampling=sampling)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        TARGET[0], place(*TARGET), jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        parallel_drafter.ParallelDraftConfig(10, 24, eos_ids=(2,), tree=tree, sampling=sampling),
-        jax.random.PRNGKey(0), drafter[0], place(*drafter))
+  out = generate_on_mesh(*TARGET, prompts, parallel_drafter.ParallelDraftConfig(
+      10, 24, eos_ids=(2,), tree=tree, sampling=sampling), *drafter)
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 

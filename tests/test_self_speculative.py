@@ -15,8 +15,9 @@ from decoding import driver, registry
 from decoding.sampling import SamplingConfig
 from decoding.self_speculative import SKIP_FILE, SelfSpeculativeConfig, exit_skip, parse_skip
 from launch import generation
-from models import KVCache, Transformer, TransformerConfig, sharding
+from models import KVCache, Transformer, TransformerConfig
 from tests import test_speculative as ts
+from tests.sharded import generate_on_mesh
 
 EOS = 2
 PROMPTS = ts.PROMPTS
@@ -151,14 +152,7 @@ def test_eight_devices_give_the_tokens_of_one():
   config = _self(10, 24, skip_layers=(1, 3), num_draft=3,
                  sampling=SamplingConfig(temperature=1.0))
   single = _decode(PARAMS, prompts, 10, 24, config)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        MODEL, jax.device_put(PARAMS, sharding.param_shardings(MODEL, mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)), config,
-        jax.random.PRNGKey(0))
+  out = generate_on_mesh(MODEL, PARAMS, prompts, config)
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 

@@ -11,8 +11,9 @@ from decoding import autoregressive, driver, trees, verify
 from decoding.sampling import SamplingConfig, log_probs
 from decoding.speculative import SpeculativeConfig
 from decoding.trees import TreeSpec
-from models import KVCache, Transformer, TransformerConfig, masks, sharding
+from models import KVCache, Transformer, TransformerConfig, masks
 from tests.stub_model import StubConfig, StubModel, random_table, successor_table
+from tests.sharded import generate_on_mesh
 
 EOS = 2
 
@@ -276,15 +277,8 @@ def test_cache_after_a_rejection_equals_plain_decoding_of_the_kept_tokens():
 def test_eight_devices_give_the_tokens_of_one(kw):
   prompts = PROMPTS * 2
   single = _spec(TARGET, DRAFT, prompts, 10, 24, **kw)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  place = lambda m, p: jax.device_put(p, sharding.param_shardings(m, mesh))
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        TARGET[0], place(*TARGET), jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        SpeculativeConfig(10, 24, eos_ids=(EOS,), **kw), jax.random.PRNGKey(0), DRAFT[0],
-        place(*DRAFT))
+  out = generate_on_mesh(*TARGET, prompts, SpeculativeConfig(10, 24, eos_ids=(EOS,), **kw),
+                         *DRAFT)
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 
@@ -362,7 +356,7 @@ def test_hand_built_trees_give_the_expected_paths():
                    [4, 1, 0, 0, 0, 0, 0],    # root->4, then 1 is no child: replacement 1
                    [3, 0, 0, 0, 0, 0, 0]]    # no child matches at the root: replacement 3
   path, n, nxt = verify.tree_accept(jax.random.PRNGKey(0), node_tokens, spec.parents,
-                                    point(target_argmax), spec.depth, 2, greedy=True)
+                                    point(target_argmax), spec.depth, 2)
   np.testing.assert_array_equal(path, [[0, 2, 6], [0, 1, 4], [0, 1, 0], [0, 0, 0]])
   np.testing.assert_array_equal(n, [2, 2, 1, 0])
   np.testing.assert_array_equal(nxt, [1, 0, 1, 3])
@@ -424,8 +418,7 @@ def test_hand_built_dynamic_tree_growth_and_reranking():
   # Greedy verification of that tree when the target's argmaxes follow 2 -> 3 -> (7).
   point = lambda ids: jnp.where(jax.nn.one_hot(jnp.asarray(ids), 8) > 0, 0.0, -jnp.inf)
   path, n, nxt = verify.tree_accept(jax.random.PRNGKey(0), node_tokens, parents,
-                                    point([[2, 0, 3, 0, 7, 0]]), spec.depth, spec.top_k,
-                                    greedy=True)
+                                    point([[2, 0, 3, 0, 7, 0]]), spec.depth, spec.top_k)
   np.testing.assert_array_equal(path, [[0, 2, 4, 0]])
   np.testing.assert_array_equal(n, [2])
   np.testing.assert_array_equal(nxt, [7])

@@ -11,10 +11,11 @@ from decoding import autoregressive, driver, registry, tidar, verify
 from decoding.driver import Params
 from decoding.proposal import Proposal
 from decoding.sampling import SamplingConfig
-from models import KVCache, TidarLM, TransformerConfig, masks, sharding
+from models import KVCache, TidarLM, TransformerConfig, masks
 from tests.test_eagle3 import eos_some_rows_emit
 from tests.test_speculative import PROMPTS, TARGET, _exact_joint, _g_test
 from training.objectives.tidar import TidarObjective
+from tests.sharded import generate_on_mesh
 
 
 def _tidar_model(seed, vocab=61, block=4, **kw):
@@ -96,14 +97,7 @@ def test_eight_devices_give_the_tokens_of_one():
   prompts = PROMPTS * 2
   kw = dict(sampling=SamplingConfig(temperature=1.0))
   single = _decode(MODEL, prompts, 10, 24, **kw)
-  mesh = sharding.make_mesh(model_parallelism=2)
-  padded, lengths = driver.pad_prompts(prompts)
-  with jax.set_mesh(mesh):
-    out = driver.generate(
-        MODEL[0], jax.device_put(MODEL[1], sharding.param_shardings(MODEL[0], mesh)),
-        jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
-        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)),
-        tidar.TidarConfig(10, 24, eos_ids=(2,), **kw), jax.random.PRNGKey(0))
+  out = generate_on_mesh(*MODEL, prompts, tidar.TidarConfig(10, 24, eos_ids=(2,), **kw))
   np.testing.assert_array_equal(out.tokens, single.tokens)
 
 

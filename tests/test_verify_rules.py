@@ -340,7 +340,7 @@ def test_greedy_accept_equals_every_rule_under_point_masses():
           parents = jnp.where(nodes <= proposal.num_drafted[:, None], parents, -2)
         ref_path, ref_count, ref_next = verify.tree_accept(
             key, proposal.tokens, parents, point(ids), proposal.depth,
-            proposal.max_children, greedy=True)
+            proposal.max_children)
         np.testing.assert_array_equal(path, ref_path)
       else:
         ref_count, ref_next = rule(proposal, point(ids))
