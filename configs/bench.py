@@ -65,6 +65,10 @@ def get_config(arg: str | None = None):
   # 'transformers' (generate, and prompt_lookup_num_tokens) and 'llama.cpp' (f32 GGUF).
   config.baselines = ()
   config.prompt_lookup_tokens = 10              # their prompt lookup: tokens drafted (0 = off)
+  # llama.cpp's weights: '' = an f32 GGUF export of the target; else a GGUF file (path or
+  # smollm2-135m) that llama.cpp decodes as it is, e.g. the file a --keep_quantized target
+  # was imported from (the same 4-bit blocks in both engines).
+  config.llama_cpp_gguf = ''
   config.time_prefill = True                    # prefill ms and decode tok/s split
   config.verify_cost = True                     # the verify-cost curve per batch size
   config.cost_tokens = (1, 2, 4, 8, 16, 32, 64)

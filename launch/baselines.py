@@ -112,16 +112,25 @@ def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens
 
 
 class LlamaCpp:
-  """llama.cpp through llama-cpp-python on an f32 GGUF export of a workdir (the same
-  weights as ours), one sequence at a time (its high-level API decodes one row)."""
+  """llama.cpp through llama-cpp-python, one sequence at a time (its high-level API decodes
+  one row): on an f32 GGUF export of a workdir (the same weights as ours), or, with
+  `gguf`, on that GGUF file itself (a path or a named model such as smollm2-135m: the
+  file a `--keep_quantized` import decodes, so both engines run the same 4-bit blocks).
+  `weights` names which ('f32 export' or the file's name)."""
 
   # Context slots beyond prompt + new tokens: llama-cpp-python writes a round's drafted
   # tokens past the last committed one and fails when they do not fit.
   DRAFT_ROOM = 64
 
-  def __init__(self, restored, path: str, context: int):
-    from launch import conversion
-    conversion.export_gguf(restored.workdir, path, 'f32')
+  def __init__(self, restored, path: str, context: int, gguf: str = ''):
+    if gguf:
+      from training import gguf_io
+      path = gguf_io.resolve(gguf)
+      self.weights = os.path.basename(path)
+    else:
+      from launch import conversion
+      conversion.export_gguf(restored.workdir, path, 'f32')
+      self.weights = 'f32 export'
     self.path, self.context = path, context + self.DRAFT_ROOM
     self.llm = self._load(logits_all=False)
     self.lookup_llm = None   # loaded on first use: prompt lookup needs every position's logits

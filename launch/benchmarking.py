@@ -567,7 +567,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
   if 'nfe' in stats:   # model calls per generated token (block diffusion)
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
-              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto'):
+              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights'):
     if key in stats:
       record[key] = stats[key]
   if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once
@@ -607,6 +607,8 @@ def _baseline_rows(config, restored, engines, category, prompts, batch_size, ar,
       skipped[f'{name} {category} batch {batch_size}'] = f'{type(e).__name__}: {e}'
       continue
     stats.update(peak_memory())
+    if engine == 'llama.cpp':
+      stats['engine_weights'] = engines[engine].weights
     rows.append(_record(name, stats, ar[1], machine, engine=engine, category=category,
                         lossless=True, batch_size=batch_size, temperature=0.0,
                         matches_ar=completions == ar[0], ar_agreement=None))
@@ -632,7 +634,7 @@ def _engines(config, restored, capacity: int, directory: str, skipped: dict) -> 
     else:
       try:
         engines[engine] = baselines.LlamaCpp(restored, os.path.join(directory, 'model-f32.gguf'),
-                                             capacity)
+                                             capacity, config.get('llama_cpp_gguf', ''))
       except Exception as e:  # pylint: disable=broad-except
         # An optional engine built outside this project: its failure to load is reported
         # as a skip, not allowed to end the benchmark of our own methods.

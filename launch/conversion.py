@@ -23,6 +23,8 @@ def import_hf(hf_dir: str, workdir: str, dtype: str = 'float32', quantize: str |
   config.tokenizer.kind = 'hf'
   config.tokenizer.vocab_size = tokenizer.vocab_size
   config.imported_from = os.path.abspath(hf_dir)
+  # The source's context length, which the exports write back (not the training seq_len).
+  config.context_length = int(hf_config.get('max_position_embeddings') or 0)
   params = hf.load_params(hf_dir, families.transformer_config(config, tokenizer.vocab_size))
   if quantize:
     params = quantize_params(params, quantize, group_size)
@@ -55,7 +57,8 @@ def export_hf(workdir: str, hf_dir: str) -> None:
   save_file({name: jnp.asarray(value) for name, value in tensors.items()},
             os.path.join(hf_dir, hf.SINGLE_FILE), metadata={'format': 'pt'})
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
-    json.dump(hf.hf_config(config, restored.tokenizer), f, indent=2)
+    json.dump(hf.hf_config(config, restored.tokenizer, hf.context_length(restored.config)), f,
+              indent=2)
   if isinstance(restored.tokenizer, tokenizers.HuggingFaceTokenizer):
     # tokenizer.json with a post-processor matching add_bos, tokenizer_config.json and
     # the chat template: transformers then encodes prompts and chats as we do.

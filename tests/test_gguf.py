@@ -74,6 +74,8 @@ def test_smollm2_config_and_tokenizer(smollm2):
   assert (c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.vocab_size) == (30, 576, 9, 3,
                                                                                  49152)
   assert c.tie_embeddings and c.rope_theta == 100_000.0
+  # The file's context length (8192) is kept for the exports (llama.cpp reads it).
+  assert restored.config.context_length == 8192
   tok = restored.tokenizer
   # SmolLM2's tokenizer adds no BOS; it stops at <|im_end|>, its EOS and end of turn.
   assert tok.bos_prefix == [] and tok.eos_ids == (2,) and '<|im_start|>' in tok.chat_template
@@ -117,6 +119,8 @@ def test_smollm2_stops_at_every_eos_id_the_checkpoint_declares(smollm2, tmp_path
   time.)"""
   hf_dir = str(tmp_path / 'hf')   # SmolLM2's HF layout (what transformers would load)
   conversion.export_hf(smollm2[1].workdir, hf_dir)
+  with open(os.path.join(hf_dir, 'config.json')) as f:
+    assert json.load(f)['max_position_embeddings'] == 8192
   for name, key, value in (('config.json', 'eos_token_id', 0),
                            ('generation_config.json', 'eos_token_id', [2, 0]),
                            ('tokenizer_config.json', 'eos_token', '<|endoftext|>')):
@@ -198,6 +202,13 @@ def test_f32_export_import_is_the_identity(small_bpe, tmp_path):
   conversion.export_gguf(small_bpe.workdir, path, 'f32')
   again = conversion.import_gguf(path, str(tmp_path / 'again'))
   jax.tree.map(np.testing.assert_array_equal, again.params, small_bpe.params)
+  # The context length: 4096 for a model trained here (its seq_len is a training chunk),
+  # and an imported model's own value written back by its export, not its seq_len.
+  assert gguf_io.metadata(gguf.GGUFReader(path))['llama.context_length'] == 4096
+  assert again.config.context_length == 4096 and again.config.seq_len != 4096
+  conversion.export_gguf(again.workdir, str(tmp_path / 'again.gguf'), 'f32')
+  assert gguf_io.metadata(gguf.GGUFReader(str(tmp_path / 'again.gguf')))[
+      'llama.context_length'] == 4096
   # The tokenizer comes back as a tokenizer.json that encodes as our SentencePiece one.
   for text in TEXTS[:4] + ['  two\n\n spaces', 'ünïcode 中文 🙂', '']:
     assert list(again.tokenizer.encode_prompt(text)) == list(small_bpe.tokenizer.encode_prompt(text))

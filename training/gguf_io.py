@@ -580,6 +580,8 @@ def read(path_or_name: str, dtype: str = 'float32', keep_quantized: bool = False
   config.tokenizer.kind = 'hf'
   config.tokenizer.vocab_size = tokenizer.vocab_size
   config.imported_from = os.path.abspath(path)
+  # The file's context length, which the exports write back (not the training seq_len).
+  config.context_length = int(hf_cfg.get('max_position_embeddings') or 0)
   params = load_params(reader, families.transformer_config(config, vocab_size), path,
                        meta['general.architecture'], keep_quantized, notes)
   if keep_quantized:
@@ -717,7 +719,7 @@ def export(workdir: str, path: str, outtype: str = 'f32') -> None:
   writer = gguf.GGUFWriter(tmp, arch)
   try:
     writer.add_name(os.path.basename(os.path.normpath(workdir)))
-    writer.add_context_length(int(getattr(restored.config, 'seq_len', 0) or 4096))
+    writer.add_context_length(hf.context_length(restored.config))
     writer.add_embedding_length(config.d_model)
     writer.add_block_count(config.num_layers)
     writer.add_feed_forward_length(config.mlp_dim)

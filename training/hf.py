@@ -275,8 +275,16 @@ def export_tensors(params, config) -> dict:
   return out
 
 
-def hf_config(config, tokenizer) -> dict:
-  """config.json of the exported model: Qwen2 when it has q/k/v biases, else Llama."""
+def context_length(experiment_config) -> int:
+  """The context length an export declares: the imported source's (max_position_embeddings
+  / GGUF context_length, kept as config.context_length), else 4096 for models trained here
+  (their training seq_len is the length of a training chunk, not a limit on positions)."""
+  return int(experiment_config.get('context_length', 0) or 4096)
+
+
+def hf_config(config, tokenizer, context: int = 4096) -> dict:
+  """config.json of the exported model: Qwen2 when it has q/k/v biases, else Llama.
+  context: its max_position_embeddings (context_length)."""
   qwen = config.qkv_bias
   eos = list(tokenizer.eos_ids)
   window = config.sliding_window
@@ -296,7 +304,7 @@ def hf_config(config, tokenizer) -> dict:
       'rope_parameters': _export_rope(config),
       'tie_word_embeddings': config.tie_embeddings, 'attention_bias': False, 'mlp_bias': False,
       'max_position_embeddings': (config.rope_original_max if config.rope_type == 'dynamic'
-                                  else 4096), 'torch_dtype': config.param_dtype,
+                                  else context), 'torch_dtype': config.param_dtype,
       'bos_token_id': tokenizer.bos_id, 'eos_token_id': eos[0] if len(eos) == 1 else eos,
       'pad_token_id': tokenizer.pad_id,
       **({} if not window else
