@@ -153,6 +153,10 @@ class State:
   draft_calls: jax.Array   # [] int32
   histogram: jax.Array     # [D + 1] int32 row-rounds by number of accepted drafts
   proposer: Any = None     # the proposer's own state across rounds (a pytree)
+  # [budget] int32 accepted drafted nodes by their rank in a dynamic tree's reranking
+  # (Proposal.ranks), or None: tokens(b) = 1 + sum(rank_histogram[:b]) / row-rounds is
+  # what the budget-b tree would have accepted in the same rounds under greedy.
+  rank_histogram: Any = None
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -321,6 +325,23 @@ def _verify_call(model, params, proposal, root, mask, cache, layer_hidden=False)
                      **_layer_hidden(layer_hidden))
 
 
+def count_ranks(histogram: jax.Array, ranks: jax.Array, path: jax.Array,
+                num_accepted: jax.Array, done: jax.Array) -> jax.Array:
+  """Adds a round's accepted drafted nodes to `histogram` [R] by their rank.
+
+  ranks: [B, N] the proposal's node ranks (Proposal.ranks); path: [B, M + 1] accepted
+  node indices, root first; num_accepted: [B]; done: [B] rows that no longer count.
+  Under greedy verification the tree of budget b accepts exactly the accepted nodes of
+  rank < b (a kept set is prefix-closed: a child never outranks its parent), which is
+  how launch/autotune.py prices every budget from one calibration run (EAGLE-2's
+  reranking, Li et al. 2024, sec. 4.2)."""
+  rows = jnp.arange(path.shape[0])[:, None]
+  accepted = ranks[rows, path[:, 1:]]                                       # [B, M]
+  live = (jnp.arange(path.shape[1] - 1)[None] < num_accepted[:, None]) & ~done[:, None]
+  accepted = jnp.where(live & (accepted >= 0), accepted, histogram.shape[0])
+  return histogram.at[accepted.reshape(-1)].add(1, mode='drop')
+
+
 def speculative_round(model, params: Params, proposer: Proposer, config: DecodeConfig,
                       cache_size: int, state: State) -> State:
   """propose -> one target call under the proposal's mask -> processed log-probs ->
@@ -349,6 +370,9 @@ def speculative_round(model, params: Params, proposer: Proposer, config: DecodeC
   if tree:  # A chain's accepted tokens already sit in sequence order.
     cache = cache.move_slots(*trees.path_slots(root, path, num_accepted, cache_size))
   proposer_state = proposer.observe(params, proposer_state, state, out, path, num_accepted)
+  if state.rank_histogram is not None and proposal.ranks is not None:
+    state = state.replace(rank_histogram=count_ranks(
+        state.rank_histogram, proposal.ranks, path, num_accepted, state.done))
   return finish_round(state, proposal.tokens[rows[:, None], path[:, 1:]], num_accepted,
                       next_token, cache, config.eos_ids, rng=keys[0], proposer=proposer_state,
                       draft_calls=state.draft_calls + calls)
@@ -405,10 +429,14 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
     both = Params(target=params, drafter=drafter_params)
     proposer_state, calls = proposer.start(both, out, prompts, prompt_lengths, cache_size)
     state = state.replace(proposer=proposer_state, draft_calls=calls)
+    if proposer.ranked_nodes:
+      state = state.replace(rank_histogram=jnp.zeros((proposer.ranked_nodes,), jnp.int32))
     round_ = functools.partial(speculative_round, model, both, proposer, config, cache_size)
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   stats = {} if proposer is None else {'draft_calls': state.draft_calls,
                                        'accepted_histogram': state.histogram}
+  if state.rank_histogram is not None:
+    stats['accepted_rank_histogram'] = state.rank_histogram
   finish, stop_id = finish_reasons(state.tokens, state.lengths, prompt_lengths,
                                    config.max_new_tokens, config.eos_ids)
   return Output(tokens=state.tokens, lengths=state.lengths, prompt_lengths=prompt_lengths,

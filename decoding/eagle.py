@@ -108,6 +108,7 @@ class EagleProposer(Proposer):
   def __init__(self, config: EagleConfig, model, drafter):
     self.config, self.model, self.drafter = config, model, drafter
     self.max_depth, self.cache_slots = config.tree.depth, config.tree.cache_slots
+    self.ranked_nodes = config.tree.budget
     self.needs_key = not config.sampling.greedy and config.tree_rule == 'rrsw'
     self.needs_layer_hidden = bool(drafter.feature_layers)
 
@@ -164,14 +165,14 @@ class EagleProposer(Proposer):
           write_slots=slots[:, None] + jnp.arange(node_tokens.shape[1])[None])
       return (cache, new_features), self._scores(params, new_features)
 
-    (cache, _), node_tokens, parents, depths, *drawn = trees.grow_dynamic_tree(
+    (cache, _), node_tokens, parents, depths, ranks, *drawn = trees.grow_dynamic_tree(
         spec, state.tokens[rows, root], self._scores(params, root_feature[:, None])[:, 0],
         expand, (cache, root_feature[:, None]), key if self.needs_key else None)
     if drawn:  # The drafter's distributions on the target's (padded) vocabulary axis.
       config = self.model.config
       drawn[0] = speculative.pad_vocab(
           drawn[0], getattr(config, 'padded_vocab_size', config.vocab_size))
-    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths, *drawn),
+    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths, *drawn, ranks=ranks),
             eagle.replace(cache=cache), jnp.asarray(spec.depth, jnp.int32))
 
   def observe(self, params, eagle: EagleState, state, verified, path, num_accepted):

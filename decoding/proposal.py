@@ -50,6 +50,9 @@ class Proposal:
     reranking or a sparse tree may leave some out). Given, the verifier uses recursive
     rejection sampling without replacement (verify.tree_accept); None = the children
     were drawn i.i.d. (draft_logp given) or chosen deterministically (draft_logp None).
+  ranks: [B, N] int32 or None, dynamic trees only: each node's rank in EAGLE-2's
+    reranking (root -1; the budget-b tree is the nodes of rank < b), which the round
+    driver counts over accepted nodes (driver.State.rank_histogram).
   depth, max_children: static ints, the tree's maximum depth and widest node.
   """
   tokens: jax.Array
@@ -59,6 +62,7 @@ class Proposal:
   draft_logp: Optional[jax.Array] = None
   num_drafted: Optional[jax.Array] = None
   candidates: Optional[jax.Array] = None
+  ranks: Optional[jax.Array] = None
   depth: int = flax.struct.field(pytree_node=False, default=1)
   max_children: int = flax.struct.field(pytree_node=False, default=1)
 
@@ -88,13 +92,14 @@ class Proposal:
 
   @classmethod
   def dynamic_tree(cls, spec, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
-                   draft_logp=None, candidates=None) -> 'Proposal':
+                   draft_logp=None, candidates=None, ranks=None) -> 'Proposal':
     """A per-row tree (trees.grow_dynamic_tree): tokens, parents, depths [B, N]; its
     children are the drafter's distinct top-k tokens (deterministic candidates), or,
-    with draft_logp [B, N, V] and candidates [B, N, top_k], draws without replacement."""
+    with draft_logp [B, N, V] and candidates [B, N, top_k], draws without replacement;
+    ranks [B, N]: the nodes' reranking order (see the class)."""
     return cls(tokens=tokens, depths=depths, parents=parents,
                ancestors=trees.ancestors_from_parents(parents, spec.depth),
-               draft_logp=draft_logp, candidates=candidates, depth=spec.depth,
+               draft_logp=draft_logp, candidates=candidates, ranks=ranks, depth=spec.depth,
                max_children=spec.max_children)
 
 
@@ -111,11 +116,14 @@ class Proposer:
     needs_layer_hidden: whether the target's prefill and verification calls return its
       per-block hidden states (ForwardOutput.layer_hidden) for `start` and `observe`
       (EAGLE-3 reads several target layers).
+    ranked_nodes: a dynamic tree's budget when its proposals carry node ranks
+      (Proposal.ranks): the driver then counts accepted nodes by rank; 0 = none.
   """
   max_depth: int = 1
   cache_slots: int = 0
   needs_key: bool = False
   needs_layer_hidden: bool = False
+  ranked_nodes: int = 0
 
   def start(self, params, prefill, prompts: jax.Array, prompt_lengths: jax.Array,
             cache_size: int) -> tuple[Any, jax.Array]:

@@ -53,6 +53,9 @@ class Method:
   # The method's static tree may come from launch.tune_tree's file in the drafter's
   # (or own model's) workdir when options.tree is ''.
   tuned_tree: bool = False
+  # The method drafts EAGLE-2 dynamic trees whose budget `--tree=auto` chooses from the
+  # accepted nodes' reranking ranks (launch/autotune.py).
+  dynamic_tree: bool = False
   # The method-specific fields of `options` this method reads (num_draft, tree, ...); a
   # method-specific field another method reads, set away from its default, is refused.
   options: tuple[str, ...] = ()
@@ -319,11 +322,11 @@ register(Method('speculative', 'speculative', _speculative, second='draft_workdi
 register(Method('medusa', 'medusa', _heads, second='heads_workdir', drafter=_medusa_heads,
                 tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('eagle', 'eagle', _eagle, second='heads_workdir', drafter=_eagle_drafter,
-                options=('tree', 'tree_rule')))
+                dynamic_tree=True, options=('tree', 'tree_rule')))
 # EAGLE-3: the same proposer and EAGLE-2 trees with a drafter on fused target layers.
 register(Method('eagle3', 'eagle3', _eagle, second='heads_workdir',
                 drafter=lambda second: _eagle_drafter(second, eagle3=True),
-                options=('tree', 'tree_rule')))
+                dynamic_tree=True, options=('tree', 'tree_rule')))
 register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True,
                 tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('lookup', 'lookup', _lookup,

@@ -118,6 +118,8 @@ class DraftModelProposer(Proposer):
     self.config, self.draft = config, draft_model
     self.max_depth = config.max_accepted
     self.cache_slots = config.tree.cache_slots if config.tree is not None else 0
+    if isinstance(config.tree, trees.DynamicTreeSpec):
+      self.ranked_nodes = config.tree.budget
     target = (target_model or draft_model).config
     self.vocab_size = target.vocab_size   # ids past it (or the draft's) get no mass
     self._width = getattr(target, 'padded_vocab_size', target.vocab_size)
@@ -259,12 +261,12 @@ class DraftModelProposer(Proposer):
       return out.cache, scores(out.logits)
 
     rrsw = not sampling.greedy and self.config.tree_rule == 'rrsw'
-    cache, node_tokens, parents, depths, *drawn = trees.grow_dynamic_tree(
+    cache, node_tokens, parents, depths, ranks, *drawn = trees.grow_dynamic_tree(
         spec, state.tokens[rows, root], scores(out.logits[rows, root - valid]), expand,
         out.cache, key if rrsw else None)
     if drawn:  # The draft's distributions on the target's (padded) vocabulary axis.
       drawn[0] = pad_vocab(drawn[0], self._width)
-    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths, *drawn),
+    return (Proposal.dynamic_tree(spec, node_tokens, parents, depths, *drawn, ranks=ranks),
             cache.keep(state.lengths), spec.depth)
 
 

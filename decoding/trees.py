@@ -388,8 +388,11 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
   `parent` is each fed node's parent among the previous call's fed nodes (0, the root,
   at level 1), for drafters that carry a state per node (EAGLE's features).
 
-  Returns (carry, node_tokens [B, N], parents [B, N] (-1 for the root), depths [B, N]),
-  N = budget + 1, nodes in topological order.
+  Returns (carry, node_tokens [B, N], parents [B, N] (-1 for the root), depths [B, N],
+  ranks [B, N]), N = budget + 1, nodes in topological order; ranks: each node's place in
+  the reranking (0 = the highest cumulative draft log-probability; the root -1), so the
+  tree of any smaller budget b is exactly the nodes of rank < b (launch/autotune.py
+  prices budgets from the ranks of accepted nodes).
 
   key given (sampling; verify.tree_accept's rule without replacement): each expanded
   node's top_k children are drawn without replacement from its scores, which must then
@@ -451,7 +454,10 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
   # index, i.e. the shallower node, so a kept node's parent is always kept; sorting
   # the kept pool indices puts parents before children.
   pool_scores = jnp.concatenate(pool_scores, axis=1)                       # [B, P]
-  kept = jnp.sort(jax.lax.top_k(pool_scores, spec.budget)[1], axis=1)      # [B, M]
+  best = jax.lax.top_k(pool_scores, spec.budget)[1]                        # [B, M] by rank
+  order = jnp.argsort(best, axis=1)
+  kept = jnp.take_along_axis(best, order, axis=1)                           # [B, M] sorted
+  ranks = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), order.astype(jnp.int32)], 1)
   kept_tokens = jnp.take_along_axis(jnp.concatenate(pool_tokens, axis=1), kept, axis=1)
   parent_pool = jnp.take_along_axis(jnp.concatenate(pool_parents, axis=1), kept, axis=1)
   parent_node = 1 + jnp.argmax(kept[:, None, :] == parent_pool[:, :, None], axis=2)
@@ -461,14 +467,14 @@ def grow_dynamic_tree(spec: DynamicTreeSpec, root_token: jax.Array, root_scores:
   depths = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
                             jnp.asarray(spec.pool_depths)[kept]], axis=1)
   if key is None:
-    return carry, node_tokens.astype(jnp.int32), parents, depths
+    return carry, node_tokens.astype(jnp.int32), parents, depths, ranks
   row = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.take_along_axis(
       jnp.concatenate(expanded_row, axis=1), kept, axis=1)], axis=1)        # [B, N]
   rows = jnp.arange(batch)[:, None]
   draft_logp = jnp.concatenate(expanded_scores, axis=1)[rows, jnp.maximum(row, 0)]
   candidates = jnp.concatenate(expanded_children, axis=1)[rows, jnp.maximum(row, 0)]
   candidates = jnp.where(row[..., None] >= 0, candidates, -1).astype(jnp.int32)
-  return carry, node_tokens.astype(jnp.int32), parents, depths, draft_logp, candidates
+  return carry, node_tokens.astype(jnp.int32), parents, depths, ranks, draft_logp, candidates
 
 
 def from_ranked(spec, ranked: jax.Array, root_token: jax.Array) -> jax.Array:

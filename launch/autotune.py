@@ -23,6 +23,18 @@ overhead and the tau actually reached under the run's sampling settings, which r
 the greedy chances (tokens(b) = 1 + s * (sum of the first b chances), s = measured over
 predicted tau - 1 at AUTO_MAX_TREE); cost_model.choose_tree_size picks the size.
 
+`--tree=auto` for EAGLE / EAGLE-3 (EAGLE-2 dynamic trees) chooses the tree's budget
+(verified nodes) at the default top_k and depth: one calibration decode with the largest
+budget (AUTO_MAX_TREE, or the whole expansion pool if smaller) counts the accepted nodes
+by their rank in EAGLE-2's reranking (driver.count_ranks). A budget-b tree is the
+nodes of rank < b of the same expansion, so under greedy it accepts, in the same round,
+exactly the accepted nodes of rank < b: tokens(b) = 1 + (accepted nodes of rank < b) /
+row-rounds, exact for the calibration's rounds (tests/test_eagle.py). Under sampling
+the same count is an estimate (the kept siblings change what recursive rejection
+sampling accepts). cost_model.choose_tree_size then weighs tokens(b) against the
+verify-cost curve and the round's measured overhead (the drafter's expansion, which
+does not depend on the budget).
+
 The calibration prompts are the workload's own first prompts (their first
 CALIBRATION_TOKENS tokens): the acceptance of prompt lookup depends on the prompt, so a
 fixed calibration set would answer for another workload. Its cost is reported
@@ -48,9 +60,10 @@ def wants_auto(method: registry.Method, options) -> bool:
       raise ValueError(f'--{name}=auto: --method={method.name} has no automatic '
                        f'{name} (its draft length option: {method.draft_length or "none"}).')
   if getattr(options, 'tree', '') == AUTO:
-    if not method.tuned_tree:
-      raise ValueError(f'--tree=auto sizes the static tree of Medusa or MTP heads from their '
-                       f'measured acceptance; --method={method.name} has no such tree.')
+    if not (method.tuned_tree or method.dynamic_tree):
+      raise ValueError(f'--tree=auto sizes the static tree of Medusa or MTP heads or the '
+                       f'dynamic tree of EAGLE / EAGLE-3 from their measured acceptance; '
+                       f'--method={method.name} has no such tree.')
     return True
   wanted = method.draft_length is not None and getattr(options, method.draft_length) == AUTO
   if wanted and (getattr(options, 'tree', '') or getattr(options, 'lookup_branches', 1) > 1):
@@ -112,6 +125,8 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
   entry = registry.get(method)
   if entry.tuned_tree and getattr(options, 'tree', '') == AUTO:
     return _resolve_tree(restored, prompts, method, options, draft)
+  if entry.dynamic_tree and getattr(options, 'tree', '') == AUTO:
+    return _resolve_dynamic_tree(restored, prompts, method, options, draft)
   name = entry.draft_length
   t0 = time.perf_counter()
   calibration, short = _short(prompts, options)
@@ -171,6 +186,46 @@ def _resolve_tree(restored, prompts, method: str, options, draft):
                                    or b == choice.num_draft},
                 calibration_tau=round(float(measured_tau), 3),
                 greedy_chance_tau=round(float(predicted_tau), 3),
+                calibration_round_steps=round(round_steps, 3), overhead_steps=round(overhead, 3),
+                calibration_s=round(time.perf_counter() - t0, 2))
+  if not choice.num_draft:
+    return (*_plain(options), report)
+  return method, dataclasses.replace(options, tree=chosen), report
+
+
+def _resolve_dynamic_tree(restored, prompts, method: str, options, draft):
+  """resolve() for `--tree=auto` with an EAGLE-2 dynamic tree (see the module docstring).
+  The chosen tree keeps the default top_k and depth (decoding.eagle.EagleConfig.tree)."""
+  import time
+  import numpy as np
+  from decoding import eagle, trees
+  t0 = time.perf_counter()
+  default = eagle.EagleConfig.tree
+  largest = trees.DynamicTreeSpec(default.top_k, default.depth,
+                                  min(AUTO_MAX_TREE, default.pool_size))
+  calibration, short = _short(prompts, options)
+  spec, round_steps = _calibrate(restored, calibration, method,
+                                 dataclasses.replace(short, tree=str(largest)), draft)
+  rounds = sum(spec['accepted_histogram'])
+  curve = _curve(restored, prompts, options, largest.budget + 1)
+  if rounds == 0:
+    report = dict(option='tree', chosen=0, tree='', predicted_speedup={'0': 1.0},
+                  reason='no speculative round ran in the calibration',
+                  calibration_s=round(time.perf_counter() - t0, 2))
+    return (*_plain(options), report)
+  by_rank = np.asarray(spec['accepted_rank_histogram'], np.float64)
+  tokens = 1.0 + np.concatenate([[0.0], np.cumsum(by_rank)]) / rounds     # [budget + 1]
+  overhead = max(round_steps - cost_model.verify_cost(curve, largest.budget + 1), 0.0)
+  choice = cost_model.choose_tree_size(tokens, curve, overhead)
+  chosen = (str(trees.DynamicTreeSpec(default.top_k, default.depth, choice.num_draft))
+            if choice.num_draft else '')
+  report = dict(option='tree', chosen=choice.num_draft, tree=chosen,
+                predicted_speedup={str(b): round(v, 3) for b, v in choice.predicted.items()
+                                   if b in (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+                                   or b == choice.num_draft},
+                calibration_tau=round(float(spec['mean_accepted']), 3),
+                predicted_tau={str(b): round(float(tokens[b]), 3)
+                               for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < len(tokens)},
                 calibration_round_steps=round(round_steps, 3), overhead_steps=round(overhead, 3),
                 calibration_s=round(time.perf_counter() - t0, 2))
   if not choice.num_draft:

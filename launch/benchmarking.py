@@ -242,8 +242,9 @@ def _method_variants(config, methods) -> list[tuple[str, str, bool, bool]]:
     if method in config.get('typical', ()):
       runs.append((method, variants[-1], True, False))
     if method in config.get('auto', ()):
-      if registry.get(method).draft_length is None and not registry.get(method).tuned_tree:
-        raise ValueError(f'config.auto: {method} has no draft length or static tree to choose.')
+      entry = registry.get(method)
+      if entry.draft_length is None and not (entry.tuned_tree or entry.dynamic_tree):
+        raise ValueError(f'config.auto: {method} has no draft length or tree size to choose.')
       runs.append((method, '', False, True))
   return runs
 

@@ -103,7 +103,8 @@ _TREE = flags.DEFINE_string(
     'top-b_d), sparse paths like paths:0;1;0.0, or EAGLE-2 dynamic:TOP_K,DEPTH,BUDGET. '
     '"" = the method\'s default (speculative: a chain of --num_draft; medusa/mtp: the '
     'tuned tree, else 4,2,2; eagle: dynamic:4,5,24); medusa/mtp: auto = the size the cost '
-    'model picks from a calibration (launch/autotune.py), which may be plain decoding.')
+    'model picks from a calibration (launch/autotune.py), which may be plain decoding; '
+    'eagle/eagle3: auto = the dynamic tree\'s budget picked the same way.')
 _HEADS = flags.DEFINE_string('heads_workdir', None,
                               'medusa, eagle: the heads\' (drafter\'s) training workdir.')
 _PLUGINS = flags.DEFINE_list('plugins', [], 'Modules that register more decoding methods '

@@ -444,7 +444,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     stats.update(prefill_s=0.0, prefill_compile_s=0.0)
   if getattr(config, 'tree', None) is not None:
     stats['tree'] = str(config.tree)
-  histogram, draft_calls, compiled, finishes = None, 0, None, []
+  histogram, draft_calls, compiled, finishes, ranks = None, 0, None, [], None
   exits = exit_blocks = exit_steps = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     for start in range(0, len(prompts), batch):
@@ -486,6 +486,9 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
         h = np.asarray(out.stats['accepted_histogram'])
         histogram = h if histogram is None else histogram + h
         draft_calls += int(out.stats['draft_calls'])
+      if 'accepted_rank_histogram' in out.stats:  # dynamic trees: accepted nodes by rank
+        h = np.asarray(out.stats['accepted_rank_histogram'])
+        ranks = h if ranks is None else ranks + h
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
   if time_prefill:
     calls = -(-len(prompts) // batch)
@@ -508,4 +511,6 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   if histogram is not None:
     stats.update(mean_accepted=driver.mean_accepted(histogram), draft_calls=draft_calls,
                  accepted_histogram=histogram.tolist())
+  if ranks is not None:
+    stats['accepted_rank_histogram'] = ranks.tolist()
   return completions, stats

@@ -220,5 +220,5 @@ def test_auto_variants_of_the_bench():
   config.auto = ('medusa',)   # --tree=auto: the size of the heads' static tree
   assert benchmarking._method_variants(config, ['medusa'])[-1] == ('medusa', '', False, True)
   config.auto = ('lookahead',)
-  with pytest.raises(ValueError, match='lookahead has no draft length or static tree'):
+  with pytest.raises(ValueError, match='lookahead has no draft length or tree size'):
     benchmarking._method_variants(config, ['lookahead'])

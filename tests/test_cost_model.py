@@ -127,4 +127,30 @@ def test_auto_tree_of_medusa_heads_decodes_like_ar(trained_tiny, trained_medusa,
   assert auto['calibration_tau'] >= 1.0 and auto['greedy_chance_tau'] >= 1.0
   assert (stats.get('tree', '') == auto['tree']) if auto['chosen'] else 'tree' not in stats
   with pytest.raises(ValueError, match='--tree=auto sizes the static tree of Medusa or MTP'):
-    autotune.wants_auto(registry.get('eagle'), generation.DecodeOptions(tree='auto'))
+    autotune.wants_auto(registry.get('lookup'), generation.DecodeOptions(tree='auto'))
+
+
+def test_auto_budget_of_eagle_trees_decodes_like_ar(trained_tiny, trained_eagle,
+                                                    quick_verify_cost):
+  """--tree=auto on EAGLE: the budget priced from the calibration's accepted ranks; the
+  decode equals plain greedy; the prediction at the calibration's own budget is its
+  measured tau (the rank counts add up to the accepted-count histogram)."""
+  from launch import autotune, generation
+  tok = trained_tiny.tokenizer
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport sys\n', 'def f(x):\n')]
+  ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
+                                   generation.DecodeOptions(max_new_tokens=16))
+  out, stats = generation.decode_tokens(trained_tiny, prompts, 'eagle',
+                                        generation.DecodeOptions(max_new_tokens=16, tree='auto'),
+                                        trained_eagle[1])
+  assert out == ar
+  auto = stats['auto']
+  assert auto['option'] == 'tree' and 0 <= auto['chosen'] <= autotune.AUTO_MAX_TREE
+  largest = max(int(b) for b in auto['predicted_tau'])
+  taus = [auto['predicted_tau'][str(b)] for b in sorted(int(b) for b in auto['predicted_tau'])]
+  assert taus == sorted(taus) and taus[0] >= 1.0          # more nodes never accept less
+  assert largest <= autotune.AUTO_MAX_TREE
+  if auto['chosen']:
+    assert stats['tree'] == auto['tree'] == f'dynamic:4,5,{auto["chosen"]}'
+  else:
+    assert 'tree' not in stats

@@ -137,3 +137,27 @@ def test_trained_drafter_reads_the_right_features_and_beats_a_random_one(trained
   result = json.loads(done.stdout)
   assert result['outputs'][0]['tokens'] == plain[0]
   assert result['stats']['mean_accepted'] > 1.0
+
+
+def test_accepted_ranks_price_every_smaller_budget(trained_tiny, trained_eagle):
+  """What --tree=auto rests on (launch/autotune.py): under greedy, the tree of budget b
+  accepts, in the same round, exactly the nodes of rank < b that a larger tree of the
+  same expansion accepted. One round per row (2 new tokens: the prefill's and one
+  round's), 8 prompts: the largest tree's accepted-rank counts predict every smaller
+  budget's accepted total exactly."""
+  tok = trained_tiny.tokenizer
+  texts = ('import os\nimport sys\n', 'def __init__(self', 'class Foo:\n    ', '# Copyright',
+           'for i in range(', 'return self.', 'if __name__ == ', 'x = np.')
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
+  target = (trained_tiny.model, trained_tiny.params)
+  drafter = (trained_eagle[1].model, trained_eagle[1].params)
+  big = _eagle(target, drafter, prompts, 2, 40, trees.DynamicTreeSpec(3, 4, 24))
+  by_rank = np.asarray(big.stats['accepted_rank_histogram'])
+  big_hist = np.asarray(big.stats['accepted_histogram'])
+  assert by_rank.shape == (24,) and by_rank.sum() == (big_hist * np.arange(len(big_hist))).sum()
+  assert by_rank.sum() > 4, 'the trained drafter accepts something'
+  for budget in (1, 2, 3, 5, 8, 13):
+    out = _eagle(target, drafter, prompts, 2, 40, trees.DynamicTreeSpec(3, 4, budget))
+    hist = np.asarray(out.stats['accepted_histogram'])
+    assert hist.sum() == big_hist.sum()                           # the same row-rounds
+    assert (hist * np.arange(len(hist))).sum() == by_rank[:budget].sum(), budget

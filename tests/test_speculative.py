@@ -403,8 +403,8 @@ def test_hand_built_dynamic_tree_growth_and_reranking():
     fed.append((level, np.asarray(tokens), np.asarray(ancestors), np.asarray(parent)))
     return carry, jnp.asarray([[children[int(t)] for t in row] for row in tokens])
 
-  _, node_tokens, parents, depths = trees.grow_dynamic_tree(spec, jnp.asarray([0]), root,
-                                                            expand, None)
+  _, node_tokens, parents, depths, ranks = trees.grow_dynamic_tree(
+      spec, jnp.asarray([0]), root, expand, None)
   # Level 2 fed tokens (1, 2) in slots 1, 2; level 3 fed 1->3 and 2->3 in slots 3, 4.
   assert [f[0] for f in fed] == [1, 2]
   np.testing.assert_array_equal(fed[1][1], [[3, 3]])
@@ -415,6 +415,8 @@ def test_hand_built_dynamic_tree_growth_and_reranking():
   np.testing.assert_array_equal(node_tokens, [[0, 1, 2, 3, 3, 2]])
   np.testing.assert_array_equal(parents, [[-1, 0, 0, 1, 2, 3]])
   np.testing.assert_array_equal(depths, [[0, 1, 1, 2, 2, 3]])
+  # Reranking order: 1 (.6), 1->3 (.54), 1->3->2 (.378), 2 (.3), 2->3 (.15); root -1.
+  np.testing.assert_array_equal(ranks, [[-1, 0, 3, 1, 4, 2]])
   # Greedy verification of that tree when the target's argmaxes follow 2 -> 3 -> (7).
   point = lambda ids: jnp.where(jax.nn.one_hot(jnp.asarray(ids), 8) > 0, 0.0, -jnp.inf)
   path, n, nxt = verify.tree_accept(jax.random.PRNGKey(0), node_tokens, parents,
