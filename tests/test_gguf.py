@@ -268,9 +268,12 @@ def test_hf_tokenizer_workdir_round_trip(smollm2, tmp_path):
 
 
 def _write(path, arch='llama', edit_tensors=None, tokenizer=True, vocab=32, layers=1,
-           tensor_type=None, int_tensor=None):
-  """A small valid (or deliberately broken) GGUF written with GGUFWriter."""
-  d, f, heads = 32, 64, 4
+           tensor_type=None, int_tensor=None, d=32, f=64, k_quant_tensors=()):
+  """A small valid (or deliberately broken) GGUF written with GGUFWriter. tensor_type:
+  every matrix's type (gguf.quants.quantize); k_quant_tensors: names written as Q4_K
+  blocks of random bytes with sane scales (the gguf library reads K-quants but cannot
+  write them; their inputs need d, f multiples of 256)."""
+  heads = 4
   writer = gguf.GGUFWriter(str(path), arch)
   writer.add_block_count(layers)
   writer.add_embedding_length(d)
@@ -303,6 +306,13 @@ def _write(path, arch='llama', edit_tensors=None, tokenizer=True, vocab=32, laye
     value = rng.randn(*shape).astype(np.float32)
     if name == int_tensor:
       writer.add_tensor(name, value.astype(np.int32))
+    elif name in k_quant_tensors:
+      q4k = gguf.GGMLQuantizationType.Q4_K
+      block_values, block_bytes = gguf.GGML_QUANT_SIZES[q4k]
+      raw = rng.randint(0, 256, (shape[0], shape[1] // block_values, block_bytes)).astype(np.uint8)
+      raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)   # d
+      raw[..., 2:4] = np.frombuffer(np.float16(0.02).tobytes(), np.uint8)   # dmin
+      writer.add_tensor(name, raw.reshape(shape[0], -1), raw_dtype=q4k)
     elif tensor_type is not None and len(shape) == 2:
       writer.add_tensor(name, gguf.quants.quantize(value, tensor_type), raw_dtype=tensor_type)
     else:

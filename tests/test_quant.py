@@ -195,6 +195,30 @@ def test_keep_quantized_import_of_a_small_gguf(qtype, tmp_path):
     assert again.model.config == ptq.model.config
 
 
+def test_k_quants_are_dequantized_with_a_note_when_kept(tmp_path, capsys):
+  """--keep_quantized on a file mixing Q8_0 and Q4_K: the K-quant tensors (no quantized
+  form here) are dequantized as the gguf library dequantizes them, each with a printed
+  note; the Q8_0 ones stay int8 blocks; logits equal the dequantizing import's."""
+  names = ('blk.0.ffn_up.weight', 'blk.0.attn_q.weight')
+  path = test_gguf._write(tmp_path / 'k.gguf', d=256, f=512, k_quant_tensors=names,
+                          tensor_type=gguf.GGMLQuantizationType.Q8_0)
+  plain = conversion.import_gguf(path, str(tmp_path / 'plain'))
+  kept = conversion.import_gguf(path, str(tmp_path / 'kept'), keep_quantized=True)
+  printed = capsys.readouterr().out
+  for name in names:
+    assert f'{name}: Q4_K has no quantized form here' in printed, printed
+  layers = kept.params['layers']
+  assert not quant.is_quantized(layers['mlp']['up'])
+  assert not quant.is_quantized(layers['attention']['q'])
+  assert quant.is_quantized(layers['mlp']['gate']) and quant.is_quantized(layers['mlp']['down'])
+  np.testing.assert_array_equal(np.asarray(layers['mlp']['up']),
+                                np.asarray(plain.params['layers']['mlp']['up']))
+  assert np.abs(np.asarray(layers['mlp']['up'])).max() > 0.01   # real values, not zeros
+  ids = np.random.RandomState(1).randint(3, 32, (2, 12))
+  np.testing.assert_allclose(test_gguf._logits(kept, ids), test_gguf._logits(plain, ids),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_smollm2_kept_quantized_greedy_equals_its_dequantized_import(tmp_path):
   """The package's Q4_1 SmolLM2 decoded from its int4 blocks gives the tokens of the
   same file dequantized to float32 (first divergence reported)."""
