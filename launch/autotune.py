@@ -29,9 +29,10 @@ budget (AUTO_MAX_TREE, or the whole expansion pool if smaller) counts the accept
 by their rank in EAGLE-2's reranking (driver.count_ranks). A budget-b tree is the
 nodes of rank < b of the same expansion, so under greedy it accepts, in the same round,
 exactly the accepted nodes of rank < b: tokens(b) = 1 + (accepted nodes of rank < b) /
-row-rounds, exact for the calibration's rounds (tests/test_eagle.py). Under sampling
-the same count is an estimate (the kept siblings change what recursive rejection
-sampling accepts). cost_model.choose_tree_size then weighs tokens(b) against the
+row-rounds, exact for each of the calibration's rounds (tests/test_eagle.py). Over a
+whole decode it is an estimate even under greedy: a smaller tree starts its later rounds
+elsewhere (on the small trained target it under-predicted measured tau by up to 16%);
+under sampling the kept siblings also change what recursive rejection sampling accepts. cost_model.choose_tree_size then weighs tokens(b) against the
 verify-cost curve and the round's measured overhead (the drafter's expansion, which
 does not depend on the budget).
 
@@ -63,7 +64,7 @@ def wants_auto(method: registry.Method, options) -> bool:
     if not (method.tuned_tree or method.dynamic_tree):
       raise ValueError(f'--tree=auto sizes the static tree of Medusa or MTP heads or the '
                        f'dynamic tree of EAGLE / EAGLE-3 from their measured acceptance; '
-                       f'--method={method.name} has no such tree.')
+                       f'it is not implemented for --method={method.name}.')
     return True
   wanted = method.draft_length is not None and getattr(options, method.draft_length) == AUTO
   if wanted and (getattr(options, 'tree', '') or getattr(options, 'lookup_branches', 1) > 1):
@@ -73,16 +74,23 @@ def wants_auto(method: registry.Method, options) -> bool:
   return wanted
 
 
+# Timed runs of each calibration program (median), after one untimed warm-up run: single
+# first runs of the same program differ by up to 40% on a shared CPU, and one such reading
+# of the round overhead (0.24 plain steps where repeats read about 7) once made the cost
+# model pick an EAGLE tree that ran at 0.28x of plain decoding.
+CALIBRATION_REPEATS = 3
+
+
 def _calibrate(restored, calibration, method: str, options, draft):
   """Plain decoding and `method` (with `options`, already at the largest setting) on the
-  calibration prompts, prefill timed apart. -> (method's stats, its round time in plain
+  calibration prompts, prefill timed apart, each program warmed up and timed
+  CALIBRATION_REPEATS times (median). -> (method's stats, its round time in plain
   decoding steps)."""
   from launch import generation
   base = registry.options_for(registry.get('autoregressive'), options)
-  _, ar = generation.decode_tokens(restored, calibration, 'autoregressive', base,
-                                   time_prefill=True)
-  _, spec = generation.decode_tokens(restored, calibration, method, options, draft,
-                                     time_prefill=True)
+  timing = dict(time_prefill=True, repeats=CALIBRATION_REPEATS, warmup=True)
+  _, ar = generation.decode_tokens(restored, calibration, 'autoregressive', base, **timing)
+  _, spec = generation.decode_tokens(restored, calibration, method, options, draft, **timing)
   # Plain steps: every target call after the prefill; method rounds likewise.
   calls = -(-len(calibration) // options.batch_size)
   ar_step = ar['decode_s'] / max(ar['target_calls'] - calls, 1)
@@ -225,7 +233,8 @@ def _resolve_dynamic_tree(restored, prompts, method: str, options, draft):
                                    or b == choice.num_draft},
                 calibration_tau=round(float(spec['mean_accepted']), 3),
                 predicted_tau={str(b): round(float(tokens[b]), 3)
-                               for b in (1, 2, 4, 8, 16, 24, 32, 48) if b < len(tokens)},
+                               for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, choice.num_draft)
+                               if 0 < b < len(tokens)},
                 calibration_round_steps=round(round_steps, 3), overhead_steps=round(overhead, 3),
                 calibration_s=round(time.perf_counter() - t0, 2))
   if not choice.num_draft:

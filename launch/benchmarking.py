@@ -610,6 +610,9 @@ def _baseline_rows(config, restored, engines, category, prompts, batch_size, ar,
     stats.update(peak_memory())
     if engine == 'llama.cpp':
       stats['engine_weights'] = engines[engine].weights
+      if engines[engine].weights != 'f32 export':   # another file than the target's weights
+        name += f'({engines[engine].weights})'
+
     rows.append(_record(name, stats, ar[1], machine, engine=engine, category=category,
                         lossless=True, batch_size=batch_size, temperature=0.0,
                         matches_ar=completions == ar[0], ar_agreement=None))

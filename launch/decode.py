@@ -218,8 +218,9 @@ def main(argv):
   s = result['stats']
   if 'auto' in s:
     a = s['auto']
-    chosen = (f'{a["option"]}={a["chosen"]}' if a['chosen'] else
-              'plain autoregressive decoding (no draft length predicted to win)')
+    why = a.get('reason') or f'no {a["option"]} predicted to win'
+    chosen = (f'{a["option"]}={a.get("tree") or a["chosen"]}' if a['chosen'] else
+              f'plain autoregressive decoding ({why})')
     print(f'--- auto: {chosen}; predicted speedup per {a["option"]}: '
           f'{a["predicted_speedup"]}; calibration {a["calibration_s"]:.1f}s', file=sys.stderr)
   extra = (f', mean accepted {s["mean_accepted"]:.2f}, {s["draft_calls"]} draft calls'
