@@ -103,6 +103,8 @@ def test_eight_devices_give_the_tokens_of_one():
   out = generate_on_mesh(*TARGET, prompts, eagle.EagleConfig(6, 16, eos_ids=(2,), **kw),
                          *drafter)
   np.testing.assert_array_equal(out.tokens, single.tokens)
+  for stat in ('accepted_histogram', 'accepted_rank_histogram'):   # what --tree=auto reads
+    np.testing.assert_array_equal(out.stats[stat], single.stats[stat])
 
 
 def test_a_drafter_of_another_target_and_bad_options_are_one_line_errors():
