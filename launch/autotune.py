@@ -131,6 +131,13 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
   report). Raises ValueError as launch.generation.decode_tokens does."""
   import time
   entry = registry.get(method)
+  if options.max_new_tokens <= 1:
+    # The prefill makes the only token: no round to draft for, nothing to calibrate.
+    option = 'tree' if getattr(options, 'tree', '') == AUTO else entry.draft_length
+    report = dict(option=option, chosen=0, predicted_speedup={'0': 1.0},
+                  reason='max_new_tokens <= 1: the prefill makes the only token',
+                  calibration_s=0.0)
+    return (*_plain(options), report)
   if entry.tuned_tree and getattr(options, 'tree', '') == AUTO:
     return _resolve_tree(restored, prompts, method, options, draft)
   if entry.dynamic_tree and getattr(options, 'tree', '') == AUTO:

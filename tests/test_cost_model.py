@@ -154,3 +154,14 @@ def test_auto_budget_of_eagle_trees_decodes_like_ar(trained_tiny, trained_eagle,
     assert stats['tree'] == auto['tree'] == f'dynamic:4,5,{auto["chosen"]}'
   else:
     assert 'tree' not in stats
+
+
+def test_auto_with_one_new_token_skips_the_calibration():
+  """max_new_tokens 1: the prefill makes the only token, so auto is plain decoding at once
+  (no model is touched: restored is None here)."""
+  from launch import autotune, generation
+  for method, option in (('lookup', dict(num_draft='auto')), ('eagle', dict(tree='auto'))):
+    run, options, report = autotune.resolve(
+        None, [[1, 2, 3]], method, generation.DecodeOptions(max_new_tokens=1, **option))
+    assert run == 'autoregressive' and report['chosen'] == 0
+    assert report['calibration_s'] == 0.0 and 'max_new_tokens' in report['reason']
