@@ -331,10 +331,10 @@ def count_ranks(histogram: jax.Array, ranks: jax.Array, path: jax.Array,
 
   ranks: [B, N] the proposal's node ranks (Proposal.ranks); path: [B, M + 1] accepted
   node indices, root first; num_accepted: [B]; done: [B] rows that no longer count.
-  Under greedy verification the tree of budget b accepts exactly the accepted nodes of
-  rank < b (a kept set is prefix-closed: a child never outranks its parent), which is
-  how launch/autotune.py prices every budget from one calibration run (EAGLE-2's
-  reranking, Li et al. 2024, sec. 4.2)."""
+  Under greedy verification the tree of budget b would have accepted, in this round,
+  exactly the accepted nodes of rank < b (a kept set is prefix-closed: a child never
+  outranks its parent), which is how launch/autotune.py prices every budget from one
+  calibration run (EAGLE-2's reranking, Li et al. 2024, sec. 4.2)."""
   rows = jnp.arange(path.shape[0])[:, None]
   accepted = ranks[rows, path[:, 1:]]                                       # [B, M]
   live = (jnp.arange(path.shape[1] - 1)[None] < num_accepted[:, None]) & ~done[:, None]

@@ -32,9 +32,10 @@ exactly the accepted nodes of rank < b: tokens(b) = 1 + (accepted nodes of rank 
 row-rounds, exact for each of the calibration's rounds (tests/test_eagle.py). Over a
 whole decode it is an estimate even under greedy: a smaller tree starts its later rounds
 elsewhere (on the small trained target it under-predicted measured tau by up to 16%);
-under sampling the kept siblings also change what recursive rejection sampling accepts. cost_model.choose_tree_size then weighs tokens(b) against the
-verify-cost curve and the round's measured overhead (the drafter's expansion, which
-does not depend on the budget).
+under sampling the kept siblings also change what recursive rejection sampling
+accepts. cost_model.choose_tree_size then weighs tokens(b) against the verify-cost
+curve and the round's measured overhead (the drafter's expansion, which does not depend
+on the budget).
 
 The calibration prompts are the workload's own first prompts (their first
 CALIBRATION_TOKENS tokens): the acceptance of prompt lookup depends on the prompt, so a
