@@ -110,17 +110,25 @@ def test_tree_size_weighs_the_greedy_chances_against_the_curve():
     cost_model.choose_tree_size([2.0, 3.0], flat)
 
 
-def test_auto_tree_of_medusa_heads_decodes_like_ar(trained_tiny, trained_medusa,
-                                                   quick_verify_cost):
-  from decoding import registry
-  from launch import autotune, generation
+def _auto_tree_decode(trained_tiny, method, second):
+  """(tokens of `method` with --tree=auto, plain greedy tokens, the method's stats) on two
+  code prompts, 16 new tokens."""
+  from launch import generation
   tok = trained_tiny.tokenizer
   prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport sys\n', 'def f(x):\n')]
   ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
                                    generation.DecodeOptions(max_new_tokens=16))
-  out, stats = generation.decode_tokens(trained_tiny, prompts, 'medusa',
+  out, stats = generation.decode_tokens(trained_tiny, prompts, method,
                                         generation.DecodeOptions(max_new_tokens=16, tree='auto'),
-                                        trained_medusa[1])
+                                        second)
+  return out, ar, stats
+
+
+def test_auto_tree_of_medusa_heads_decodes_like_ar(trained_tiny, trained_medusa,
+                                                   quick_verify_cost):
+  from decoding import registry
+  from launch import autotune, generation
+  out, ar, stats = _auto_tree_decode(trained_tiny, 'medusa', trained_medusa[1])
   assert out == ar
   auto = stats['auto']
   assert auto['option'] == 'tree' and 0 <= auto['chosen'] <= autotune.AUTO_MAX_TREE
@@ -135,21 +143,15 @@ def test_auto_budget_of_eagle_trees_decodes_like_ar(trained_tiny, trained_eagle,
   """--tree=auto on EAGLE: the budget priced from the calibration's accepted ranks; the
   decode equals plain greedy; the prediction at the calibration's own budget is its
   measured tau (the rank counts add up to the accepted-count histogram)."""
-  from launch import autotune, generation
-  tok = trained_tiny.tokenizer
-  prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport sys\n', 'def f(x):\n')]
-  ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
-                                   generation.DecodeOptions(max_new_tokens=16))
-  out, stats = generation.decode_tokens(trained_tiny, prompts, 'eagle',
-                                        generation.DecodeOptions(max_new_tokens=16, tree='auto'),
-                                        trained_eagle[1])
+  from launch import autotune
+  out, ar, stats = _auto_tree_decode(trained_tiny, 'eagle', trained_eagle[1])
   assert out == ar
   auto = stats['auto']
   assert auto['option'] == 'tree' and 0 <= auto['chosen'] <= autotune.AUTO_MAX_TREE
-  largest = max(int(b) for b in auto['predicted_tau'])
   taus = [auto['predicted_tau'][str(b)] for b in sorted(int(b) for b in auto['predicted_tau'])]
   assert taus == sorted(taus) and taus[0] >= 1.0          # more nodes never accept less
-  assert largest <= autotune.AUTO_MAX_TREE
+  # At the calibration's own budget the prediction is the calibration's measured tau.
+  assert auto['predicted_tau'][str(autotune.AUTO_MAX_TREE)] == auto['calibration_tau']
   if auto['chosen']:
     assert stats['tree'] == auto['tree'] == f'dynamic:4,5,{auto["chosen"]}'
   else:
