@@ -79,5 +79,7 @@ def get_config(arg: str | None = None):
   config.max_new_tokens = 128                   # new tokens per prompt
   config.repeats = 3                            # timed runs per record (median reported)
   config.warmup = True                          # one untimed run of each program first
+  # the target's block weights: auto | stacked | per_block (launch/generation.decoding_params)
+  config.weight_layout = 'auto'
   config.seed = 0
   return config

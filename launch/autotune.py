@@ -114,7 +114,8 @@ def _curve(restored, prompts, options, largest: int) -> dict:
   batch = options.batch_size or min(len(prompts), 8)
   return benchmarking.verify_cost_curve(
       restored, batch, context,
-      tokens=tuple(t for t in benchmarking.VERIFY_COST_TOKENS if t <= 2 * largest))
+      tokens=tuple(t for t in benchmarking.VERIFY_COST_TOKENS if t <= 2 * largest),
+      weight_layout=options.weight_layout)
 
 
 def _plain(options):

@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from decoding import registry, trees
+from launch import generation
 from models import quant
 
 
@@ -357,25 +358,28 @@ def _fill_program(model, capacity: int):
 
 
 _KEY_FIELDS = ('model', 'model_config', 'backend', 'device', 'batch_size', 'dtype', 'capacity',
-               'context')
+               'context', 'weight_layout')
 
 
-def verify_cost_key(restored, batch_size: int, context: int, capacity: int) -> dict:
+def verify_cost_key(restored, batch_size: int, context: int, capacity: int,
+                    weight_layout: str = 'auto') -> dict:
   """What a verify-cost measurement depends on: the model (its workdir and a digest of its
   architecture), the backend and device, the batch size, the activation dtype, the cache
-  capacity and the context (filled slots)."""
+  capacity, the context (filled slots) and the weights' layout (launch.generation.
+  effective_layout: the curve is measured on the layout the decode reads)."""
   import hashlib
   config = restored.model.config
   return dict(model=os.path.abspath(restored.workdir),
               model_config=hashlib.sha1(repr(config).encode()).hexdigest()[:12],
               backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               batch_size=batch_size, dtype=jnp.dtype(config.activation_dtype).name,
-              capacity=capacity, context=context)
+              capacity=capacity, context=context,
+              weight_layout=generation.effective_layout(weight_layout, jax.device_count()))
 
 
 def measure_verify_cost(restored, batch_size: int, context: int, capacity: int | None = None,
                         tokens=VERIFY_COST_TOKENS, seconds: float = 0.3, repeats: int = 3,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, weight_layout: str = 'auto') -> dict:
   """Measures the cost of ONE cached forward call of T tokens (a chain verify of T - 1
   drafted tokens: the target's call in a speculative round, SpecInfer / Leviathan et al.
   2023 Sec. 3.4's "cost coefficient" seen from the target's side) for each T in `tokens`,
@@ -387,6 +391,8 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   (the cost does not depend on the values). capacity None: context + max(tokens).
   Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
   'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
+  weight_layout: the target weights' layout, as the decode reads them
+  (launch.generation.decoding_params).
   Raises ValueError when context + max(tokens) does not fit the capacity or T = 1 is not
   measured (the curve is relative to it).
   """
@@ -396,7 +402,8 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
     raise ValueError(f'The verify-cost curve needs T = 1 among the token counts and context '
                      f'({context}) >= 1 with context + max T ({tokens[-1]}) <= capacity '
                      f'({capacity}).')
-  model, params = restored.model, jax.device_put(restored.params)
+  model = restored.model
+  params = generation.measured_params(restored.params, weight_layout)
   rng = np.random.default_rng(seed)
   vocab = model.config.vocab_size
   filled = _fill_program(model, capacity)(
@@ -416,7 +423,8 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
       jax.block_until_ready(run(params, filled, ids, start, steps))
       times.append(time.perf_counter() - t0)
     ms.append(1e3 * statistics.median(times) / steps)
-  return dict(verify_cost_key(restored, batch_size, context, capacity), tokens=tokens, ms=ms,
+  return dict(verify_cost_key(restored, batch_size, context, capacity, weight_layout),
+              tokens=tokens, ms=ms,
               relative=[m / ms[0] for m in ms], measured_at=time.time())
 
 
@@ -448,12 +456,13 @@ def save_verify_cost(workdir: str, entry: dict) -> bool:
   return True
 
 
-def load_verify_cost(restored, batch_size: int, context: int, capacity: int) -> dict | None:
+def load_verify_cost(restored, batch_size: int, context: int, capacity: int,
+                     weight_layout: str = 'auto') -> dict | None:
   """The cached curve of this model, backend, device, batch size, dtype, capacity and
   context (WORKDIR/verify_cost.json of the model's workdir) as {T: relative cost}, or None
   when none was measured. For a cost model: a round of T target tokens costs
   relative[T] target calls of one token."""
-  key = verify_cost_key(restored, batch_size, context, capacity)
+  key = verify_cost_key(restored, batch_size, context, capacity, weight_layout)
   for entry in reversed(_read_verify_costs(restored.workdir)):
     if _same_key(entry, key):
       return dict(zip(entry['tokens'], entry['relative']))
@@ -461,19 +470,22 @@ def load_verify_cost(restored, batch_size: int, context: int, capacity: int) -> 
 
 
 def verify_cost_curve(restored, batch_size: int, context: int, capacity: int | None = None,
-                      tokens=VERIFY_COST_TOKENS, reuse: bool = True, **measure) -> dict:
+                      tokens=VERIFY_COST_TOKENS, reuse: bool = True,
+                      weight_layout: str = 'auto', **measure) -> dict:
   """{T: cost of one cached forward call of T tokens / cost at T = 1} for the restored
   model on this backend at `batch_size` rows, a cache of `capacity` slots holding `context`
   tokens (capacity None: context + max(tokens)). With reuse, a cached curve covering
   `tokens` (load_verify_cost) is returned without measuring; otherwise it is measured
   (measure_verify_cost; `measure` passes seconds / repeats / seed) and cached in the
-  model's workdir. Raises ValueError as measure_verify_cost does."""
+  model's workdir. weight_layout: the layout the decode reads (launch.generation.
+  decoding_params). Raises ValueError as measure_verify_cost does."""
   capacity = capacity or context + max(tokens)
   if reuse:
-    cached = load_verify_cost(restored, batch_size, context, capacity)
+    cached = load_verify_cost(restored, batch_size, context, capacity, weight_layout)
     if cached is not None and set(tokens) <= set(cached):
       return {t: cached[t] for t in sorted(set(tokens))}
-  entry = measure_verify_cost(restored, batch_size, context, capacity, tokens, **measure)
+  entry = measure_verify_cost(restored, batch_size, context, capacity, tokens,
+                              weight_layout=weight_layout, **measure)
   save_verify_cost(restored.workdir, entry)
   return dict(zip(entry['tokens'], entry['relative']))
 
@@ -727,7 +739,8 @@ def run(config, workdir: str) -> list[dict]:
               num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
               diffusion_steps=config.get('diffusion_steps', 0) or None,
               diffusion_sampler=config.get('diffusion_sampler', 'ancestral'),
-              plugins=tuple(config.get('plugins', ())))
+              plugins=tuple(config.get('plugins', ())),
+              weight_layout=config.get('weight_layout', 'auto'))
           # Each suite's first row is its reference, except another family's (BD3-LM),
           # measured against the target's AR.
           ar = target_ar if registry.get(variants[0][0]).own_family else None
@@ -798,7 +811,8 @@ def run(config, workdir: str) -> list[dict]:
       cost_capacity = config.get('cost_capacity', 0) or capacity
       entry = measure_verify_cost(restored, batch_size, context,
                                   max(cost_capacity, context + max(config.cost_tokens)),
-                                  config.cost_tokens)
+                                  config.cost_tokens,
+                                  weight_layout=config.get('weight_layout', 'auto'))
       save_verify_cost(restored.workdir, entry)
       curves.append(entry)
   if jax.process_index() != 0:  # A multi-process run: process 0 writes the results.

@@ -149,6 +149,10 @@ _EXIT_LAYERS = flags.DEFINE_string('exit_layers', '', 'early_exit: the exits use
 _BLOCK = flags.DEFINE_integer('block_size', 0, 'parallel_draft: tokens per verified block '
                                '(the root + drafted positions), 2 .. the drafter\'s trained '
                                'block; 0 = the trained block. Its tree: --tree=best:BUDGET[,TOP_K].')
+_WEIGHT_LAYOUT = flags.DEFINE_string(
+    'weight_layout', 'auto', 'How the target\'s block weights are held: auto (the decoding '
+    'layout on one CPU device, else stacked) | stacked (as stored) | per_block (each block\'s '
+    'fused matrices in their own buffers; one device). launch/generation.decoding_params.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
@@ -187,7 +191,7 @@ def main(argv):
         infill=_INFILL.value,
         exit_threshold=_EXIT_THRESHOLD.value, exit_confidence=_EXIT_CONFIDENCE.value,
         exit_layers=_EXIT_LAYERS.value,
-        block_size=_BLOCK.value,
+        block_size=_BLOCK.value, weight_layout=_WEIGHT_LAYOUT.value,
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)

@@ -82,6 +82,10 @@ class DecodeOptions:
   # any_order, assd (decoding/any_subset.py): each prompt is an infilling template whose
   # mask markers (INFILL_MARKER) are filled, instead of a prompt to continue
   infill: bool = False
+  # How the target's block weights are held (decoding_params): 'auto' = the decoding
+  # layout on a one-device CPU run, else stacked; 'stacked' = as stored; 'per_block' =
+  # the decoding layout, decoding on the first device alone
+  weight_layout: str = 'auto'
 
   def sampling(self) -> SamplingConfig:
     return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -352,6 +356,65 @@ def _median_seconds(compiled, arguments: dict, repeats: int, warmup: bool = Fals
   return statistics.median(times), out
 
 
+WEIGHT_LAYOUTS = ('auto', 'stacked', 'per_block')
+_LAYOUT_CACHE: dict = {}   # id(params) -> (params, their decoding layout): the last one
+
+
+def effective_layout(layout: str, devices: int) -> str:
+  """'stacked' or 'per_block': what `layout` (WEIGHT_LAYOUTS) means for a decode on
+  `devices` devices of this backend (decoding_params). Raises ValueError for an unknown
+  layout or per_block on several devices."""
+  if layout not in WEIGHT_LAYOUTS:
+    raise ValueError(f'--weight_layout={layout}; expected one of {", ".join(WEIGHT_LAYOUTS)}.')
+  if layout == 'per_block' and devices != 1:
+    raise ValueError(f'--weight_layout=per_block is for one-device decoding; this mesh has '
+                     f'{devices} devices (use stacked or auto).')
+  if layout == 'auto':
+    return 'per_block' if devices == 1 and jax.default_backend() == 'cpu' else 'stacked'
+  return layout
+
+
+def one_device_mesh():
+  """The mesh of this process's first device (what --weight_layout=per_block decodes on)."""
+  return sharding.make_mesh(1, devices=jax.local_devices()[:1])
+
+
+def decoding_params(params, layout: str, mesh):
+  """The target's parameters as the decoding program reads them.
+
+  layout: 'stacked' (as stored: leaves [L, ...] sliced by the layer scan), 'per_block'
+  (models.transformer.decoding_layout: each block's fused q/k/v, gate/up and down in
+  its own buffer; measured on SmolLM2 at batch 1 on a 2-core CPU, an AR step 20 -> 16 ms
+  in float32, 11.9 -> 11.1 ms on the kept Q4_1 file, the same tokens), or 'auto' =
+  per_block when decoding on one CPU device (the mesh's size), else stacked
+  (on a mesh the stacked parameters are sharded by their logical axes; accelerators
+  were not measured).
+  The layout of a parameter tree is made once and kept for the last tree asked
+  (a bench decodes one model many times): a second copy of the block weights while
+  that model lives. Raises ValueError for an unknown layout or per_block on a mesh of
+  several devices. Returns None when the stacked parameters are to be placed as they
+  are (the caller's mesh placement)."""
+  if effective_layout(layout, mesh.size) == 'stacked':
+    return None
+  from models import transformer
+  key = (id(params), mesh)
+  if key not in _LAYOUT_CACHE or _LAYOUT_CACHE[key][0] is not params:
+    _LAYOUT_CACHE.clear()
+    on_mesh = sharding.replicated(mesh)   # the one device it decodes on, as a mesh
+    laid_out = transformer.decoding_layout(jax.device_put(params, on_mesh))
+    _LAYOUT_CACHE[key] = (params, jax.device_put(laid_out, on_mesh))
+  return _LAYOUT_CACHE[key][1]
+
+
+def measured_params(params, layout: str):
+  """The parameters a measurement outside decode_tokens (the verify-cost curve,
+  launch.trunk_cost) times: in the layout a decode with the default mesh would read
+  (effective_layout over every device), on one device."""
+  if effective_layout(layout, jax.device_count()) == 'per_block':
+    return decoding_params(params, 'per_block', one_device_mesh())
+  return jax.device_put(params)
+
+
 def _place(tree, shardings):
   """jax.device_put onto a mesh; in a multi-process run from host copies (arrays on one
   local device cannot move to other processes' devices; every process holds the same
@@ -428,17 +491,26 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
 
   # Over every process's devices: a multi-process run decodes each batch as one global
   # program (each process holds its rows' shards), and every process gets all outputs.
-  mesh = sharding.make_mesh(options.model_parallelism, shape=options.mesh_shape)
+  if options.weight_layout == 'per_block':   # the decoding layout runs on one device
+    if options.model_parallelism > 1 or options.mesh_shape or jax.process_count() > 1:
+      raise ValueError('--weight_layout=per_block decodes on one device; it cannot be '
+                       'combined with --model_parallelism, --mesh_shape or several processes.')
+    mesh = one_device_mesh()
+  else:
+    mesh = sharding.make_mesh(options.model_parallelism, shape=options.mesh_shape)
   data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  params = _place(params, sharding.param_shardings(model, mesh, params=params))
+  laid_out = decoding_params(params, options.weight_layout, mesh)
+  params = (_place(params, sharding.param_shardings(model, mesh, params=params))
+            if laid_out is None else laid_out)
   drafter_params = drafter.params
   if drafter_params is not None:
     drafter_params = _place(drafter_params, sharding.param_shardings(
         drafter.module, mesh, params=drafter_params))
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-  completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0)
+  completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0,
+                                weight_layout='stacked' if laid_out is None else 'per_block')
   first_token = dataclasses.replace(config, max_new_tokens=1) if time_prefill else None
   if time_prefill:
     stats.update(prefill_s=0.0, prefill_compile_s=0.0)

@@ -114,8 +114,11 @@ def main(argv):
     restored = checkpoints.restore_model(f.workdir)
     if f.dtype:
       restored = checkpoints.with_dtype(restored, f.dtype)
-    model, params = restored.model, jax.device_put(restored.params)
-    report = {'dtype': model.config.dtype, 'forward': [], 'ar_step': {}}
+    from launch import generation
+    model = restored.model
+    params = generation.measured_params(restored.params, f.weight_layout)
+    report = {'dtype': model.config.dtype, 'forward': [], 'ar_step': {},
+              'weight_layout': generation.effective_layout(f.weight_layout, jax.device_count())}
     lengths_T = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= f.max_T]
     for batch in map(int, f.batch_sizes.split(',')):
       cost = forward_cost(model, params, batch, f.context, f.capacity, lengths_T)
@@ -146,6 +149,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_T', 64, 'Largest T of the forward curve.')
   flags.DEFINE_string('ar_capacities', '128,512,2048', 'Capacities of the AR step curve '
                       '("" to skip).')
+  flags.DEFINE_string('weight_layout', 'auto', 'The block weights\' layout: auto | stacked | '
+                      'per_block (launch/generation.decoding_params).')
   flags.DEFINE_string('json', '', 'Also write the figures to this JSON file.')
   flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -14,7 +14,9 @@ lax.scan over parameters stacked on a 'layers' axis (one block body to compile, 
 L); the cache [L, B, S, K, H] is the scan's carry, written at the layer index by a
 scatter that XLA performs in place inside a decoding while_loop; cached attention
 reads only the slot prefix the mask can reach (attention_windows), so a step costs
-what its context needs, not what the capacity holds.
+what its context needs, not what the capacity holds. A one-device CPU decode reads the
+block weights in the decoding layout (decoding_layout: fused q/k/v and gate/up products,
+each block's weights in their own buffers, so the scan reads them in place).
 """
 import dataclasses
 import functools
@@ -137,13 +139,167 @@ def _init(stddev: float, axes: tuple):
 
 def _param(module: nn.Module, name: str, init, *args):
   """module.param(name, init, *args), or the stored tree as it is when it holds quantized
-  weights (models/quant.py): their int values and scales have other shapes than the float
-  initializer's, which flax's shape check would refuse."""
+  weights (models/quant.py) or the decoding layout's weights (decoding_layout): their
+  arrays have other shapes than the float initializer's, which flax's shape check would
+  refuse."""
   if module.has_variable('params', name):
     value = module.get_variable('params', name)
-    if quant.contains_quantized(value):
+    if quant.contains_quantized(value) or _in_decoding_layout(value):
       return value
   return module.param(name, init, *args)
+
+
+# The decoding layout (issue #17): how a one-device CPU decode holds the block weights.
+#
+# Inside the layer scan XLA:CPU copies each block's weight out of the stacked [L, ...]
+# array (a dynamic-slice) before the matrix-vector product, so at batch 1 the weights
+# cross memory about three times instead of once; and its matrix-vector product streams
+# a large [out, in] matrix faster than the same matrix stored [in, out]. Measured on this
+# 2-core CPU (notes in README "Where the gap to llama.cpp is"): 60 [576, 1536] matvecs
+# 32 GB/s stacked vs 42 GB/s from separate buffers; separate buffers [in, out] vs
+# [out, in]: 38 vs 44 GB/s ([576, 1536]), 36 vs 48 ([576, 3072]), 36 vs 45 ([1536, 576]),
+# but 35 vs 28 for the square [576, 576]. So decoding_layout holds each block's q, k, v as
+# one [E, D] matrix (E = (N + 2K) H), gate and up as one [2F, D], down as [D, F] and o as
+# it is ([N, H, D]), every block's in its own buffer (PerLayer); inside the scan block i
+# sees a LayerWeight, which `project` multiplies through a lax.switch whose branch j
+# reads buffer j (no copy). Fewer, larger products also pay XLA's per-dot overhead fewer
+# times (7 -> 4 per block). The switch compiles L branches per product, each one dot.
+
+
+@jax.tree_util.register_pytree_node_class
+class PerLayer:
+  """A block weight in the decoding layout: L arrays (or quantized weights), one per
+  block, each its own buffer. A pytree node whose leaves are the arrays."""
+
+  def __init__(self, arrays):
+    self.arrays = tuple(arrays)
+
+  def tree_flatten(self):
+    return self.arrays, None
+
+  @classmethod
+  def tree_unflatten(cls, _, arrays):
+    return cls(arrays)
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerWeight:
+  """Block `index`'s weight of a PerLayer (index: a traced int32 scalar, the layer scan's
+  block): what a block inside the scan holds in place of its weight; read by `project`."""
+
+  def __init__(self, arrays, index):
+    self.arrays, self.index = tuple(arrays), index
+
+  def tree_flatten(self):
+    return (self.arrays, self.index), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+
+def _in_decoding_layout(tree) -> bool:
+  """Whether a parameter tree holds decoding-layout weights (PerLayer / LayerWeight)."""
+  if isinstance(tree, (PerLayer, LayerWeight)):
+    return True
+  return hasattr(tree, 'values') and any(_in_decoding_layout(v) for v in tree.values())
+
+
+def project(spec: str, x: jax.Array, weight, dtype) -> jax.Array:
+  """jnp.einsum(spec, x, weight) in `dtype`, the one product of the trunk with a block
+  weight: a float array, a quantized weight (models/quant.py, dequantize-then-matmul) or
+  a LayerWeight (a lax.switch over the blocks whose branch j multiplies by block j's own
+  buffer, so the weight is read in place)."""
+  def product(w, x):
+    return jnp.einsum(spec, x, quant.as_float(w, dtype))
+  if isinstance(weight, LayerWeight):
+    return jax.lax.switch(weight.index, [functools.partial(product, w) for w in weight.arrays],
+                          x)
+  return product(weight, x)
+
+
+def _fields(fn, weights: list):
+  """fn over the arrays of same-kind weights: float arrays, or each field of quantized
+  weights (qvalue, scale, min)."""
+  if quant.is_quantized(weights[0]):
+    return {key: None if weights[0][key] is None else fn(*(w[key] for w in weights))
+            for key in weights[0]}
+  return fn(*weights)
+
+
+def _kind(weight) -> tuple:
+  """What must agree for weights to be fused into one product: float dtype, or the
+  quantized fields' dtypes and their sizes along the contracted (first per-block) axis."""
+  parts = weight.items() if quant.is_quantized(weight) else (('', weight),)
+  return tuple((key, str(v.dtype), v.shape[1]) for key, v in parts if v is not None)
+
+
+def _per_layer(weight) -> PerLayer:
+  """A stacked weight [L, ...] (or quantized weight) -> PerLayer of its L blocks, each
+  copied into its own buffer."""
+  count = jax.tree.leaves(weight)[0].shape[0]
+  return PerLayer([jax.tree.map(lambda a, i=i: jnp.array(a[i]), weight) for i in range(count)])
+
+
+def _stacked_part(tree):
+  """A block-parameter tree without its PerLayer weights: what the layer scan slices."""
+  if hasattr(tree, 'items'):
+    return {k: _stacked_part(v) for k, v in tree.items() if not isinstance(v, PerLayer)}
+  return tree
+
+
+def _block_view(sliced, tree, index):
+  """One block's parameters: `sliced` (its slice of the stacked leaves of `tree`) with
+  every PerLayer of `tree` as its LayerWeight at block `index`."""
+  if not hasattr(tree, 'items'):
+    return sliced
+  return {k: LayerWeight(v.arrays, index) if isinstance(v, PerLayer)
+          else _block_view(sliced[k], v, index) for k, v in tree.items()}
+
+
+def decoding_layout(params: dict) -> dict:
+  """The decoding layout of a trunk's parameters (the notes above PerLayer).
+
+  params: the unboxed parameters of a Transformer (or a family reusing the trunk), the
+  blocks stacked in params['layers'] (leaves [L, ...]). Returns a new tree in which
+  params['layers']['attention'] holds 'qkv' [E, D] per block (E = (N + 2K) H; with
+  biases a stacked 'qkv_bias' [L, E]) and 'o', params['layers']['mlp'] holds 'gate_up'
+  [2F, D] and 'down' [D, F] per block, all PerLayer; quantized weights are rearranged
+  field by field (their groups stay on the input axis). A group whose weights differ in
+  kind (float and quantized, or two formats: a GGUF file may mix them) keeps its
+  separate weights, each PerLayer in its stored orientation. Norms, embedding, LM head
+  and an MTP model's 'future' blocks are shared with `params` unchanged. The forward
+  computes the same function (float32 sums in another order: logits agree to rounding).
+  A tree already in the layout, or without 'layers', is returned as it is.
+
+  Memory: a second copy of the block weights while `params` lives. For one-device
+  decoding (launch.generation.decoding_params decides); the stacked layout is what
+  training, checkpoints, exporters and sharded meshes use.
+  """
+  layers = params.get('layers')
+  if layers is None or _in_decoding_layout(layers):
+    return params
+  attention, mlp = dict(layers['attention']), dict(layers['mlp'])
+  qkv = [attention.pop(name) for name in ('q', 'k', 'v')]
+  if len({_kind(w) for w in qkv}) == 1:
+    attention['qkv'] = _per_layer(_fields(
+        lambda *ws: jnp.concatenate([w.reshape(w.shape[:2] + (-1,)) for w in ws],
+                                    -1).swapaxes(1, 2), qkv))
+    if 'q_bias' in attention:
+      count = jax.tree.leaves(qkv[0])[0].shape[0]
+      attention['qkv_bias'] = jnp.concatenate(
+          [attention.pop(f'{n}_bias').reshape(count, -1) for n in ('q', 'k', 'v')], -1)
+  else:
+    attention.update({name: _per_layer(w) for name, w in zip('qkv', qkv)})
+  attention['o'] = _per_layer(attention['o'])
+  gate, up = mlp.pop('gate'), mlp.pop('up')
+  if _kind(gate) == _kind(up):
+    mlp['gate_up'] = _per_layer(_fields(
+        lambda g, u: jnp.concatenate([g, u], -1).swapaxes(1, 2), [gate, up]))
+    mlp['down'] = _per_layer(_fields(lambda d: d.swapaxes(1, 2), [mlp['down']]))
+  else:
+    mlp.update(gate=_per_layer(gate), up=_per_layer(up), down=_per_layer(mlp['down']))
+  return {**params, 'layers': {**layers, 'attention': attention, 'mlp': mlp}}
 
 
 def rms_norm(x, scale, eps: float, dtype):
@@ -165,16 +321,27 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, self.eps, self.dtype)
 
 
-def project_kv(x, positions, wk, wv, k_bias, v_bias, config):
-  """Keys and values of one attention layer: x [B, T, D] (after the layer's attention
-  norm), positions [B, T]; wk, wv [D, K, H] (maybe quantized), biases [K, H] or None.
-  Returns (k rotated, v), each [B, T, K, H] in the activation dtype."""
-  dtype = config.activation_dtype
-  k = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wk, dtype))
-  v = jnp.einsum('BTD,DKH->BTKH', x, quant.as_float(wv, dtype))
-  if k_bias is not None:
-    k, v = k + k_bias.astype(dtype), v + v_bias.astype(dtype)
-  return rope.rotate(k, positions, config), v
+def project_qkv(x, weights, config, queries: bool = True):
+  """The query, key and value projections of one attention layer (not yet rotated).
+
+  x: [B, T, D] (after the layer's attention norm); weights: the layer's attention
+  parameters, q [D, N, H], k and v [D, K, H] (maybe quantized, or LayerWeights) and
+  optional biases, or the decoding layout's 'qkv' [E, D] (decoding_layout).
+  Returns (q [B, T, N, H] or None when not `queries`, k, v [B, T, K, H]) in the
+  activation dtype."""
+  c, dtype = config, config.activation_dtype
+  bias = lambda name: weights[name].astype(dtype) if weights.get(name) is not None else 0
+  if 'qkv' in weights:
+    qkv = project('BTD,ED->BTE', x, weights['qkv'], dtype) + bias('qkv_bias')
+    nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    heads = lambda part, n: part.reshape(x.shape[:2] + (n, c.head_dim))
+    q = heads(qkv[..., :nq], c.num_heads) if queries else None
+    return (q, heads(qkv[..., nq:nq + nk], c.num_kv_heads),
+            heads(qkv[..., nq + nk:], c.num_kv_heads))
+  q = (project('BTD,DNH->BTNH', x, weights['q'], dtype) + bias('q_bias')) if queries else None
+  k = project('BTD,DKH->BTKH', x, weights['k'], dtype) + bias('k_bias')
+  v = project('BTD,DKH->BTKH', x, weights['v'], dtype) + bias('v_bias')
+  return q, k, v
 
 
 def _attend(q, k, v, mask, config):
@@ -250,28 +417,30 @@ class Attention(nn.Module):
     """
     c = self.config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
-    d_std = c.d_model ** -0.5
-    wq = _param(self, 'q', _init(d_std, ('embed', 'heads', 'head_dim')),
-                    (c.d_model, c.num_heads, c.head_dim), pdtype)
-    wk = _param(self, 'k', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
-                    (c.d_model, c.num_kv_heads, c.head_dim), pdtype)
-    wv = _param(self, 'v', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
-                    (c.d_model, c.num_kv_heads, c.head_dim), pdtype)
+    if self.has_variable('params', 'qkv'):   # the decoding layout (decoding_layout)
+      weights = {name: self.get_variable('params', name)
+                 for name in ('qkv', 'qkv_bias') if self.has_variable('params', name)}
+    else:
+      d_std = c.d_model ** -0.5
+      weights = dict(
+          q=_param(self, 'q', _init(d_std, ('embed', 'heads', 'head_dim')),
+                   (c.d_model, c.num_heads, c.head_dim), pdtype),
+          k=_param(self, 'k', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
+                   (c.d_model, c.num_kv_heads, c.head_dim), pdtype),
+          v=_param(self, 'v', _init(d_std, ('embed', 'kv_heads', 'head_dim')),
+                   (c.d_model, c.num_kv_heads, c.head_dim), pdtype))
     wo = _param(self, 'o', _init((c.num_heads * c.head_dim) ** -0.5 / (2 * c.num_layers) ** 0.5,
                                ('heads', 'head_dim', 'embed')),
                     (c.num_heads, c.head_dim, c.d_model), pdtype)
-    q = jnp.einsum('BTD,DNH->BTNH', x, quant.as_float(wq, dtype))
-    k_bias = v_bias = None
-    if c.qkv_bias:
+    if c.qkv_bias and 'qkv' not in weights:
       zeros = nn.initializers.zeros
-      q += self.param('q_bias', nn.with_logical_partitioning(zeros, ('heads', 'head_dim')),
-                      (c.num_heads, c.head_dim), pdtype).astype(dtype)
-      k_bias = self.param('k_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
-                          (c.num_kv_heads, c.head_dim), pdtype)
-      v_bias = self.param('v_bias', nn.with_logical_partitioning(zeros, ('kv_heads', 'head_dim')),
-                          (c.num_kv_heads, c.head_dim), pdtype)
-    q = rope.rotate(q, positions, c)
-    k, v = project_kv(x, positions, wk, wv, k_bias, v_bias, c)
+      for name, axes, heads in (('q', 'heads', c.num_heads), ('k', 'kv_heads', c.num_kv_heads),
+                                ('v', 'kv_heads', c.num_kv_heads)):
+        weights[f'{name}_bias'] = self.param(
+            f'{name}_bias', nn.with_logical_partitioning(zeros, (axes, 'head_dim')),
+            (heads, c.head_dim), pdtype)
+    q, k, v = project_qkv(x, weights, c)
+    q, k = rope.rotate(q, positions, c), rope.rotate(k, positions, c)
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(q.shape[:2] + (c.num_kv_heads, groups, c.head_dim))       # [B, T, K, G, H]
 
@@ -286,7 +455,7 @@ class Attention(nn.Module):
       cache_v = cache_v.at[layer, rows, write_slots].set(v.astype(cache_v.dtype), mode='drop')
       new_kv = (cache_k, cache_v)                                            # [L, B, S, K, H]
       out = _cached_attend(q, cache_k, cache_v, layer, mask, c)
-    return jnp.einsum('BTNH,NHD->BTD', out, quant.as_float(wo, dtype)), new_kv
+    return project('BTNH,NHD->BTD', out, wo, dtype), new_kv
 
 
 class MLP(nn.Module):
@@ -296,15 +465,20 @@ class MLP(nn.Module):
   def __call__(self, x):
     c = self.config
     dtype, pdtype = c.activation_dtype, _DTYPES[c.param_dtype]
+    if self.has_variable('params', 'gate_up'):   # the decoding layout (decoding_layout)
+      both = project('BTD,ED->BTE', x, self.get_variable('params', 'gate_up'), dtype)
+      h = nn.silu(both[..., :c.mlp_dim]) * both[..., c.mlp_dim:]
+      h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+      return project('BTF,DF->BTD', h, self.get_variable('params', 'down'), dtype)
     in_init = _init(c.d_model ** -0.5, ('embed', 'mlp'))
     gate = _param(self, 'gate', in_init, (c.d_model, c.mlp_dim), pdtype)
     up = _param(self, 'up', in_init, (c.d_model, c.mlp_dim), pdtype)
     down = _param(self, 'down', _init(c.mlp_dim ** -0.5 / (2 * c.num_layers) ** 0.5,
                                       ('mlp', 'embed')), (c.mlp_dim, c.d_model), pdtype)
-    h = nn.silu(jnp.einsum('BTD,DF->BTF', x, quant.as_float(gate, dtype)))
-    h = h * jnp.einsum('BTD,DF->BTF', x, quant.as_float(up, dtype))
+    h = nn.silu(project('BTD,DF->BTF', x, gate, dtype))
+    h = h * project('BTD,DF->BTF', x, up, dtype)
     h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    return jnp.einsum('BTF,FD->BTD', h, quant.as_float(down, dtype))
+    return project('BTF,FD->BTD', h, down, dtype)
 
 
 class Block(nn.Module):
@@ -462,10 +636,12 @@ class Transformer(nn.Module):
     rows = jnp.arange(x.shape[0])[:, None]
 
     def layer(i, kv):
-      p = jax.tree.map(lambda leaf: leaf[i], self.layer_params)
+      p = _block_view(jax.tree.map(lambda leaf: leaf[i], _stacked_part(self.layer_params)),
+                      self.layer_params, i)
       h = rms_norm(x, p['attention_norm']['scale'], c.norm_eps, c.activation_dtype)
       a = p['attention']
-      k, v = project_kv(h, positions, a['k'], a['v'], a.get('k_bias'), a.get('v_bias'), c)
+      _, k, v = project_qkv(h, a, c, queries=False)
+      k = rope.rotate(k, positions, c)
       return (kv[0].at[i, rows, write_slots].set(k.astype(kv[0].dtype), mode='drop'),
               kv[1].at[i, rows, write_slots].set(v.astype(kv[1].dtype), mode='drop'))
 
@@ -516,7 +692,8 @@ class Transformer(nn.Module):
     full, windowed = attention_masks
     if layer_ids is None:
       first_layer = start if first_layer is None else first_layer
-      layer_params = jax.tree.map(lambda leaf: leaf[start:stop], params)
+      layer_params = jax.tree.map(lambda leaf: leaf[start:stop], _stacked_part(params))
+      blocks = start + jnp.arange(stop - start, dtype=jnp.int32)   # indices into `params`
       flag_list = [c.windowed(first_layer + i) for i in range(stop - start)]
       flags, static_flags = jnp.asarray(flag_list), set(flag_list)
       layers = first_layer + jnp.arange(stop - start, dtype=jnp.int32)
@@ -524,7 +701,7 @@ class Transformer(nn.Module):
       # Each step reads its block's parameters by a dynamic index into the stack: what the
       # scan does to its own inputs, so a skipped block costs nothing.
       layer_params = None
-      layers = jnp.asarray(layer_ids, jnp.int32)
+      layers = blocks = jnp.asarray(layer_ids, jnp.int32)
       flags = (c.sliding_window > 0) & (layers >= c.window_start_layer)
       static_flags = ({c.windowed(int(i)) for i in layer_ids}
                       if isinstance(layer_ids, (tuple, list)) else {False, True})
@@ -535,9 +712,10 @@ class Transformer(nn.Module):
 
     def body(carry, xs):
       h, kv = carry
-      p, layer, flag, keep = xs
+      p, layer, flag, keep, index = xs
       if p is None:
-        p = jax.tree.map(lambda leaf: leaf[layer], params)
+        p = jax.tree.map(lambda leaf: leaf[index], _stacked_part(params))
+      p = _block_view(p, params, index)   # the decoding layout's weights: LayerWeights
       mask = jnp.where(flag, windowed, full) if mixed else full
       out, kv = block.apply({'params': p}, h if chain else x, positions, mask, kv,
                             write_slots, layer)
@@ -546,7 +724,8 @@ class Transformer(nn.Module):
       return (out if chain else h, kv), (out if collect or not chain else None)
 
     kv = None if cache is None else (cache.k, cache.v)
-    (h, kv), outputs = jax.lax.scan(body, (x, kv), (layer_params, layers, flags, layer_keep))
+    (h, kv), outputs = jax.lax.scan(body, (x, kv),
+                                     (layer_params, layers, flags, layer_keep, blocks))
     return (h if chain else outputs[-1]), kv, outputs
 
   def _mask_and_slots(self, shape, attention_mask, cache, write_slots, positions):
