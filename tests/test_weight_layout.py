@@ -94,15 +94,13 @@ def test_quantized_weights_keep_their_groups_in_the_layout(fmt):
 def test_every_method_decodes_the_same_tokens_from_the_layout(trained_tiny, trained_eagle,
                                                                trained_mtp):
   """Greedy decoding on one device from the decoding layout (per_block) equals the
-  stacked layout, for the trunk's every way of running its blocks: the whole scan (AR,
-  lookup, a draft model), block subsets (self-speculation), a drafter reading the
-  target's hidden states (EAGLE), MTP heads."""
+  stacked layout, for the trunk's every way of running its blocks: the whole scan (AR),
+  block subsets (self-speculation), a drafter reading the target's hidden states
+  (EAGLE), MTP heads."""
   tok = trained_tiny.tokenizer
   texts = ('import os\nimport sys\n', 'def __init__(self', 'class Foo:\n    ')
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
-  runs = [('autoregressive', trained_tiny, None), ('lookup', trained_tiny, None),
-          ('speculative', trained_tiny, trained_tiny),
-          ('self_speculative', trained_tiny, None),
+  runs = [('autoregressive', trained_tiny, None), ('self_speculative', trained_tiny, None),
           ('eagle', trained_tiny, trained_eagle[1]), ('mtp', trained_mtp[1], None)]
   for method, target, draft in runs:
     out = {}
