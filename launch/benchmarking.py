@@ -580,7 +580,8 @@ def _record(name, stats, ar, machine, **fields) -> dict:
   if 'nfe' in stats:   # model calls per generated token (block diffusion)
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
-              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights'):
+              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights',
+              'weight_layout'):
     if key in stats:
       record[key] = stats[key]
   if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once

@@ -43,6 +43,7 @@ def test_bench_records_and_tables(trained_tiny, tmp_path, quick_verify_cost):
     assert r['decode_tokens'] == r['new_tokens'] - config.num_prompts
     assert r['prefill_ms'] > 0 and r['decode_tokens_per_s'] > 0 and r['peak_rss_mb'] > 0
     assert r['decode_s'] <= r['wall_s']
+    assert r['weight_layout'] == 'stacked'   # 8 devices: a mesh decodes stacked
   # The verify-cost curve: per batch size, T = 1, 2, 4, relative to T = 1, plotted, and
   # cached in the target's workdir under its key.
   (curve,) = saved['verify_cost']
