@@ -357,7 +357,7 @@ def _median_seconds(compiled, arguments: dict, repeats: int, warmup: bool = Fals
 
 
 WEIGHT_LAYOUTS = ('auto', 'stacked', 'per_block')
-_LAYOUT_CACHE: dict = {}   # id(params) -> (params, their decoding layout): the last one
+_LAYOUT_CACHE: list = []   # [(params, mesh, their decoding layout)]: the last one asked
 
 
 def effective_layout(layout: str, devices: int) -> str:
@@ -397,13 +397,11 @@ def decoding_params(params, layout: str, mesh):
   if effective_layout(layout, mesh.size) == 'stacked':
     return None
   from models import transformer
-  key = (id(params), mesh)
-  if key not in _LAYOUT_CACHE or _LAYOUT_CACHE[key][0] is not params:
-    _LAYOUT_CACHE.clear()
+  if not (_LAYOUT_CACHE and _LAYOUT_CACHE[0][0] is params and _LAYOUT_CACHE[0][1] == mesh):
     on_mesh = sharding.replicated(mesh)   # the one device it decodes on, as a mesh
     laid_out = transformer.decoding_layout(jax.device_put(params, on_mesh))
-    _LAYOUT_CACHE[key] = (params, jax.device_put(laid_out, on_mesh))
-  return _LAYOUT_CACHE[key][1]
+    _LAYOUT_CACHE[:] = [(params, mesh, jax.device_put(laid_out, on_mesh))]
+  return _LAYOUT_CACHE[0][2]
 
 
 def measured_params(params, layout: str):
