@@ -81,8 +81,8 @@ def acceptance_program(model):
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     zeros = jnp.zeros_like(full_cache.k)
-    cache = KVCache(k=jnp.concatenate([full_cache.k, zeros], axis=2),
-                    v=jnp.concatenate([full_cache.v, zeros], axis=2),
+    cache = KVCache(k=jnp.concatenate([full_cache.k, zeros], axis=3),
+                    v=jnp.concatenate([full_cache.v, zeros], axis=3),
                     lengths=jnp.zeros((batch,), jnp.int32))
     t, j = jnp.arange(length)[:, None], jnp.arange(2 * length)[None]
     mask = jnp.broadcast_to((j < t) | (j == length + t), (batch, length, 2 * length))

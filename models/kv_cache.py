@@ -22,22 +22,22 @@ import jax.numpy as jnp
 @flax.struct.dataclass
 class KVCache:
   """Fixed-capacity key/value cache, passed in and returned (never mutated in place)."""
-  k: jax.Array         # [L, B, S, K, H]
-  v: jax.Array         # [L, B, S, K, H]
+  k: jax.Array         # [L, B, K, S, H]
+  v: jax.Array         # [L, B, K, S, H]
   lengths: jax.Array   # [B] int32, valid slots per row
 
   @classmethod
   def empty(cls, config, batch_size: int, capacity: int) -> 'KVCache':
     """Zeros for `config.cache_layers` layers (config: models.TransformerConfig or any
     object with cache_layers, num_kv_heads, head_dim, activation_dtype)."""
-    shape = (config.cache_layers, batch_size, capacity, config.num_kv_heads, config.head_dim)
+    shape = (config.cache_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
     dtype = config.activation_dtype
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                lengths=jnp.zeros((batch_size,), jnp.int32))
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   def append_slots(self, num_tokens: int) -> jax.Array:
     """[B, T] the slots an append of T tokens writes: lengths[b] + t."""
@@ -52,7 +52,7 @@ class KVCache:
     moved into place). source, target: [B, M] int; a target >= capacity is skipped.
     All reads happen before any write."""
     rows = jnp.arange(self.k.shape[1])[:, None]
-    moved_k = self.k[:, rows, source]                                      # [L, B, M, K, H]
-    moved_v = self.v[:, rows, source]
-    return self.replace(k=self.k.at[:, rows, target].set(moved_k, mode='drop'),
-                        v=self.v.at[:, rows, target].set(moved_v, mode='drop'))
+    moved_k = self.k[:, rows, :, source]                                   # [B, M, L, K, H]
+    moved_v = self.v[:, rows, :, source]
+    return self.replace(k=self.k.at[:, rows, :, target].set(moved_k, mode='drop'),
+                        v=self.v.at[:, rows, :, target].set(moved_v, mode='drop'))

@@ -137,7 +137,7 @@ def test_only_masked_positions_change_and_finished_blocks_stay():
       # Committed tokens and kept cache slots are never rewritten.
       np.testing.assert_array_equal(new.tokens[b, :int(state.lengths[b])],
                                     state.tokens[b, :int(state.lengths[b])])
-      np.testing.assert_array_equal(new.cache.k[:, b, :kept], state.cache.k[:, b, :kept])
+      np.testing.assert_array_equal(new.cache.k[:, b, :, :kept], state.cache.k[:, b, :, :kept])
       if int(new.start[b]) == int(state.start[b]):
         unmasked = np.asarray(state.block[b] != model.mask_id)
         np.testing.assert_array_equal(np.asarray(new.block[b])[unmasked],

@@ -11,16 +11,17 @@ import pytest
 from decoding import autoregressive, driver, lookahead, lookup
 from decoding.sampling import SamplingConfig
 from decoding.speculative import SpeculativeConfig
+from models import KVCache
 from tests.test_speculative import DRAFT, EOS, TARGET
 
 CAPACITY = 1024   # a size no other array of the tiny models has
 
 
 def _loop_cache_copies(config, draft=(None, None)):
-  """HLO copy instructions of a [L, B, S, H, D] cache buffer (target's or draft's) other
+  """HLO copy instructions of a [L, B, K, S, H] cache buffer (target's or draft's) other
   than copies of the initial broadcast, for one compiled `driver.generate`."""
-  shapes = {'f32[%d,1,%d,%d,%d]' % (m.config.num_layers, CAPACITY, m.config.num_kv_heads,
-                                      m.config.head_dim) for m, _ in (TARGET, DRAFT)}
+  shapes = {'f32[%s]' % ','.join(map(str, jax.eval_shape(
+      lambda: KVCache.empty(m.config, 1, CAPACITY)).k.shape)) for m, _ in (TARGET, DRAFT)}
   padded, lengths = driver.pad_prompts([[1, 2, 3, 4, 1, 2, 3]])
   text = driver.generate.lower(TARGET[0], TARGET[1], jnp.asarray(padded), jnp.asarray(lengths),
                                config, jax.random.PRNGKey(0), *draft).compile().as_text()

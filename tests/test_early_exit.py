@@ -153,15 +153,15 @@ def _check_propagated(new_cache, cache, tokens, positions, exit_at):
     slot = int(positions[b])
     for layer in range(4):
       if layer < e:
-        want_k, want_v = plain.k[layer, b, slot], plain.v[layer, b, slot]
+        want_k, want_v = plain.k[layer, b, :, slot], plain.v[layer, b, :, slot]
       else:  # one block run on the exit state: its keys/values at the slot
         x = states[e - 1][:, None]
         _, ref, _ = MODEL.apply({'params': PARAMS}, x, positions[:, None], None, cache,
                                 positions[:, None], start=layer, stop=layer + 1,
                                 method=Transformer.blocks)
-        want_k, want_v = ref.k[layer, b, slot], ref.v[layer, b, slot]
-      np.testing.assert_allclose(new_cache.k[layer, b, slot], want_k, atol=1e-5)
-      np.testing.assert_allclose(new_cache.v[layer, b, slot], want_v, atol=1e-5)
+        want_k, want_v = ref.k[layer, b, :, slot], ref.v[layer, b, :, slot]
+      np.testing.assert_allclose(new_cache.k[layer, b, :, slot], want_k, atol=1e-5)
+      np.testing.assert_allclose(new_cache.v[layer, b, :, slot], want_v, atol=1e-5)
 
 
 def test_threshold_zero_exits_first_and_propagates_the_exit_state():

@@ -181,7 +181,8 @@ def test_explicit_write_slots_write_anywhere_and_keep_nothing():
                           write_slots=slots)
   assert int(scattered.cache.lengths[0]) == 0
   np.testing.assert_allclose(scattered.logits, append.logits, atol=1e-5)
-  np.testing.assert_allclose(scattered.cache.k[:, 0, slots[0]], append.cache.k[:, 0, :4],
+  np.testing.assert_allclose(np.asarray(scattered.cache.k)[:, 0][:, :, np.asarray(slots[0])],
+                             append.cache.k[:, 0, :, :4],
                              atol=1e-6)
   kept = scattered.cache.keep(jnp.asarray([10]))
   assert int(kept.lengths[0]) == 10

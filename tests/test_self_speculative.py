@@ -132,7 +132,7 @@ def test_the_target_cache_after_a_round_equals_plain_decoding():
       plain = MODEL.apply({'params': PARAMS}, tokens, jnp.arange(n)[None],
                           cache=KVCache.empty(MODEL.config, 1, capacity)).cache
       for got, want in ((state.target_cache.k, plain.k), (state.target_cache.v, plain.v)):
-        np.testing.assert_allclose(got[:, row, :n], want[:, 0, :n], atol=1e-6)
+        np.testing.assert_allclose(got[:, row, :, :n], want[:, 0, :, :n], atol=1e-6)
 
 
 def test_sampling_is_lossless(monkeypatch):

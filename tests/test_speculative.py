@@ -262,9 +262,9 @@ def test_cache_after_a_rejection_equals_plain_decoding_of_the_kept_tokens():
   verified = verified.replace(lengths=jnp.asarray([prefix + kept]))
   plain = apply(seq[:, :prefix + kept], jnp.arange(prefix + kept)[None],
                 KVCache.empty(model.config, 1, 16)).cache
-  np.testing.assert_allclose(verified.k[:, :, :prefix + kept], plain.k[:, :, :prefix + kept],
+  np.testing.assert_allclose(verified.k[..., :prefix + kept, :], plain.k[..., :prefix + kept, :],
                              atol=1e-6)
-  np.testing.assert_allclose(verified.v[:, :, :prefix + kept], plain.v[:, :, :prefix + kept],
+  np.testing.assert_allclose(verified.v[..., :prefix + kept, :], plain.v[..., :prefix + kept, :],
                              atol=1e-6)
   nxt = jnp.asarray([[42]])
   pos = jnp.asarray([[prefix + kept]])
