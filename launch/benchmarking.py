@@ -357,8 +357,20 @@ def _fill_program(model, capacity: int):
   return fill
 
 
-_KEY_FIELDS = ('model', 'model_config', 'backend', 'device', 'batch_size', 'dtype', 'capacity',
-               'context', 'weight_layout')
+_KEY_FIELDS = ('model', 'model_config', 'trunk', 'backend', 'device', 'batch_size', 'dtype',
+               'capacity', 'context', 'weight_layout')
+
+
+def _trunk_digest() -> str:
+  """A digest of the source of the modules a cached forward runs (the trunk, the cache,
+  quantized products): a curve measured before a change to them is stale."""
+  import hashlib
+  from models import kv_cache, quant, transformer
+  digest = hashlib.sha1()
+  for module in (transformer, kv_cache, quant):
+    with open(module.__file__, 'rb') as f:
+      digest.update(f.read())
+  return digest.hexdigest()[:12]
 
 
 def verify_cost_key(restored, batch_size: int, context: int, capacity: int,
@@ -366,12 +378,13 @@ def verify_cost_key(restored, batch_size: int, context: int, capacity: int,
   """What a verify-cost measurement depends on: the model (its workdir and a digest of its
   architecture), the backend and device, the batch size, the activation dtype, the cache
   capacity, the context (filled slots) and the weights' layout (launch.generation.
-  effective_layout: the curve is measured on the layout the decode reads)."""
+  effective_layout: the curve is measured on the layout the decode reads); `trunk`, a
+  digest of the trunk's source, retires curves measured before the code changed."""
   import hashlib
   config = restored.model.config
   return dict(model=os.path.abspath(restored.workdir),
               model_config=hashlib.sha1(repr(config).encode()).hexdigest()[:12],
-              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+              trunk=_trunk_digest(), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               batch_size=batch_size, dtype=jnp.dtype(config.activation_dtype).name,
               capacity=capacity, context=context,
               weight_layout=generation.effective_layout(weight_layout, jax.device_count()))

@@ -54,6 +54,9 @@ def test_bench_records_and_tables(trained_tiny, tmp_path, quick_verify_cost):
   cached = benchmarking.load_verify_cost(trained_tiny, 3, 6, 20)
   assert cached == dict(zip(curve['tokens'], curve['relative']))
   assert benchmarking.load_verify_cost(trained_tiny, 5, 6, 20) is None  # another batch size
+  with pytest.MonkeyPatch.context() as patch:   # the trunk's code changed: the curve is stale
+    patch.setattr(benchmarking, '_trunk_digest', lambda: 'changed')
+    assert benchmarking.load_verify_cost(trained_tiny, 3, 6, 20) is None
   assert 'Verify cost' in (tmp_path / 'bench.md').read_text()
   methods = [(r['method'], r['batch_size'], r['temperature']) for r in records]
   spec, tree = 'speculative', 'speculative(2,1)'
