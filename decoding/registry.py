@@ -71,6 +71,11 @@ class Method:
   # (options, the target's workdir) -> options: settings the method reads from files in
   # the model's workdir when the options leave them unset (self_speculative's skip set).
   workdir_options: Optional[Callable[[Any, str], Any]] = None
+  # Every call of the target after the prefill carries one token per row (plain and
+  # early-exit decoding): a one-device CPU decode then reads the block weights in the
+  # 'rows' orientation of the decoding layout, other methods (verify calls of several
+  # tokens) in 'columns' (launch.generation.decoding_params).
+  one_token_calls: bool = False
 
   def lossless(self, config: driver.DecodeConfig) -> bool:
     """Every exact acceptance rule reproduces the target; lossy rules declare themselves."""
@@ -314,7 +319,7 @@ def _has_mtp_heads(model) -> None:
                      'configs/mtp.py: mtp_heads >= 2); this model predicts one token.')
 
 
-register(Method('autoregressive', 'autoregressive', _autoregressive))
+register(Method('autoregressive', 'autoregressive', _autoregressive, one_token_calls=True))
 register(Method('speculative', 'speculative', _speculative, second='draft_workdir',
                 drafter=_draft_model,
                 options=('num_draft', 'adaptive_threshold', 'tree', 'chain_rule', 'tree_rule'),
@@ -342,7 +347,7 @@ register(Method('block_diffusion', 'block diffusion (BD3-LM)', _block_diffusion,
 register(Method('early_exit', 'CALM early exit (LOSSY)', _early_exit,
                 check_model=lambda model: early_exit.check_model(model) and None,
                 options=('exit_threshold', 'exit_confidence', 'exit_layers'),
-                workdir_options=_calibrated_threshold))
+                workdir_options=_calibrated_threshold, one_token_calls=True))
 register(Method('parallel_draft', 'parallel draft', _parallel_draft, second='draft_workdir',
                 drafter=_parallel_drafter, options=('block_size', 'tree')))
 register(Method('self_speculative', 'self-speculative', _self_speculative,

@@ -405,7 +405,9 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
   'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
   weight_layout: the target weights' layout, as the decode reads them
-  (launch.generation.decoding_params).
+  (launch.generation.decoding_params); in the decoding layout T = 1 is timed in the
+  orientation plain decoding reads ('rows') and T >= 2 in the one methods verifying
+  several tokens read ('columns'), so the curve prices a round against a plain step.
   Raises ValueError when context + max(tokens) does not fit the capacity or T = 1 is not
   measured (the curve is relative to it).
   """
@@ -416,24 +418,26 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
                      f'({context}) >= 1 with context + max T ({tokens[-1]}) <= capacity '
                      f'({capacity}).')
   model = restored.model
-  params = generation.measured_params(restored.params, weight_layout)
+  params = {orientation: generation.measured_params(restored.params, weight_layout, orientation)
+            for orientation in ('rows', 'columns')}
   rng = np.random.default_rng(seed)
   vocab = model.config.vocab_size
   filled = _fill_program(model, capacity)(
-      params, jnp.asarray(rng.integers(0, vocab, (batch_size, context)), jnp.int32))
+      params['rows'], jnp.asarray(rng.integers(0, vocab, (batch_size, context)), jnp.int32))
   run = _verify_program(model)
   start = jnp.full((batch_size,), context, jnp.int32)
   ms = []
   for t in tokens:
     ids = jnp.asarray(rng.integers(0, vocab, (batch_size, t)), jnp.int32)
-    jax.block_until_ready(run(params, filled, ids, start, 1))  # compiles
+    call_params = params['rows' if t == 1 else 'columns']
+    jax.block_until_ready(run(call_params, filled, ids, start, 1))  # compiles
     t0 = time.perf_counter()
-    jax.block_until_ready(run(params, filled, ids, start, 1))
+    jax.block_until_ready(run(call_params, filled, ids, start, 1))
     steps = int(min(max(seconds / max(time.perf_counter() - t0, 1e-6), 1), 1000))
     times = []
     for _ in range(max(repeats, 1)):
       t0 = time.perf_counter()
-      jax.block_until_ready(run(params, filled, ids, start, steps))
+      jax.block_until_ready(run(call_params, filled, ids, start, steps))
       times.append(time.perf_counter() - t0)
     ms.append(1e3 * statistics.median(times) / steps)
   return dict(verify_cost_key(restored, batch_size, context, capacity, weight_layout),
@@ -594,7 +598,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
               'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights',
-              'weight_layout'):
+              'weight_layout', 'weight_orientation'):
     if key in stats:
       record[key] = stats[key]
   if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once

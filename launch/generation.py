@@ -357,7 +357,7 @@ def _median_seconds(compiled, arguments: dict, repeats: int, warmup: bool = Fals
 
 
 WEIGHT_LAYOUTS = ('auto', 'stacked', 'per_block')
-_LAYOUT_CACHE: list = []   # [(params, mesh, their decoding layout)]: the last one asked
+_LAYOUT_CACHE: dict = {}   # {orientation: (params, mesh, their decoding layout)}
 
 
 def effective_layout(layout: str, devices: int) -> str:
@@ -379,7 +379,7 @@ def one_device_mesh():
   return sharding.make_mesh(1, devices=jax.local_devices()[:1])
 
 
-def decoding_params(params, layout: str, mesh):
+def decoding_params(params, layout: str, mesh, orientation: str = 'rows'):
   """The target's parameters as the decoding program reads them.
 
   layout: 'stacked' (as stored: leaves [L, ...] sliced by the layer scan), 'per_block'
@@ -388,28 +388,37 @@ def decoding_params(params, layout: str, mesh):
   in float32, 11.9 -> 11.1 ms on the kept Q4_1 file, the same tokens), or 'auto' =
   per_block when decoding on one CPU device (the mesh's size), else stacked
   (on a mesh the stacked parameters are sharded by their logical axes; accelerators
-  were not measured).
-  The layout of a parameter tree is made once and kept for the last tree asked
-  (a bench decodes one model many times): a second copy of the block weights while
-  that model lives. Raises ValueError for an unknown layout or per_block on a mesh of
-  several devices. Returns None when the stacked parameters are to be placed as they
-  are (the caller's mesh placement)."""
+  were not measured). orientation: the layout's (models.transformer.ORIENTATIONS):
+  'rows' for methods whose target calls carry one token (registry one_token_calls),
+  'columns' for those verifying several (SmolLM2, batch 1, context 256: a call of 2 / 4
+  / 8 tokens 27 / 29 / 32 ms in rows, 22 / 23 / 27 in columns; one token 16-18 ms in
+  rows, 18 in columns).
+  The layout of a parameter tree is made once per orientation and kept for the last
+  tree asked (a bench decodes one model many times): a second copy of the block
+  weights per orientation used while that model lives. Raises ValueError for an unknown
+  layout or orientation, or per_block on a mesh of several devices. Returns None when
+  the stacked parameters are to be placed as they are (the caller's mesh placement)."""
   if effective_layout(layout, mesh.size) == 'stacked':
     return None
   from models import transformer
-  if not (_LAYOUT_CACHE and _LAYOUT_CACHE[0][0] is params and _LAYOUT_CACHE[0][1] == mesh):
+  if orientation not in transformer.ORIENTATIONS:
+    raise ValueError(f'orientation={orientation!r}; expected one of '
+                     f'{", ".join(transformer.ORIENTATIONS)}.')
+  if any(p is not params or m != mesh for p, m, _ in _LAYOUT_CACHE.values()):
+    _LAYOUT_CACHE.clear()
+  if orientation not in _LAYOUT_CACHE:
     on_mesh = sharding.replicated(mesh)   # the one device it decodes on, as a mesh
-    laid_out = transformer.decoding_layout(jax.device_put(params, on_mesh))
-    _LAYOUT_CACHE[:] = [(params, mesh, jax.device_put(laid_out, on_mesh))]
-  return _LAYOUT_CACHE[0][2]
+    laid_out = transformer.decoding_layout(jax.device_put(params, on_mesh), orientation)
+    _LAYOUT_CACHE[orientation] = (params, mesh, jax.device_put(laid_out, on_mesh))
+  return _LAYOUT_CACHE[orientation][2]
 
 
-def measured_params(params, layout: str):
+def measured_params(params, layout: str, orientation: str = 'rows'):
   """The parameters a measurement outside decode_tokens (the verify-cost curve,
-  launch.trunk_cost) times: in the layout a decode with the default mesh would read
-  (effective_layout over every device), on one device."""
+  launch.trunk_cost) times: in the layout (and orientation, for per_block) a decode with
+  the default mesh would read (effective_layout over every device), on one device."""
   if effective_layout(layout, jax.device_count()) == 'per_block':
-    return decoding_params(params, 'per_block', one_device_mesh())
+    return decoding_params(params, 'per_block', one_device_mesh(), orientation)
   return jax.device_put(params)
 
 
@@ -499,7 +508,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  laid_out = decoding_params(params, options.weight_layout, mesh)
+  orientation = 'rows' if entry.one_token_calls else 'columns'
+  laid_out = decoding_params(params, options.weight_layout, mesh, orientation)
   params = (_place(params, sharding.param_shardings(model, mesh, params=params))
             if laid_out is None else laid_out)
   drafter_params = drafter.params
@@ -509,6 +519,8 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   rows, row_lengths = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   completions, stats = [], dict(new_tokens=0, target_calls=0, wall_s=0.0, compile_s=0.0,
                                 weight_layout='stacked' if laid_out is None else 'per_block')
+  if laid_out is not None:
+    stats['weight_orientation'] = orientation
   first_token = dataclasses.replace(config, max_new_tokens=1) if time_prefill else None
   if time_prefill:
     stats.update(prefill_s=0.0, prefill_compile_s=0.0)

@@ -116,19 +116,28 @@ def main(argv):
       restored = checkpoints.with_dtype(restored, f.dtype)
     from launch import generation
     model = restored.model
-    params = generation.measured_params(restored.params, f.weight_layout)
+    layout = generation.effective_layout(f.weight_layout, jax.device_count())
+    # The decoding layout has two orientations (rows: one-token calls; columns: calls of
+    # several tokens); both curves are measured, the AR step in rows.
+    orientations = ('rows', 'columns') if layout == 'per_block' else ('',)
+    params = {o: generation.measured_params(restored.params, f.weight_layout, o or 'rows')
+              for o in orientations}
     report = {'dtype': model.config.dtype, 'forward': [], 'ar_step': {},
-              'weight_layout': generation.effective_layout(f.weight_layout, jax.device_count())}
+              'weight_layout': layout}
     lengths_T = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= f.max_T]
     for batch in map(int, f.batch_sizes.split(',')):
-      cost = forward_cost(model, params, batch, f.context, f.capacity, lengths_T)
-      report['forward'].append(cost)
-      print(f'forward B={batch} context={f.context} capacity={f.capacity}: '
-            + ' '.join(f'T={t}:{1e3 * s:.1f}ms({cost["relative"][t]:.2f})'
-                       for t, s in cost['seconds'].items()), flush=True)
+      for orientation in orientations:
+        cost = forward_cost(model, params[orientation], batch, f.context, f.capacity,
+                            lengths_T)
+        report['forward'].append(dict(cost, orientation=orientation or None))
+        print(f'forward B={batch} context={f.context} capacity={f.capacity}'
+              + (f' ({orientation})' if orientation else '') + ': '
+              + ' '.join(f'T={t}:{1e3 * s:.1f}ms({cost["relative"][t]:.2f})'
+                         for t, s in cost['seconds'].items()), flush=True)
     if f.ar_capacities:
       for batch in map(int, f.batch_sizes.split(',')):
-        steps = ar_step_cost(model, params, batch, [int(c) for c in f.ar_capacities.split(',')])
+        steps = ar_step_cost(model, params[orientations[0]], batch,
+                             [int(c) for c in f.ar_capacities.split(',')])
         report['ar_step'][batch] = steps
         print(f'AR step B={batch}: ' + ' '.join(
             f'S={c}:{v["step_ms"]:.1f}ms(compile {v["compile_s"]:.1f}s)'

@@ -169,33 +169,36 @@ def _param(module: nn.Module, name: str, init, *args):
 @jax.tree_util.register_pytree_node_class
 class PerLayer:
   """A block weight in the decoding layout: L arrays (or quantized weights), one per
-  block, each its own buffer. A pytree node whose leaves are the arrays."""
+  block, each its own buffer; `transposed`: stored [in, out] where the trunk's product
+  names it [out, in] (the 'columns' orientation). A pytree node whose leaves are the
+  arrays."""
 
-  def __init__(self, arrays):
-    self.arrays = tuple(arrays)
+  def __init__(self, arrays, transposed: bool = False):
+    self.arrays, self.transposed = tuple(arrays), transposed
 
   def tree_flatten(self):
-    return self.arrays, None
+    return self.arrays, self.transposed
 
   @classmethod
-  def tree_unflatten(cls, _, arrays):
-    return cls(arrays)
+  def tree_unflatten(cls, transposed, arrays):
+    return cls(arrays, transposed)
 
 
 @jax.tree_util.register_pytree_node_class
 class LayerWeight:
   """Block `index`'s weight of a PerLayer (index: a traced int32 scalar, the layer scan's
-  block): what a block inside the scan holds in place of its weight; read by `project`."""
+  block; transposed as the PerLayer's): what a block inside the scan holds in place of
+  its weight; read by `project`."""
 
-  def __init__(self, arrays, index):
-    self.arrays, self.index = tuple(arrays), index
+  def __init__(self, arrays, index, transposed: bool = False):
+    self.arrays, self.index, self.transposed = tuple(arrays), index, transposed
 
   def tree_flatten(self):
-    return (self.arrays, self.index), None
+    return (self.arrays, self.index), self.transposed
 
   @classmethod
-  def tree_unflatten(cls, _, children):
-    return cls(*children)
+  def tree_unflatten(cls, transposed, children):
+    return cls(*children, transposed)
 
 
 def _in_decoding_layout(tree) -> bool:
@@ -209,7 +212,13 @@ def project(spec: str, x: jax.Array, weight, dtype) -> jax.Array:
   """jnp.einsum(spec, x, weight) in `dtype`, the one product of the trunk with a block
   weight: a float array, a quantized weight (models/quant.py, dequantize-then-matmul) or
   a LayerWeight (a lax.switch over the blocks whose branch j multiplies by block j's own
-  buffer, so the weight is read in place)."""
+  buffer, so the weight is read in place; a transposed one, stored [in, out] where the
+  spec names a 2-D weight [out, in], is multiplied as stored)."""
+  if isinstance(weight, LayerWeight) and weight.transposed:
+    operands, result = spec.split('->')
+    x_axes, w_axes = operands.split(',')
+    spec = f'{x_axes},{w_axes[::-1]}->{result}'
+
   def product(w, x):
     return jnp.einsum(spec, x, quant.as_float(w, dtype))
   if isinstance(weight, LayerWeight):
@@ -234,11 +243,12 @@ def _kind(weight) -> tuple:
   return tuple((key, str(v.dtype), v.shape[1]) for key, v in parts if v is not None)
 
 
-def _per_layer(weight) -> PerLayer:
+def _per_layer(weight, transposed: bool = False) -> PerLayer:
   """A stacked weight [L, ...] (or quantized weight) -> PerLayer of its L blocks, each
   copied into its own buffer."""
   count = jax.tree.leaves(weight)[0].shape[0]
-  return PerLayer([jax.tree.map(lambda a, i=i: jnp.array(a[i]), weight) for i in range(count)])
+  return PerLayer([jax.tree.map(lambda a, i=i: jnp.array(a[i]), weight) for i in range(count)],
+                  transposed)
 
 
 def _stacked_part(tree):
@@ -253,11 +263,19 @@ def _block_view(sliced, tree, index):
   every PerLayer of `tree` as its LayerWeight at block `index`."""
   if not hasattr(tree, 'items'):
     return sliced
-  return {k: LayerWeight(v.arrays, index) if isinstance(v, PerLayer)
+  return {k: LayerWeight(v.arrays, index, v.transposed) if isinstance(v, PerLayer)
           else _block_view(sliced[k], v, index) for k, v in tree.items()}
 
 
-def decoding_layout(params: dict) -> dict:
+# The two orientations of the decoding layout's fused matrices: 'rows' [out, in] for
+# one-token calls (XLA:CPU's matrix-vector product streams rows fastest), 'columns'
+# [in, out] for calls of 2 or more tokens (its matrix-matrix path, YNNPACK, is 1.3-1.9x
+# faster on [in, out] at T = 2-16 on SmolLM2's shapes; README "Where the gap to
+# llama.cpp is").
+ORIENTATIONS = ('rows', 'columns')
+
+
+def decoding_layout(params: dict, orientation: str = 'rows') -> dict:
   """The decoding layout of a trunk's parameters (the notes above PerLayer).
 
   params: the unboxed parameters of a Transformer (or a family reusing the trunk), the
@@ -265,7 +283,10 @@ def decoding_layout(params: dict) -> dict:
   params['layers']['attention'] holds 'qkv' [E, D] per block (E = (N + 2K) H; with
   biases a stacked 'qkv_bias' [L, E]) and 'o', params['layers']['mlp'] holds 'gate_up'
   [2F, D] and 'down' [D, F] per block, all PerLayer; quantized weights are rearranged
-  field by field (their groups stay on the input axis). A group whose weights differ in
+  field by field (their groups stay on the input axis). orientation (ORIENTATIONS):
+  'rows' stores qkv, gate_up and down as just written ([out, in]: what one-token calls
+  read fastest), 'columns' stores them [in, out] (D, E / D, 2F / F, D: what calls of
+  several tokens read fastest); o is [N, H, D] in both. A group whose weights differ in
   kind (float and quantized, or two formats: a GGUF file may mix them) keeps its
   separate weights, each PerLayer in its stored orientation. Norms, embedding, LM head
   and an MTP model's 'future' blocks are shared with `params` unchanged. The forward
@@ -276,15 +297,19 @@ def decoding_layout(params: dict) -> dict:
   decoding (launch.generation.decoding_params decides); the stacked layout is what
   training, checkpoints, exporters and sharded meshes use.
   """
+  if orientation not in ORIENTATIONS:
+    raise ValueError(f'orientation={orientation!r}; expected one of {", ".join(ORIENTATIONS)}.')
   layers = params.get('layers')
   if layers is None or _in_decoding_layout(layers):
     return params
+  columns = orientation == 'columns'
+  oriented = (lambda w: w) if columns else (lambda w: w.swapaxes(1, 2))   # from [L, in, out]
   attention, mlp = dict(layers['attention']), dict(layers['mlp'])
   qkv = [attention.pop(name) for name in ('q', 'k', 'v')]
   if len({_kind(w) for w in qkv}) == 1:
     attention['qkv'] = _per_layer(_fields(
-        lambda *ws: jnp.concatenate([w.reshape(w.shape[:2] + (-1,)) for w in ws],
-                                    -1).swapaxes(1, 2), qkv))
+        lambda *ws: oriented(jnp.concatenate([w.reshape(w.shape[:2] + (-1,)) for w in ws],
+                                             -1)), qkv), columns)
     if 'q_bias' in attention:
       count = jax.tree.leaves(qkv[0])[0].shape[0]
       attention['qkv_bias'] = jnp.concatenate(
@@ -295,8 +320,8 @@ def decoding_layout(params: dict) -> dict:
   gate, up = mlp.pop('gate'), mlp.pop('up')
   if _kind(gate) == _kind(up):
     mlp['gate_up'] = _per_layer(_fields(
-        lambda g, u: jnp.concatenate([g, u], -1).swapaxes(1, 2), [gate, up]))
-    mlp['down'] = _per_layer(_fields(lambda d: d.swapaxes(1, 2), [mlp['down']]))
+        lambda g, u: oriented(jnp.concatenate([g, u], -1)), [gate, up]), columns)
+    mlp['down'] = _per_layer(_fields(oriented, [mlp['down']]), columns)
   else:
     mlp.update(gate=_per_layer(gate), up=_per_layer(up), down=_per_layer(mlp['down']))
   return {**params, 'layers': {**layers, 'attention': attention, 'mlp': mlp}}

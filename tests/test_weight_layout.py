@@ -23,19 +23,26 @@ def _close(a, b):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('orientation', transformer.ORIENTATIONS)
 @pytest.mark.parametrize('overrides', [
     dict(), dict(qkv_bias=True, num_kv_heads=1), dict(sliding_window=4, window_start_layer=1),
     dict(mtp_heads=3), dict(exit_layers=(1,), exit_norm=True)])
-def test_the_layout_computes_the_stacked_function(overrides):
+def test_the_layout_computes_the_stacked_function(overrides, orientation):
   """Full forward (no cache) and cached incremental logits (three tokens per call; one
   token per call is every decode below) agree with the stacked parameters to float32
-  rounding; MTP heads' logits too."""
+  rounding; MTP heads' logits too; in both orientations ([out, in] and [in, out])."""
   config, model, params = _model(**overrides)
-  laid = {'params': transformer.decoding_layout(params['params'])}
+  laid = {'params': transformer.decoding_layout(params['params'], orientation)}
   attention = laid['params']['layers']['attention']
   assert isinstance(attention['qkv'], transformer.PerLayer) and 'q' not in attention
   assert len(attention['qkv'].arrays) == 3
-  assert isinstance(laid['params']['layers']['mlp']['gate_up'], transformer.PerLayer)
+  fused = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+  columns = orientation == 'columns'
+  assert attention['qkv'].arrays[0].shape == ((config.d_model, fused) if columns
+                                              else (fused, config.d_model))
+  assert attention['qkv'].transposed == columns and not attention['o'].transposed
+  mlp = laid['params']['layers']['mlp']
+  assert isinstance(mlp['gate_up'], transformer.PerLayer) and mlp['down'].transposed == columns
   assert transformer.decoding_layout(laid['params']) is laid['params']   # idempotent
   tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 3, 300)
   positions = test_model._positions(2, 12)
@@ -51,23 +58,26 @@ def test_layer_skipping_and_state_propagation_read_the_layout():
   """The layer-skipping forward (a static and a traced block list) and CALM's state
   propagation (keys/values of the skipped blocks) read a block's weights by index."""
   config, model, params = _model(num_layers=4)
-  laid = {'params': transformer.decoding_layout(params['params'])}
   tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 6), 3, 300)
   positions = test_model._positions(2, 6)
-  for layers in ((0, 2, 3), jnp.asarray([1, 3], jnp.int32)):
-    run = jax.jit(lambda p, layers=layers: model.apply(p, tokens, positions, layers=layers).logits)
-    _close(run(laid), run(params))
   cache = transformer.KVCache.empty(config, 2, 8)
   x = jax.random.normal(jax.random.PRNGKey(6), (2, 6, config.d_model))
   slots = jnp.broadcast_to(jnp.arange(6), (2, 6))
   propagate = jax.jit(lambda p: model.apply(p, x, positions, cache, slots, 1,
                                             method=Transformer.propagate))
-  for got, want in zip(jax.tree.leaves(propagate(laid)), jax.tree.leaves(propagate(params))):
-    _close(got, want)
+  for orientation in transformer.ORIENTATIONS:
+    laid = {'params': transformer.decoding_layout(params['params'], orientation)}
+    for layers in ((0, 2, 3), jnp.asarray([1, 3], jnp.int32)):
+      run = jax.jit(lambda p, layers=layers: model.apply(p, tokens, positions,
+                                                         layers=layers).logits)
+      _close(run(laid), run(params))
+    for got, want in zip(jax.tree.leaves(propagate(laid)), jax.tree.leaves(propagate(params))):
+      _close(got, want)
 
 
+@pytest.mark.parametrize('orientation', transformer.ORIENTATIONS)
 @pytest.mark.parametrize('fmt', ['int8', 'int4', 'mixed'])
-def test_quantized_weights_keep_their_groups_in_the_layout(fmt):
+def test_quantized_weights_keep_their_groups_in_the_layout(fmt, orientation):
   """Quantized weights are rearranged field by field (the scales follow their values);
   a group mixing float and quantized weights (a GGUF file may) keeps separate weights."""
   pytest.importorskip('qwix', reason='quantization uses qwix (pip install qwix)')
@@ -77,7 +87,7 @@ def test_quantized_weights_keep_their_groups_in_the_layout(fmt):
     layers = qparams['layers']
     layers['attention']['k'] = quant.dequantize(layers['attention']['k'])
     layers['mlp']['up'] = quant.dequantize(layers['mlp']['up'])
-  laid = transformer.decoding_layout(qparams)
+  laid = transformer.decoding_layout(qparams, orientation)
   attention, mlp = laid['layers']['attention'], laid['layers']['mlp']
   if fmt == 'mixed':
     assert {'q', 'k', 'v', 'o'} <= set(attention) and {'gate', 'up', 'down'} <= set(mlp)
@@ -94,9 +104,10 @@ def test_quantized_weights_keep_their_groups_in_the_layout(fmt):
 def test_every_method_decodes_the_same_tokens_from_the_layout(trained_tiny, trained_eagle,
                                                                trained_mtp):
   """Greedy decoding on one device from the decoding layout (per_block) equals the
-  stacked layout, for the trunk's every way of running its blocks: the whole scan (AR),
-  block subsets (self-speculation), a drafter reading the target's hidden states
-  (EAGLE), MTP heads."""
+  stacked layout, for the trunk's every way of running its blocks: the whole scan (AR,
+  in the 'rows' orientation), block subsets (self-speculation), a drafter reading the
+  target's hidden states (EAGLE), MTP heads (the three in 'columns': they verify several
+  tokens per call)."""
   tok = trained_tiny.tokenizer
   texts = ('import os\nimport sys\n', 'def __init__(self', 'class Foo:\n    ')
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
@@ -109,6 +120,7 @@ def test_every_method_decodes_the_same_tokens_from_the_layout(trained_tiny, trai
           target, prompts, method,
           generation.DecodeOptions(max_new_tokens=16, weight_layout=layout), draft)
       assert stats['weight_layout'] == layout
+    assert stats['weight_orientation'] == ('rows' if method == 'autoregressive' else 'columns')
     assert out['per_block'] == out['stacked'], method
 
 
@@ -120,3 +132,5 @@ def test_bad_layouts_are_one_line_errors(trained_tiny):
     generation.decode_tokens(trained_tiny, [[1, 5]], 'autoregressive', generation.DecodeOptions(
         max_new_tokens=2, weight_layout='per_block', model_parallelism=2))
   assert generation.effective_layout('auto', 8) == 'stacked'
+  with pytest.raises(ValueError, match="orientation='diagonal'; expected one of rows, columns"):
+    transformer.decoding_layout(trained_tiny.params, 'diagonal')
