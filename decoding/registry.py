@@ -72,9 +72,9 @@ class Method:
   # the model's workdir when the options leave them unset (self_speculative's skip set).
   workdir_options: Optional[Callable[[Any, str], Any]] = None
   # Every call of the target after the prefill carries one token per row (plain and
-  # early-exit decoding): a one-device CPU decode then reads the block weights in the
-  # 'rows' orientation of the decoding layout, other methods (verify calls of several
-  # tokens) in 'columns' (launch.generation.decoding_params).
+  # early-exit decoding): a one-device CPU decode of one row then reads the block
+  # weights in the 'rows' orientation of the decoding layout, every other decode (verify
+  # calls of several tokens, several rows) in 'columns' (launch.generation.decode_tokens).
   one_token_calls: bool = False
 
   def lossless(self, config: driver.DecodeConfig) -> bool:

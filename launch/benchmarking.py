@@ -405,9 +405,10 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
   'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
   weight_layout: the target weights' layout, as the decode reads them
-  (launch.generation.decoding_params); in the decoding layout T = 1 is timed in the
-  orientation plain decoding reads ('rows') and T >= 2 in the one methods verifying
-  several tokens read ('columns'), so the curve prices a round against a plain step.
+  (launch.generation.decoding_params); in the decoding layout each T is timed in the
+  orientation a decode reads it in (T = 1 at batch 1: 'rows', as plain decoding of one
+  row; else 'columns', as verify calls), so the curve prices a round against a plain
+  step.
   Raises ValueError when context + max(tokens) does not fit the capacity or T = 1 is not
   measured (the curve is relative to it).
   """
@@ -429,7 +430,7 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   ms = []
   for t in tokens:
     ids = jnp.asarray(rng.integers(0, vocab, (batch_size, t)), jnp.int32)
-    call_params = params['rows' if t == 1 else 'columns']
+    call_params = params['rows' if t == 1 and batch_size == 1 else 'columns']
     jax.block_until_ready(run(call_params, filled, ids, start, 1))  # compiles
     t0 = time.perf_counter()
     jax.block_until_ready(run(call_params, filled, ids, start, 1))

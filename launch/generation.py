@@ -389,10 +389,11 @@ def decoding_params(params, layout: str, mesh, orientation: str = 'rows'):
   per_block when decoding on one CPU device (the mesh's size), else stacked
   (on a mesh the stacked parameters are sharded by their logical axes; accelerators
   were not measured). orientation: the layout's (models.transformer.ORIENTATIONS):
-  'rows' for methods whose target calls carry one token (registry one_token_calls),
-  'columns' for those verifying several (SmolLM2, batch 1, context 256: a call of 2 / 4
-  / 8 tokens 27 / 29 / 32 ms in rows, 22 / 23 / 27 in columns; one token 16-18 ms in
-  rows, 18 in columns).
+  'rows' when every product has one row (batch 1 and a method whose target calls carry
+  one token: registry one_token_calls), 'columns' otherwise (SmolLM2 f32, context 256,
+  one call: batch 1 and 2 / 4 / 8 tokens 27 / 29 / 32 ms in rows, 22 / 24 / 27 in
+  columns; one token at batch 1 16.0 vs 16.8 ms, at batch 2 27.8 vs 22.2, at batch 8 35
+  vs 30).
   The layout of a parameter tree is made once per orientation and kept for the last
   tree asked (a bench decodes one model many times): a second copy of the block
   weights per orientation used while that model lives. Raises ValueError for an unknown
@@ -508,7 +509,9 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  orientation = 'rows' if entry.one_token_calls else 'columns'
+  # One row of one token per call reads [out, in] matrices fastest (a matrix-vector
+  # product); every product of 2+ rows (batch > 1, or verify calls) reads [in, out].
+  orientation = 'rows' if entry.one_token_calls and batch == 1 else 'columns'
   laid_out = decoding_params(params, options.weight_layout, mesh, orientation)
   params = (_place(params, sharding.param_shardings(model, mesh, params=params))
             if laid_out is None else laid_out)

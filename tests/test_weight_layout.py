@@ -104,24 +104,27 @@ def test_quantized_weights_keep_their_groups_in_the_layout(fmt, orientation):
 def test_every_method_decodes_the_same_tokens_from_the_layout(trained_tiny, trained_eagle,
                                                                trained_mtp):
   """Greedy decoding on one device from the decoding layout (per_block) equals the
-  stacked layout, for the trunk's every way of running its blocks: the whole scan (AR,
-  in the 'rows' orientation), block subsets (self-speculation), a drafter reading the
-  target's hidden states (EAGLE), MTP heads (the three in 'columns': they verify several
-  tokens per call)."""
+  stacked layout, for the trunk's every way of running its blocks: the whole scan (AR;
+  at batch 1 in the 'rows' orientation, else 'columns'), block subsets
+  (self-speculation), a drafter reading the target's hidden states (EAGLE), MTP heads
+  (the three in 'columns': they verify several tokens per call)."""
   tok = trained_tiny.tokenizer
   texts = ('import os\nimport sys\n', 'def __init__(self', 'class Foo:\n    ')
   prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
-  runs = [('autoregressive', trained_tiny, None), ('self_speculative', trained_tiny, None),
-          ('eagle', trained_tiny, trained_eagle[1]), ('mtp', trained_mtp[1], None)]
-  for method, target, draft in runs:
+  runs = [('autoregressive', trained_tiny, None, 1), ('autoregressive', trained_tiny, None, 3),
+          ('self_speculative', trained_tiny, None, 3), ('eagle', trained_tiny, trained_eagle[1], 3),
+          ('mtp', trained_mtp[1], None, 3)]
+  for method, target, draft, batch in runs:
     out = {}
     for layout in ('stacked', 'per_block'):
       out[layout], stats = generation.decode_tokens(
-          target, prompts, method,
-          generation.DecodeOptions(max_new_tokens=16, weight_layout=layout), draft)
+          target, prompts, method, generation.DecodeOptions(
+              max_new_tokens=16, weight_layout=layout, batch_size=batch), draft)
       assert stats['weight_layout'] == layout
-    assert stats['weight_orientation'] == ('rows' if method == 'autoregressive' else 'columns')
-    assert out['per_block'] == out['stacked'], method
+    # One row of one token per call: rows; several rows or tokens per call: columns.
+    assert stats['weight_orientation'] == ('rows' if method == 'autoregressive' and batch == 1
+                                           else 'columns')
+    assert out['per_block'] == out['stacked'], (method, batch)
 
 
 def test_bad_layouts_are_one_line_errors(trained_tiny):
