@@ -152,7 +152,8 @@ _BLOCK = flags.DEFINE_integer('block_size', 0, 'parallel_draft: tokens per verif
 _WEIGHT_LAYOUT = flags.DEFINE_string(
     'weight_layout', 'auto', 'How the target\'s block weights are held: auto (the decoding '
     'layout on one CPU device, else stacked) | stacked (as stored) | per_block (each block\'s '
-    'fused matrices in their own buffers; one device). launch/generation.decoding_params.')
+    'fused matrices in their own buffers, [out, in] for AR at batch 1, else [in, out]; one '
+    'device). launch/generation.decoding_params.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object on stdout.')
 _DTYPE = flags.DEFINE_string('dtype', '', 'Decode in this dtype, weights and activations '
                              '(float32 | bfloat16); default: the checkpoint\'s.')
