@@ -195,6 +195,7 @@ def main(argv):
         block_size=_BLOCK.value, weight_layout=_WEIGHT_LAYOUT.value,
         **{name: flag.value for name, flag in _LOOKAHEAD.items() if flag.value is not None})
     options.sampling()
+    generation.effective_layout(options.weight_layout, 1)   # checked before restoring
     second = {'draft_workdir': _DRAFT.value, 'heads_workdir': _HEADS.value}.get(method.second)
     if method.second and not second:
       raise ValueError(f'--method={method.name} needs --{method.second}=DIR (its trained '
