@@ -360,6 +360,12 @@ WEIGHT_LAYOUTS = ('auto', 'stacked', 'per_block')
 _LAYOUT_CACHE: dict = {}   # {orientation: (params, mesh, their decoding layout)}
 
 
+def release_layouts() -> None:
+  """Drops the decoding layouts decoding_params keeps (and with them its reference to the
+  last parameter tree asked): for a long-lived process done with that model."""
+  _LAYOUT_CACHE.clear()
+
+
 def effective_layout(layout: str, devices: int) -> str:
   """'stacked' or 'per_block': what `layout` (WEIGHT_LAYOUTS) means for a decode on
   `devices` devices of this backend (decoding_params). Raises ValueError for an unknown

@@ -1,8 +1,15 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
 import os
 
+# The 8 simulated devices are 8 threads of one process that meet at every collective (a
+# rendezvous). XLA:CPU aborts the whole process when one thread arrives more than ~40 s
+# after the others, which an overloaded 2-core CI machine can cause (one CI run aborted in
+# an 8-device test, taking its worker down); waiting is the right response there, so
+# the tests allow 15 minutes before XLA gives up.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8').strip()
+                           + ' --xla_force_host_platform_device_count=8'
+                           + ' --xla_cpu_collective_call_warn_stuck_timeout_seconds=120'
+                           + ' --xla_cpu_collective_call_terminate_timeout_seconds=900').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
@@ -11,6 +18,21 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 from configs import ar_lm  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_memory_after_each_file():
+  """Frees what a test file leaves behind once it is done: the compiled programs (jit
+  caches), the decoding layouts launch.generation keeps for the last model (a real
+  model's are ~1 GB) and unreachable arrays. A worker runs many files; without this
+  one reached 9 GB of resident memory, and two such workers on CI's 24 GB machine
+  risk allocation failures."""
+  yield
+  import gc
+  from launch import generation
+  generation.release_layouts()
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope='session')
