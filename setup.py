@@ -12,7 +12,11 @@ setup(
     version='0.1.0',
     description='JAX/Flax research codebase for fast language-model decoding.',
     python_requires='>=3.10',
-    packages=find_packages(include=['configs', 'models', 'decoding', 'training', 'launch']),
+    packages=find_packages(include=[f'{top}{sub}' for top in
+                                    ('configs', 'models', 'decoding', 'training', 'launch')
+                                    for sub in ('', '.*')]),
+    # The CPU kernels' source, compiled on first use (models/cpu_kernels/__init__.py).
+    package_data={'models.cpu_kernels': ['*.cc']},
     install_requires=[
         'jax>=0.4.35',
         'flax>=0.10',

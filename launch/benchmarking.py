@@ -363,13 +363,15 @@ _KEY_FIELDS = ('model', 'model_config', 'trunk', 'backend', 'device', 'batch_siz
 
 def _trunk_digest() -> str:
   """A digest of the source of the modules a cached forward runs (the trunk, the cache,
-  quantized products): a curve measured before a change to them is stale."""
+  quantized products and their CPU kernel, and whether that kernel is in use): a curve
+  measured before a change to them is stale."""
   import hashlib
-  from models import kv_cache, quant, transformer
+  from models import cpu_kernels, kv_cache, quant, transformer
   digest = hashlib.sha1()
-  for module in (transformer, kv_cache, quant):
-    with open(module.__file__, 'rb') as f:
+  for path in (transformer.__file__, kv_cache.__file__, quant.__file__, cpu_kernels.SOURCE):
+    with open(path, 'rb') as f:
       digest.update(f.read())
+  digest.update(b'kernels on' if cpu_kernels.available() else b'kernels off')
   return digest.hexdigest()[:12]
 
 
@@ -406,9 +408,10 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
   weight_layout: the target weights' layout, as the decode reads them
   (launch.generation.decoding_params); in the decoding layout each T is timed in the
-  orientation a decode reads it in (T = 1 at batch 1: 'rows', as plain decoding of one
-  row; else 'columns', as verify calls), so the curve prices a round against a plain
-  step.
+  orientation a decode reads it in (generation.decode_orientation: T = 1 at batch 1 in
+  'rows', as plain decoding of one row; verify calls in 'columns', or in 'rows' at batch
+  1 for a model the quantized CPU kernel reads), so the curve prices a round against a
+  plain step.
   Raises ValueError when context + max(tokens) does not fit the capacity or T = 1 is not
   measured (the curve is relative to it).
   """
@@ -430,7 +433,7 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   ms = []
   for t in tokens:
     ids = jnp.asarray(rng.integers(0, vocab, (batch_size, t)), jnp.int32)
-    call_params = params['rows' if t == 1 and batch_size == 1 else 'columns']
+    call_params = params[generation.decode_orientation(restored.params, batch_size, t == 1)]
     jax.block_until_ready(run(call_params, filled, ids, start, 1))  # compiles
     t0 = time.perf_counter()
     jax.block_until_ready(run(call_params, filled, ids, start, 1))

@@ -360,6 +360,23 @@ WEIGHT_LAYOUTS = ('auto', 'stacked', 'per_block')
 _LAYOUT_CACHE: dict = {}   # {orientation: (params, mesh, their decoding layout)}
 
 
+def decode_orientation(params, batch: int, one_token_calls: bool) -> str:
+  """The decoding layout's orientation (models.transformer.ORIENTATIONS) for a decode of
+  `batch` rows: 'rows' ([out, in]) at batch 1 when every target call carries one token
+  (XLA:CPU's matrix-vector product reads it fastest), and at batch 1 for every method when
+  the block matrices are quantized in groups of 32 and the CPU kernel is built (the
+  kernel reads the rows layout for calls of up to quant.KERNEL_MAX_ROWS tokens: SmolLM2's
+  Q4_1 file, context 256, T = 1 / 2 / 4 / 8 tokens 14.0 / 19.3 / 22.0 / 29.2 ms against
+  21.8 / 22.0 / 24.9 / 32.6 in columns); 'columns' ([in, out]) otherwise, which XLA:CPU's
+  matrix-matrix path reads fastest."""
+  from models import cpu_kernels, quant
+  if batch != 1:
+    return 'columns'
+  if one_token_calls or (quant.kernel_blocks(params) and cpu_kernels.available()):
+    return 'rows'
+  return 'columns'
+
+
 def release_layouts() -> None:
   """Drops the decoding layouts decoding_params keeps (and with them its reference to the
   last parameter tree asked): for a long-lived process done with that model."""
@@ -515,9 +532,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   data_size = sharding.data_parallel_size(mesh)
   batch = options.batch_size or min(len(prompts), 8)
   batch = -(-batch // data_size) * data_size  # Whole rows per data shard.
-  # One row of one token per call reads [out, in] matrices fastest (a matrix-vector
-  # product); every product of 2+ rows (batch > 1, or verify calls) reads [in, out].
-  orientation = 'rows' if entry.one_token_calls and batch == 1 else 'columns'
+  orientation = decode_orientation(params, batch, entry.one_token_calls)
   laid_out = decoding_params(params, options.weight_layout, mesh, orientation)
   params = (_place(params, sharding.param_shardings(model, mesh, params=params))
             if laid_out is None else laid_out)

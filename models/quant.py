@@ -28,9 +28,12 @@ The quantization itself (absmax calibration, int rounding, tiled scales) is qwix
 (google/qwix, `qwix.quantize`, the library MaxText and Tunix use); the GGUF formats are
 read from the file's blocks (training/gguf_io.py). The matmul is dequantize-then-matmul
 inside the jitted step (qwix's own choice for float activations, `dot_general`'s "slow
-path": XLA fuses the int -> float convert and the scale into the dot's operand, so the
-weights stream from memory at their stored width; measured in the README section
-"Quantized weights").
+path"), except where one row of float32 activations meets a matrix with groups of 32
+inputs in the one-device decoding layout: there XLA:CPU writes the dequantized float
+tile before its dot, so a 4-bit weight costs nearly what an 8-bit one does, and the
+trunk calls a CPU kernel instead (models/cpu_kernels/qmatvec.cc through jax.ffi:
+kernel_form, matvec) that reads the 4-bit values packed two per byte and dequantizes
+in registers; measured in the README section "Quantized weights".
 """
 from collections.abc import Mapping
 from typing import Any
@@ -59,8 +62,10 @@ LAYER_WEIGHTS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
 
 def is_quantized(value: Any) -> bool:
-  """Whether `value` is a quantized weight (the dict described in the module docstring)."""
-  return isinstance(value, Mapping) and 'qvalue' in value and 'scale' in value
+  """Whether `value` is a quantized weight (the dict described in the module docstring,
+  or its packed kernel form: see kernel_form)."""
+  return (isinstance(value, Mapping) and 'scale' in value
+          and ('qvalue' in value or 'qpacked' in value))
 
 
 def contains_quantized(tree: Any) -> bool:
@@ -83,10 +88,18 @@ def _broadcast(small: jax.Array, shape: tuple) -> jax.Array:
   return jnp.broadcast_to(small.reshape(split), target).reshape(shape)
 
 
+def _unpack(packed: jax.Array) -> jax.Array:
+  """Packed nibbles [.., O, I / 2] (kernel_form) -> their values 0 .. 15 as int8 [.., O, I]:
+  in each group of 32 values the low nibble of byte j is value j, the high one j + 16."""
+  groups = packed.reshape(packed.shape[:-1] + (-1, KERNEL_GROUP // 2))
+  values = jnp.concatenate([groups & 15, groups >> 4], -1)
+  return values.reshape(packed.shape[:-1] + (-1,)).astype(jnp.int8)
+
+
 def dequantize(weight: dict, dtype=jnp.float32) -> jax.Array:
   """A quantized weight -> the float weight in `dtype`: qvalue * scale (+ min), each
   broadcast over its tile. The reference every quantized matmul equals."""
-  q = weight['qvalue'].astype(dtype)
+  q = (_unpack(weight['qpacked']) if 'qpacked' in weight else weight['qvalue']).astype(dtype)
   out = q * _broadcast(weight['scale'].astype(dtype), q.shape)
   if weight.get('min') is not None:
     out = out + _broadcast(weight['min'].astype(dtype), q.shape)
@@ -116,6 +129,8 @@ def head_logits(hidden: jax.Array, weight: Any, tied: bool, dtype) -> jax.Array:
   vocab_axis = 0 if tied else 1
   vocab = logical_shape(weight)[vocab_axis]
   chunk = next((c for c in range(min(HEAD_CHUNK, vocab), 0, -1) if vocab % c == 0), vocab)
+  if tied and kernel_applies(hidden, weight):
+    return matvec(hidden, weight).astype(dtype)
   if not is_quantized(weight) or chunk == vocab:
     return jnp.einsum(spec, hidden, as_float(weight, dtype))
 
@@ -141,7 +156,103 @@ def take_rows(weight: Any, ids: jax.Array, dtype) -> jax.Array:
 
 def logical_shape(value: Any) -> tuple:
   """The float weight's shape of a parameter, quantized or not."""
+  if is_quantized(value) and 'qpacked' in value:
+    return tuple(value['qpacked'].shape[:-1]) + (2 * value['qpacked'].shape[-1],)
   return tuple((value['qvalue'] if is_quantized(value) else value).shape)
+
+
+# The CPU kernel's form of a quantized matrix (models/cpu_kernels/qmatvec.cc): one-token
+# decoding at batch 1 multiplies a row of activations by an [out, in] matrix; XLA:CPU
+# dequantizes the whole matrix into a float tile before its dot (so a 4-bit weight costs
+# about what an 8-bit one does), the kernel dequantizes in registers. Measured on SmolLM2's
+# 30 blocks of qkv / o / gate-up / down matrix-vector products, 2 cores (README "Quantized
+# weights"): 4-bit values dequantize-then-dot 9.4 ms, the kernel on packed nibbles 7.6 ms.
+KERNEL_GROUP = GGUF_BLOCK
+
+
+def kernel_form(weight: Any) -> Any:
+  """A quantized [out, in] matrix (groups of KERNEL_GROUP inputs, as GGUF's Q8_0 / Q4_0 /
+  Q4_1 and the int4 format have) in the form the CPU kernel reads, or None where it does
+  not apply (a float weight, another rank, per-channel scales).
+
+  Values in -8 .. 7 are packed two per byte: {'qpacked': uint8 [out, in / 2] (q + 8 in
+  0 .. 15), 'scale': float32, 'min': float32 = min - 8 scale}, so w = q * scale + min with
+  q the nibble (half the bytes of int8 storage); other values stay int8 with float32 scale
+  and min. Both dequantize (dequantize) to the original weight up to float32 rounding
+  (the min is rounded once more). Reads the values (call it outside jit)."""
+  if (not is_quantized(weight) or 'qvalue' not in weight or weight['qvalue'].ndim != 2
+      or weight['qvalue'].shape[1] % KERNEL_GROUP
+      or weight['scale'].shape != (weight['qvalue'].shape[0],
+                                   weight['qvalue'].shape[1] // KERNEL_GROUP)):
+    return None
+  q = np.asarray(weight['qvalue'])
+  if q.dtype != np.int8 and not (np.issubdtype(q.dtype, np.integer) and q.min() >= -128
+                                 and q.max() <= 127):
+    return None
+  scale = jnp.asarray(weight['scale'], jnp.float32)
+  low = weight.get('min')
+  low = None if low is None else jnp.asarray(low, jnp.float32)
+  if q.min() >= -8 and q.max() <= 7:
+    nibbles = (q.astype(np.int16) + 8).astype(np.uint8).reshape(q.shape[0], -1, 2,
+                                                                KERNEL_GROUP // 2)
+    packed = (nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)).reshape(q.shape[0], -1)
+    return {'qpacked': jnp.asarray(packed), 'scale': scale,
+            'min': (0 if low is None else low) - 8 * scale}
+  out = {'qvalue': jnp.asarray(q.astype(np.int8)), 'scale': scale}
+  return out if low is None else {**out, 'min': low}
+
+
+def kernel_blocks(params: Any) -> bool:
+  """Whether a parameter tree's block matrices (params['layers'], stacked [L, ...]) are
+  quantized in groups of KERNEL_GROUP inputs, every one: what the decoding layout's
+  'rows' orientation holds in kernel_form (models.transformer.decoding_layout)."""
+  layers = params.get('layers') if isinstance(params, Mapping) else None
+  found = []
+
+  def visit(tree):
+    for name, value in tree.items():
+      if is_quantized(value) and name in LAYER_WEIGHTS and 'qvalue' in value:
+        axis = CONTRACTED[name][1] + 1          # the grouped axis, after 'layers'
+        found.append(value['scale'].shape[axis] * KERNEL_GROUP == value['qvalue'].shape[axis])
+      elif isinstance(value, Mapping):
+        visit(value)
+  if isinstance(layers, Mapping):
+    visit(layers)
+  return bool(found) and all(found)
+
+
+# The most rows of activations one kernel call takes (qmatvec.cc's kMaxRows): a decoding
+# step's token, or a verify call's few (batch 1).
+KERNEL_MAX_ROWS = 16
+
+
+def kernel_applies(x: jax.Array, weight: Any) -> bool:
+  """Whether matvec(x, weight) may stand for x @ weight.T: at most KERNEL_MAX_ROWS rows of
+  float32 activations (x [.., D]) and a weight in kernel_form with the CPU kernel built."""
+  from models import cpu_kernels
+  return (is_quantized(weight) and weight['scale'].dtype == jnp.float32
+          and weight['scale'].ndim == 2 and x.dtype == jnp.float32
+          and int(np.prod(x.shape[:-1])) <= KERNEL_MAX_ROWS
+          and x.shape[-1] == weight['scale'].shape[1] * KERNEL_GROUP
+          and ('qpacked' in weight or weight['qvalue'].dtype == jnp.int8)
+          and cpu_kernels.available())
+
+
+def matvec(x: jax.Array, weight: dict) -> jax.Array:
+  """x [.., D] (at most KERNEL_MAX_ROWS rows, float32) times a kernel_form weight [O, D]:
+  [.., O] float32, through the CPU kernel (models/cpu_kernels/qmatvec.cc), which reads
+  each weight group once for all rows. Equals x @ dequantize(weight).T to float32
+  rounding (tests/test_quant.py). Call only where kernel_applies."""
+  from models import cpu_kernels
+  packed, low = 'qpacked' in weight, weight.get('min')
+  out, rows = weight['scale'].shape[0], int(np.prod(x.shape[:-1]))
+  call = jax.ffi.ffi_call(cpu_kernels.TARGETS[(packed, low is not None)],
+                          jax.ShapeDtypeStruct((rows, out), jnp.float32),
+                          vmap_method='sequential')
+  values = weight['qpacked' if packed else 'qvalue']
+  low = jnp.zeros((1, 1), jnp.float32) if low is None else low
+  return call(x.reshape(rows, -1), values, weight['scale'], low).reshape(
+      x.shape[:-1] + (out,))
 
 
 def _axes_of(name: str, ndim: int) -> tuple[tuple[int, ...], int]:

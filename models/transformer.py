@@ -213,15 +213,28 @@ def project(spec: str, x: jax.Array, weight, dtype) -> jax.Array:
   weight: a float array, a quantized weight (models/quant.py, dequantize-then-matmul) or
   a LayerWeight (a lax.switch over the blocks whose branch j multiplies by block j's own
   buffer, so the weight is read in place; a transposed one, stored [in, out] where the
-  spec names a 2-D weight [out, in], is multiplied as stored)."""
-  if isinstance(weight, LayerWeight) and weight.transposed:
-    operands, result = spec.split('->')
-    x_axes, w_axes = operands.split(',')
+  spec names a 2-D weight [out, in], is multiplied as stored). A LayerWeight stored as
+  the spec's [out, in] in the quantized kernel form (decoding_layout 'rows'), times one
+  row of float32 activations, goes through the CPU kernel (quant.matvec)."""
+  operands, result = spec.split('->')
+  x_axes, w_axes = operands.split(',')
+  layer = isinstance(weight, LayerWeight)
+  if layer and weight.transposed:
     spec = f'{x_axes},{w_axes[::-1]}->{result}'
+  if layer and len(w_axes) == 3 and len(quant.logical_shape(weight.arrays[0])) == 2:
+    # o [N, H, D] held as its [D, N H] matrix (_for_the_kernel): x's N, H flattened.
+    x = x.reshape(x.shape[:-2] + (-1,))
+    x_axes = x_axes[:-1]
+    w_axes = result[-1] + x_axes[-1]
+    spec = f'{x_axes},{w_axes}->{result}'
+  out_in = (layer and not weight.transposed and len(w_axes) == 2
+            and w_axes == result[-1] + x_axes[-1])
 
   def product(w, x):
+    if out_in and quant.kernel_applies(x, w):
+      return quant.matvec(x, w).astype(dtype)
     return jnp.einsum(spec, x, quant.as_float(w, dtype))
-  if isinstance(weight, LayerWeight):
+  if layer:
     return jax.lax.switch(weight.index, [functools.partial(product, w) for w in weight.arrays],
                           x)
   return product(weight, x)
@@ -324,7 +337,46 @@ def decoding_layout(params: dict, orientation: str = 'rows') -> dict:
     mlp['down'] = _per_layer(_fields(oriented, [mlp['down']]), columns)
   else:
     mlp.update(gate=_per_layer(gate), up=_per_layer(up), down=_per_layer(mlp['down']))
-  return {**params, 'layers': {**layers, 'attention': attention, 'mlp': mlp}}
+  out = {**params, 'layers': {**layers, 'attention': attention, 'mlp': mlp}}
+  return out if columns else _for_the_kernel(out)
+
+
+def _for_the_kernel(params: dict) -> dict:
+  """The rows layout's quantized [out, in] matrices (fused qkv, gate_up, down; o [N, H, D]
+  as its [D, N H] matrix; the tied embedding, which is the LM head) in quant.kernel_form,
+  where the CPU kernel is built (models/cpu_kernels): one-token calls at batch 1 then
+  multiply through it, other calls dequantize the same form (project)."""
+  from models import cpu_kernels
+  if not ((quant.contains_quantized(params['layers']) or quant.is_quantized(
+      params.get('embedding'))) and cpu_kernels.available()):
+    return params
+
+  def convert(weight):
+    if isinstance(weight, PerLayer):
+      forms = [quant.kernel_form(w) for w in weight.arrays]
+      return PerLayer(forms, weight.transposed) if all(f is not None for f in forms) else weight
+    form = quant.kernel_form(weight)
+    return weight if form is None else form
+
+  def as_matrix(o):     # a quantized o [N, H, D] (groups along H) -> its [D, N H] matrix
+    if not quant.is_quantized(o) or o['qvalue'].ndim != 3:
+      return None
+    return {k: None if v is None else v.transpose(2, 0, 1).reshape(v.shape[2], -1)
+            for k, v in o.items()}
+
+  layers = params['layers']
+  attention = {k: convert(v) if k == 'qkv' else v for k, v in layers['attention'].items()}
+  o = attention.get('o')
+  if isinstance(o, PerLayer) and not o.transposed:
+    forms = [quant.kernel_form(as_matrix(w)) if as_matrix(w) is not None else None
+             for w in o.arrays]
+    if all(f is not None for f in forms):
+      attention['o'] = PerLayer(forms)
+  mlp = {k: convert(v) if k in ('gate_up', 'down') else v for k, v in layers['mlp'].items()}
+  out = {**params, 'layers': {**layers, 'attention': attention, 'mlp': mlp}}
+  if 'lm_head' not in params and quant.is_quantized(params.get('embedding')):
+    out['embedding'] = convert(params['embedding'])
+  return out
 
 
 def rms_norm(x, scale, eps: float, dtype):

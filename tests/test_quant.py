@@ -264,3 +264,97 @@ def test_the_chunked_quantized_lm_head_equals_the_reference(tied):
     want = jnp.einsum('BTD,VD->BTV' if tied else 'BTD,DV->BTV', h, _reference_dequantize(qw))
     np.testing.assert_allclose(quant.head_logits(h, qw, tied, jnp.float32), want,
                                rtol=1e-5, atol=1e-5)
+
+
+def _kernel_or_skip():
+  from models import cpu_kernels
+  if not cpu_kernels.available():
+    pytest.skip('the CPU kernels are not built here (no C++ compiler, no AVX2, or '
+                'FASTDECODE_CPU_KERNELS=0)')
+
+
+def _block_quantized(rng, rows, cols, bits, with_min):
+  """A GGUF-like block-quantized [rows, cols] matrix: groups of 32 inputs, float16 scales
+  (Q8_0 with bits=8, Q4_0 / Q4_1 with bits=4 as models/quant.py holds them)."""
+  low, high = (-8, 8) if bits == 4 else (-128, 128)
+  weight = {'qvalue': jnp.asarray(rng.integers(low, high, (rows, cols)), jnp.int8),
+            'scale': jnp.asarray(rng.random((rows, cols // 32)) * 0.02, jnp.float16)}
+  if with_min:
+    weight['min'] = jnp.asarray(rng.standard_normal((rows, cols // 32)) * 0.01, jnp.float32)
+  return weight
+
+
+@pytest.mark.parametrize('bits, with_min', [(4, True), (4, False), (8, False), (8, True)])
+def test_the_cpu_kernel_equals_dequantize_then_matmul(bits, with_min):
+  """The kernel form (4-bit values packed two per byte, the min folded) dequantizes to the
+  weight, and the kernel's product with 1, 5 or 16 rows of activations equals the
+  float64 product with the dequantized weight to float32 rounding, for output counts
+  that do not split evenly over the threads; more rows than it takes, and weights it
+  cannot take (per-channel scales, other ranks), are refused."""
+  _kernel_or_skip()
+  rng = np.random.default_rng(bits + with_min)
+  for rows, cols in ((1, 32), (130, 96), (577, 1536), (3072, 576)):
+    weight = _block_quantized(rng, rows, cols, bits, with_min)
+    form = quant.kernel_form(weight)
+    assert ('qpacked' in form) == (bits == 4) and quant.logical_shape(form) == (rows, cols)
+    np.testing.assert_allclose(quant.dequantize(form), _reference_dequantize(weight),
+                               rtol=1e-6, atol=1e-7)
+    for shape in ((1, 1, cols), (1, 5, cols), (2, quant.KERNEL_MAX_ROWS // 2, cols)):
+      x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+      assert quant.kernel_applies(x, form)
+      want = np.asarray(x, np.float64) @ _reference_dequantize(weight).astype(np.float64).T
+      got = np.asarray(jax.jit(quant.matvec)(x, form))
+      np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max() + 1e-7)
+    assert not quant.kernel_applies(jnp.ones((1, quant.KERNEL_MAX_ROWS + 1, cols)), form)
+  per_channel = quant.quantize(jnp.ones((64, 96)), 'lm_head', 'int8')
+  assert quant.kernel_form(per_channel) is None
+  assert quant.kernel_form({'qvalue': jnp.ones((2, 64, 32), jnp.int8),
+                            'scale': jnp.ones((2, 64, 1))}) is None
+
+
+@pytest.mark.parametrize('bits, with_min', [(4, True), (8, False)])
+def test_one_token_calls_at_batch_1_multiply_through_the_cpu_kernel(bits, with_min):
+  """The rows decoding layout holds a block-quantized model's fused matrices, o and its
+  tied embedding (the LM head) in the kernel form; a one-token call at batch 1 then runs
+  the kernel (its custom call in the lowered program) and gives the stacked parameters'
+  logits to float32 rounding, a call longer than the kernel takes dequantizes instead
+  (same logits), and greedy decoding at batch 1 gives the stacked parameters' tokens."""
+  _kernel_or_skip()
+  from models import KVCache, transformer
+  model, params = ts._tiny(0, num_layers=2, head_dim=32, tie_embeddings=True)
+  rng = np.random.default_rng(0)
+  qparams = quant.quantize_params(params, 'int4', group=32)
+
+  def regroup(weight):      # the int4 weight's values and groups as a GGUF-like block format
+    if not quant.is_quantized(weight):
+      return weight
+    q = np.asarray(weight['qvalue']).astype(np.int8)
+    out = {'qvalue': jnp.asarray(q * 9 if bits == 8 else q),
+           'scale': jnp.asarray(weight['scale']) / (9 if bits == 8 else 1)}
+    if with_min:
+      out['min'] = jnp.asarray(rng.standard_normal(weight['scale'].shape) * 0.01, jnp.float32)
+    return out
+  qparams = jax.tree.map(regroup, qparams, is_leaf=quant.is_quantized)
+  laid = transformer.decoding_layout(qparams, 'rows')
+  field = 'qpacked' if bits == 4 else 'qvalue'
+  attention, mlp = laid['layers']['attention'], laid['layers']['mlp']
+  for weight in (attention['qkv'], attention['o'], mlp['gate_up'], mlp['down']):
+    assert field in weight.arrays[0]
+  assert field in laid['embedding'] and quant.logical_shape(attention['o'].arrays[0]) == (
+      model.config.d_model, model.config.num_heads * model.config.head_dim)
+  assert laid['embedding']['scale'].dtype == jnp.float32
+  prompt = jnp.asarray([ts.PROMPTS[2]])
+  cache = model.apply({'params': qparams}, prompt, jnp.arange(prompt.shape[1])[None],
+                      cache=KVCache.empty(model.config, 1, 32)).cache
+  token, position = prompt[:, -1:], jnp.asarray([[prompt.shape[1]]])
+  step = jax.jit(lambda p, c: model.apply({'params': p}, token, position, cache=c).logits)
+  assert 'fastdecode_qmatvec' in step.lower(laid, cache).as_text()
+  np.testing.assert_allclose(step(laid, cache), step(qparams, cache), rtol=2e-5, atol=2e-5)
+  # a call of more tokens than the kernel takes (a long prefill) dequantizes the same form
+  long = jnp.tile(prompt, (1, quant.KERNEL_MAX_ROWS // prompt.shape[1] + 1))
+  several = lambda p: model.apply({'params': p}, long, jnp.arange(long.shape[1])[None]).logits
+  assert 'fastdecode_qmatvec' not in jax.jit(several).lower(laid).as_text()
+  np.testing.assert_allclose(several(laid), several(qparams), rtol=2e-5, atol=2e-5)
+  prompts = ts.PROMPTS[2:3]
+  np.testing.assert_array_equal(ts._ar(model, laid, prompts, 12, 24).tokens,
+                                ts._ar(model, qparams, prompts, 12, 24).tokens)
