@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -146,22 +147,29 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   const float* mp = kMin ? min.typed_data() : nullptr;
   float* yp = y->typed_data();
   const float* xs = xsum.data();
-  // Parts of at least 64 outputs, at most one per thread of the pool; the calling thread
-  // computes the first and waits for the others.
+  // Parts of at least 64 outputs, at most one per thread of the pool. The calling thread
+  // and the pool's tasks take parts from a shared counter until none is left, so the
+  // call finishes even if no pool thread is free (the caller then computes every part);
+  // a task that starts after that finds nothing to do. The counters live on the heap,
+  // held by every task, since a task may outlive the call.
   int64_t parts = pool.num_threads();
   if (parts > out / 64) parts = out / 64;
   if (parts < 1) parts = 1;
   const int64_t step = (out + parts - 1) / parts;
-  std::atomic<int64_t> pending(parts - 1);
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t begin = p * step, end = begin + step < out ? begin + step : out;
-    pool.Schedule([=, &pending] {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto work = [=] {
+    for (int64_t p; (p = progress->next.fetch_add(1)) < parts;) {
+      const int64_t begin = p * step, end = begin + step < out ? begin + step : out;
       Outputs<kPacked, kMin>(xp, xs, rows, qp, sp, mp, yp, in, out, begin, end);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  Outputs<kPacked, kMin>(xp, xs, rows, qp, sp, mp, yp, in, out, 0, step < out ? step : out);
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule(decltype(work)(work));
+  work();
+  while (progress->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
