@@ -2,6 +2,7 @@
 dequantization, the trunk on quantized parameters against its dequantized float twin,
 GGUF blocks kept quantized (training/gguf_io.py), post-training quantization of a
 workdir, lossless speculation over a quantized target, bad input."""
+import os
 import subprocess
 import sys
 
@@ -358,3 +359,23 @@ def test_one_token_calls_at_batch_1_multiply_through_the_cpu_kernel(bits, with_m
   prompts = ts.PROMPTS[2:3]
   np.testing.assert_array_equal(ts._ar(model, laid, prompts, 12, 24).tokens,
                                 ts._ar(model, qparams, prompts, 12, 24).tokens)
+
+
+def test_the_cpu_kernel_build_falls_back_and_repairs(tmp_path):
+  """No working compiler: kernels off with a one-line warning (XLA's dot decodes); a
+  truncated library in the cache is rebuilt instead of leaving the kernels off."""
+  _kernel_or_skip()
+  probe = ('import os; from models import cpu_kernels; p = cpu_kernels._library_path(); '
+           "open(p, 'w').close() if os.environ.get('TRUNCATE') else None; "
+           'print(cpu_kernels.available(), os.path.getsize(p) if os.path.exists(p) else 0)')
+  run = lambda cache, **env: subprocess.run(
+      [sys.executable, '-c', probe], capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'FASTDECODE_KERNEL_CACHE': str(cache), **env},
+      cwd=os.path.dirname(os.path.dirname(__file__)))
+  broken = run(tmp_path / 'a', CXX='false')
+  assert broken.stdout.split() == ['False', '0']
+  warnings = [l for l in broken.stderr.splitlines() if 'CPU kernels unavailable' in l]
+  assert len(warnings) == 1 and warnings[0].endswith('false exited with status 1')
+  (tmp_path / 'b').mkdir()
+  repaired = run(tmp_path / 'b', TRUNCATE='1')
+  assert repaired.stdout.split()[0] == 'True' and int(repaired.stdout.split()[1]) > 0

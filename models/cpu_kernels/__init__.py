@@ -56,6 +56,16 @@ def _build(path: str) -> None:
       os.remove(tmp)
 
 
+def _reason(error: Exception) -> str:
+  """One line saying why the build or load failed: the compiler's last line of errors."""
+  lines = (getattr(error, 'stderr', None) or '').strip().splitlines()
+  if lines:
+    return lines[-1]
+  if isinstance(error, subprocess.CalledProcessError):
+    return f'{error.cmd[0]} exited with status {error.returncode}'
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 @functools.cache
 def available() -> bool:
   """Whether the CPU kernels are built, vectorized (AVX2 / FMA) and registered with XLA.
@@ -66,11 +76,15 @@ def available() -> bool:
   try:
     if not os.path.exists(path):
       _build(path)
-    library = ctypes.cdll.LoadLibrary(path)
+    try:
+      library = ctypes.cdll.LoadLibrary(path)
+    except OSError:          # a cached library that does not load (truncated): rebuilt once
+      os.remove(path)
+      _build(path)
+      library = ctypes.cdll.LoadLibrary(path)
   except (OSError, subprocess.SubprocessError) as error:
-    detail = getattr(error, 'stderr', '') or error
     logging.warning('fastdecode CPU kernels unavailable (XLA dot used instead): %s',
-                    str(detail).strip().splitlines()[-1:] or detail)
+                    _reason(error))
     return False
   if not library.FastdecodeQMatVecVectorized():
     return False    # the scalar loop is slower than XLA's dot: not worth calling

@@ -14,11 +14,13 @@
 // (two 4-bit values per byte, q in 0 .. 15 standing for q - 8; in each group of 32 the
 // low nibble of byte j is value j and the high nibble value j + 16, GGUF's order).
 // The outputs are split over XLA's intra-op thread pool.
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -76,27 +78,28 @@ inline float Value(const uint8_t* q, int64_t j) {
 
 constexpr int64_t kMaxRows = 16;
 
-// Outputs [begin, end) of y [rows, out]. x: [rows, in]; xsum: [rows, in / 32] (each
-// group's sum of x), read when kMin (packed values are q, not q - 8: their offset is
-// folded into min by the caller).
-template <bool kPacked, bool kMin>
-void Outputs(const float* x, const float* xsum, int64_t rows, const uint8_t* q,
-             const float* scale, const float* min, float* y, int64_t in, int64_t out,
-             int64_t begin, int64_t end) {
+// Outputs [begin, end) of y [R, out] for R rows (a compile-time count, so the R
+// accumulators stay in registers). x: [R, in]; xsum: [R, in / 32] (each group's sum of
+// x), read when kMin (packed values are q, not q - 8: their offset is folded into min
+// by the caller).
+template <bool kPacked, bool kMin, int R>
+void Outputs(const float* x, const float* xsum, const uint8_t* q, const float* scale,
+             const float* min, float* y, int64_t in, int64_t out, int64_t begin,
+             int64_t end) {
   const int64_t groups = in / kGroup;
   const int64_t group_bytes = kPacked ? kGroup / 2 : kGroup;
   for (int64_t o = begin; o < end; ++o) {
     const uint8_t* qrow = q + o * groups * group_bytes;
     const float* srow = scale + o * groups;
-    float offset[kMaxRows] = {0.f};
+    float offset[R] = {0.f};
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[kMaxRows];
-    for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       __m256 w[4];
       Convert<kPacked>(qrow + g * group_bytes, w);
       const __m256 s = _mm256_set1_ps(srow[g]);
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int r = 0; r < R; ++r) {
         const float* xg = x + r * in + g * kGroup;
         __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xg));
         t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xg + 8), t);
@@ -106,9 +109,9 @@ void Outputs(const float* x, const float* xsum, int64_t rows, const uint8_t* q,
         if constexpr (kMin) offset[r] += min[o * groups + g] * xsum[r * groups + g];
       }
     }
-    for (int64_t r = 0; r < rows; ++r) y[r * out + o] = Sum(acc[r]) + offset[r];
+    for (int r = 0; r < R; ++r) y[r * out + o] = Sum(acc[r]) + offset[r];
 #else
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int r = 0; r < R; ++r) {
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         float t = 0.f;
@@ -121,6 +124,15 @@ void Outputs(const float* x, const float* xsum, int64_t rows, const uint8_t* q,
     }
 #endif
   }
+}
+
+using OutputsFn = void (*)(const float*, const float*, const uint8_t*, const float*,
+                           const float*, float*, int64_t, int64_t, int64_t, int64_t);
+
+// Outputs<.., R> for R = 1 .. kMaxRows, indexed by R - 1.
+template <bool kPacked, bool kMin, size_t... I>
+constexpr std::array<OutputsFn, sizeof...(I)> OutputsTable(std::index_sequence<I...>) {
+  return {&Outputs<kPacked, kMin, static_cast<int>(I) + 1>...};
 }
 
 template <bool kPacked, bool kMin>
@@ -160,10 +172,13 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
     std::atomic<int64_t> next{0}, done{0};
   };
   auto progress = std::make_shared<Progress>();
+  static constexpr auto kTable =
+      OutputsTable<kPacked, kMin>(std::make_index_sequence<kMaxRows>());
+  const OutputsFn outputs = kTable[rows - 1];
   auto work = [=] {
     for (int64_t p; (p = progress->next.fetch_add(1)) < parts;) {
       const int64_t begin = p * step, end = begin + step < out ? begin + step : out;
-      Outputs<kPacked, kMin>(xp, xs, rows, qp, sp, mp, yp, in, out, begin, end);
+      outputs(xp, xs, qp, sp, mp, yp, in, out, begin, end);
       progress->done.fetch_add(1, std::memory_order_release);
     }
   };
