@@ -366,8 +366,8 @@ def decode_orientation(params, batch: int, one_token_calls: bool) -> str:
   (XLA:CPU's matrix-vector product reads it fastest), and at batch 1 for every method when
   the block matrices are quantized in groups of 32 and the CPU kernel is built (the
   kernel reads the rows layout for calls of up to quant.KERNEL_MAX_ROWS tokens: SmolLM2's
-  Q4_1 file, context 256, T = 1 / 2 / 4 / 8 tokens 14.0 / 19.3 / 22.0 / 29.2 ms against
-  21.8 / 22.0 / 24.9 / 32.6 in columns); 'columns' ([in, out]) otherwise, which XLA:CPU's
+  Q4_1 file, context 256, T = 1 / 2 / 4 / 8 tokens 9.6 / 12.6 / 18.2 / 28.9 ms against
+  21.5 / 22.5 / 25.6 / 35.5 in columns); 'columns' ([in, out]) otherwise, which XLA:CPU's
   matrix-matrix path reads fastest."""
   from models import cpu_kernels, quant
   if batch != 1:
