@@ -368,8 +368,7 @@ def _for_the_kernel(params: dict) -> dict:
   attention = {k: convert(v) if k == 'qkv' else v for k, v in layers['attention'].items()}
   o = attention.get('o')
   if isinstance(o, PerLayer) and not o.transposed:
-    forms = [quant.kernel_form(as_matrix(w)) if as_matrix(w) is not None else None
-             for w in o.arrays]
+    forms = [quant.kernel_form(as_matrix(w)) for w in o.arrays]   # None where it cannot
     if all(f is not None for f in forms):
       attention['o'] = PerLayer(forms)
   mlp = {k: convert(v) if k in ('gate_up', 'down') else v for k, v in layers['mlp'].items()}
