@@ -105,8 +105,10 @@ def test_smollm2_equals_transformers(smollm2, smollm2_reference):
   assert diff < 1e-3
 
   prompts = [tokenizer(t)['input_ids'] for t in PROMPTS[:2]]
-  ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive',
-                                     generation.DecodeOptions(max_new_tokens=32))
+  # One device, as `launch.decode` runs on a CPU: the 8 simulated devices would hold 8
+  # copies of the weights (4.3 GB).
+  ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive', generation.DecodeOptions(
+      max_new_tokens=32, weight_layout='per_block'))
   assert ours == _reference_greedy(model, prompts, 32, restored.tokenizer.eos_ids)
 
 
@@ -136,7 +138,8 @@ def test_smollm2_stops_at_every_eos_id_the_checkpoint_declares(smollm2, tmp_path
   assert set(restored.tokenizer.eos_ids) == {0, 2}
   prompt = ('<|im_start|>user\nWhat is the capital of France?<|im_end|>\n'
             '<|im_start|>assistant\n')
-  options = generation.DecodeOptions(max_new_tokens=40, max_context=128)
+  options = generation.DecodeOptions(max_new_tokens=40, max_context=128,
+                                     weight_layout='per_block')   # one device (above)
   out = generation.decode_texts(restored, [prompt], 'autoregressive', options)['outputs'][0]
   assert len(out['tokens']) == 8 and out['tokens'][-1] == 2, out
   assert (out['finish_reason'], out['stop_id']) == ('stop', 2)
