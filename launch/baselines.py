@@ -35,10 +35,12 @@ def cut_at_stop(ids: list[int], eos_ids) -> list[int]:
 
 
 def latency_stats(new_tokens: int, wall_s: float, prefill_s: float, calls: int,
-                  num_prompts: int) -> dict:
+                  num_prompts: int, decode_s: float | None = None) -> dict:
   """The latency fields every bench row carries (launch.generation.decode_tokens' names):
-  seconds summed over `calls` batch calls; the first token of each prompt is the prefill's."""
-  decode_s = max(wall_s - prefill_s, 1e-9)
+  seconds summed over `calls` batch calls; the first token of each prompt is the prefill's.
+  decode_s: the decode time measured run by run (the median of each run's total less its
+  own prefill, as our rows take it); default wall_s - prefill_s."""
+  decode_s = max(wall_s - prefill_s if decode_s is None else decode_s, 1e-9)
   return dict(new_tokens=new_tokens, wall_s=wall_s, tokens_per_s=new_tokens / max(wall_s, 1e-9),
               prefill_s=prefill_s, prefill_ms=1e3 * prefill_s / max(calls, 1),
               decode_s=decode_s, decode_tokens=new_tokens - num_prompts,
@@ -83,7 +85,7 @@ def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens
     raise ValueError('transformers drafts (assisted generation, prompt lookup) for batch '
                      f'size 1 only, not {batch_size}.')
   eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-  wall = prefill = 0.0
+  wall = prefill = decode = 0.0
   completions, calls = [], 0
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
@@ -99,16 +101,24 @@ def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens
     with torch.no_grad():
       run = lambda n: model.generate(ids, max_new_tokens=n, **kwargs)
       run(max_new_tokens)  # warm-up
-      seconds, out = _median_run(lambda: run(max_new_tokens), repeats)
-      wall += seconds
-      if time_prefill:
-        prefill += _median_run(lambda: run(1), repeats)[0]
+      if time_prefill:   # each run paired with a prefill-only run (generation._paired_seconds)
+        full, first = [], []
+        for _ in range(max(repeats, 1)):
+          seconds, out = _median_run(lambda: run(max_new_tokens), 1)
+          full.append(seconds)
+          first.append(_median_run(lambda: run(1), 1)[0])
+        wall += statistics.median(full)
+        prefill += statistics.median(first)
+        decode += statistics.median(f - p for f, p in zip(full, first))
+      else:
+        seconds, out = _median_run(lambda: run(max_new_tokens), repeats)
+        wall += seconds
     calls += 1
     completions += [cut_at_stop(row, eos_ids) for row in out[:, width:].tolist()]
   new_tokens = sum(map(len, completions))
   if not time_prefill:
     return completions, dict(new_tokens=new_tokens, wall_s=wall)
-  return completions, latency_stats(new_tokens, wall, prefill, calls, len(prompts))
+  return completions, latency_stats(new_tokens, wall, prefill, calls, len(prompts), decode)
 
 
 class LlamaCpp:
@@ -175,13 +185,15 @@ class LlamaCpp:
           break
       return time.perf_counter() - t0, first, out
 
-    wall = prefill = 0.0
+    wall = prefill = decode = 0.0
     completions = []
     for prompt in prompts:
       once(prompt)  # warm-up
       runs = [once(prompt) for _ in range(max(repeats, 1))]
       wall += statistics.median(r[0] for r in runs)
       prefill += statistics.median(r[1] for r in runs)
+      decode += statistics.median(r[0] - r[1] for r in runs)
       completions.append(runs[-1][2])
     new_tokens = sum(map(len, completions))
-    return completions, latency_stats(new_tokens, wall, prefill, len(prompts), len(prompts))
+    return completions, latency_stats(new_tokens, wall, prefill, len(prompts), len(prompts),
+                                      decode)

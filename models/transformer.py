@@ -264,17 +264,6 @@ def _per_layer(weight, transposed: bool = False) -> PerLayer:
                   transposed)
 
 
-def _per_block(fn, weights: list, transposed: bool) -> PerLayer:
-  """PerLayer of `fn` applied block by block to same-kind stacked weights ([L, ...] each;
-  quantized ones field by field, _fields): fn maps one block's arrays to its decoding-layout
-  array. Block by block, so the temporaries (fused, transposed copies) are one block's,
-  not a stacked model's (building a real model's layout at once peaked at ~4 extra copies
-  of its block weights)."""
-  count = jax.tree.leaves(weights[0])[0].shape[0]
-  return PerLayer([_fields(lambda *ws, i=i: jnp.array(fn(*(w[i] for w in ws))), weights)
-                   for i in range(count)], transposed)
-
-
 def _stacked_part(tree):
   """A block-parameter tree without its PerLayer weights: what the layer scan slices."""
   if hasattr(tree, 'items'):
@@ -327,13 +316,13 @@ def decoding_layout(params: dict, orientation: str = 'rows') -> dict:
   if layers is None or _in_decoding_layout(layers):
     return params
   columns = orientation == 'columns'
-  oriented = (lambda w: w) if columns else (lambda w: w.T)   # one block's [in, out]
-  flat = lambda w: w.reshape(w.shape[0], -1)                  # [D, N, H] -> [D, N H]
+  oriented = (lambda w: w) if columns else (lambda w: w.swapaxes(1, 2))   # from [L, in, out]
   attention, mlp = dict(layers['attention']), dict(layers['mlp'])
   qkv = [attention.pop(name) for name in ('q', 'k', 'v')]
   if len({_kind(w) for w in qkv}) == 1:
-    attention['qkv'] = _per_block(
-        lambda *ws: oriented(jnp.concatenate([flat(w) for w in ws], -1)), qkv, columns)
+    attention['qkv'] = _per_layer(_fields(
+        lambda *ws: oriented(jnp.concatenate([w.reshape(w.shape[:2] + (-1,)) for w in ws],
+                                             -1)), qkv), columns)
     if 'q_bias' in attention:
       count = jax.tree.leaves(qkv[0])[0].shape[0]
       attention['qkv_bias'] = jnp.concatenate(
@@ -343,9 +332,9 @@ def decoding_layout(params: dict, orientation: str = 'rows') -> dict:
   attention['o'] = _per_layer(attention['o'])
   gate, up = mlp.pop('gate'), mlp.pop('up')
   if _kind(gate) == _kind(up):
-    mlp['gate_up'] = _per_block(lambda g, u: oriented(jnp.concatenate([g, u], -1)),
-                                [gate, up], columns)
-    mlp['down'] = _per_block(oriented, [mlp['down']], columns)
+    mlp['gate_up'] = _per_layer(_fields(
+        lambda g, u: oriented(jnp.concatenate([g, u], -1)), [gate, up]), columns)
+    mlp['down'] = _per_layer(_fields(oriented, [mlp['down']]), columns)
   else:
     mlp.update(gate=_per_layer(gate), up=_per_layer(up), down=_per_layer(mlp['down']))
   out = {**params, 'layers': {**layers, 'attention': attention, 'mlp': mlp}}
