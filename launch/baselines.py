@@ -15,6 +15,8 @@ import os
 import statistics
 import time
 
+from launch import timing
+
 ENGINES = ('transformers', 'llama.cpp')
 _PACKAGES = {'transformers': ('transformers', 'torch'), 'llama.cpp': ('llama_cpp',)}
 
@@ -58,15 +60,6 @@ def load_transformers(restored, directory: str):
                                                            dtype=torch.float32).eval()
 
 
-def _median_run(fn, repeats: int):
-  times, out = [], None
-  for _ in range(max(repeats, 1)):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
-
-
 def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
                 eos_ids, pad_id: int, repeats: int = 1, assistant=None,
                 prompt_lookup: int = 0, time_prefill: bool = False):
@@ -101,18 +94,14 @@ def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens
     with torch.no_grad():
       run = lambda n: model.generate(ids, max_new_tokens=n, **kwargs)
       run(max_new_tokens)  # warm-up
-      if time_prefill:   # each run paired with a prefill-only run (generation._paired_seconds)
-        full, first = [], []
-        for _ in range(max(repeats, 1)):
-          seconds, out = _median_run(lambda: run(max_new_tokens), 1)
-          full.append(seconds)
-          first.append(_median_run(lambda: run(1), 1)[0])
-        wall += statistics.median(full)
-        prefill += statistics.median(first)
-        decode += statistics.median(f - p for f, p in zip(full, first))
+      if time_prefill:   # each run paired with a prefill-only run, as ours
+        seconds, first, rest, out = timing.paired_seconds(
+            lambda: run(max_new_tokens), lambda: run(1), repeats)
+        prefill += first
+        decode += rest
       else:
-        seconds, out = _median_run(lambda: run(max_new_tokens), repeats)
-        wall += seconds
+        seconds, out = timing.median_seconds(lambda: run(max_new_tokens), repeats)
+      wall += seconds
     calls += 1
     completions += [cut_at_stop(row, eos_ids) for row in out[:, width:].tolist()]
   new_tokens = sum(map(len, completions))

@@ -10,7 +10,6 @@ Used by launch.decode and launch.bench:
 import dataclasses
 import json
 import re
-import statistics
 import time
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import numpy as np
 
 from decoding import driver, lookahead, registry
 from decoding.sampling import SamplingConfig
-from launch import tree_tuning
+from launch import timing, tree_tuning
 from models import sharding
 
 
@@ -341,46 +340,6 @@ def _build(restored, method: registry.Method, options: DecodeOptions, capacity: 
   return config, drafter, params
 
 
-def _median_seconds(compiled, arguments: dict, repeats: int, warmup: bool = False):
-  """(median wall seconds of `repeats` >= 1 runs of a compiled program, its output),
-  after one untimed run if `warmup`: a program's first execution pays one-time costs
-  (buffer allocation, first touch of the cache's pages) that made single-repeat
-  benchmark rows of the same program differ by up to 40%."""
-  if warmup:
-    jax.block_until_ready(compiled(**arguments))
-  times, out = [], None
-  for _ in range(max(repeats, 1)):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(**arguments))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
-
-
-def _paired_seconds(compiled, prefill_only, arguments: dict, repeats: int,
-                    warmup: bool = False):
-  """(median seconds of the full program, of its prefill-only program, median of the
-  per-repeat differences full - prefill, the full program's output): the two programs
-  run alternately `repeats` >= 1 times (each once untimed first if `warmup`), and the
-  decode time is the median of each pair's difference. On a long prompt the prefill is
-  most of the run (3.4 s of 4.3 s for SmolLM2's 1200-token prompt and 64 new tokens), so
-  a difference of two separately taken medians carried the machine's drift between them
-  into the decode time (decode tok/s of one method on one prompt varied 2x between runs);
-  a pair run back to back shares it."""
-  if warmup:
-    jax.block_until_ready(compiled(**arguments))
-    jax.block_until_ready(prefill_only(**arguments))
-  full, first, out = [], [], None
-  for _ in range(max(repeats, 1)):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(**arguments))
-    t1 = time.perf_counter()
-    jax.block_until_ready(prefill_only(**arguments))
-    full.append(t1 - t0)
-    first.append(time.perf_counter() - t1)
-  return (statistics.median(full), statistics.median(first),
-          statistics.median(f - p for f, p in zip(full, first)), out)
-
-
 WEIGHT_LAYOUTS = ('auto', 'stacked', 'per_block')
 _LAYOUT_CACHE: dict = {}   # {orientation: (params, mesh, their decoding layout)}
 
@@ -505,7 +464,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   time_prefill: also time the prefill alone (time to first token), so that latency reads
   as users read it: stats gain prefill_s (seconds, summed over batches like wall_s),
   prefill_ms (per batch call: the time to first token), decode_s (the full run less its
-  prefill, paired run by run: _paired_seconds),
+  prefill, paired run by run: timing.paired_seconds),
   decode_tokens (new tokens after each row's first) and decode_tokens_per_s. The prefill
   program is `driver.generate` itself with max_new_tokens = 1 on the same shapes (same
   cache capacity, same prompts): the prefill call, the first token and the proposer's
@@ -598,12 +557,14 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
                                                drafter=drafter.module, **dynamic).compile()
           stats['prefill_compile_s'] = time.perf_counter() - t0
       if time_prefill:
-        seconds, prefill, decode, out = _paired_seconds(compiled, prefill_only, dynamic,
-                                                        repeats, warmup)
+        seconds, prefill, decode, out = timing.paired_seconds(
+            lambda: jax.block_until_ready(compiled(**dynamic)),
+            lambda: jax.block_until_ready(prefill_only(**dynamic)), repeats, warmup)
         stats['prefill_s'] += prefill
         stats['decode_s'] += decode
       else:
-        seconds, out = _median_seconds(compiled, dynamic, repeats, warmup)
+        seconds, out = timing.median_seconds(
+            lambda: jax.block_until_ready(compiled(**dynamic)), repeats, warmup)
       out = _on_every_host(out)
       stats['wall_s'] += seconds
       new = out.completions()[:len(chunk)]
@@ -630,7 +591,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     calls = -(-len(prompts) // batch)
     stats['prefill_ms'] = 1e3 * stats['prefill_s'] / calls
     # The prefill program's time is part of the full program's; what is left is the
-    # rounds (the median of paired differences, _paired_seconds). Noise can make it tiny
+    # rounds (the median of paired differences, timing.paired_seconds). Noise can make it tiny
     # on very short runs: floored, never negative.
     stats['decode_s'] = max(stats['decode_s'], 1e-9)
     stats['decode_tokens'] = stats['new_tokens'] - len(prompts)

@@ -7,12 +7,11 @@ autoregressive step versus the cache capacity.
 
 `forward_cost` and `ar_step_cost` are the importable API (launch.bench may call them):
 they take a Flax model and its parameters and import nothing from the other launch
-modules. Wall-clock figures on a shared machine are noisy: read ratios measured in one
+modules but the standard-library timers (launch.timing). Wall-clock figures on a shared machine are noisy: read ratios measured in one
 run, each the median of several repeats.
 """
 import functools
 import json
-import statistics
 import time
 from typing import Sequence
 
@@ -20,15 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from launch import timing
+
 
 def _median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  """Median seconds of `repeats` calls of a JAX fn, after one untimed call."""
+  return timing.median_seconds(lambda: jax.block_until_ready(fn()), repeats, warmup=True)[0]
 
 
 def forward_cost(model, params, batch: int, context: int, capacity: int,
@@ -96,9 +92,10 @@ def ar_step_cost(model, params, batch: int, capacities: Sequence[int], prompt_le
     t0 = time.perf_counter()
     jax.block_until_ready(run(new_tokens))
     first = time.perf_counter() - t0
-    full = _median_seconds(lambda: run(new_tokens), repeats)
-    prefill = _median_seconds(lambda: run(1), repeats)
-    out[capacity] = dict(step_ms=1e3 * (full - prefill) / (new_tokens - 1),
+    full, _, decode, _ = timing.paired_seconds(
+        lambda: jax.block_until_ready(run(new_tokens)),
+        lambda: jax.block_until_ready(run(1)), repeats, warmup=True)
+    out[capacity] = dict(step_ms=1e3 * decode / (new_tokens - 1),
                          compile_s=first - full)
   return out
 
