@@ -51,13 +51,17 @@ def latency_stats(new_tokens: int, wall_s: float, prefill_s: float, calls: int,
 
 def load_transformers(restored, directory: str):
   """The workdir's model exported to `directory` (Hugging Face layout) and loaded by
-  transformers in float32: the same weights our decoders read."""
+  transformers in float32: the same weights our decoders read. On the kind of device ours
+  decode on: a CUDA GPU when JAX's backend is 'gpu' and torch sees one, else the CPU."""
+  import jax
   import torch
   import transformers
   from launch import conversion
   conversion.export_hf(restored.workdir, directory)
-  return transformers.AutoModelForCausalLM.from_pretrained(directory,
-                                                           dtype=torch.float32).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  if jax.default_backend() == 'gpu' and torch.cuda.is_available():
+    model = model.to('cuda')
+  return model.eval()
 
 
 def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
@@ -83,8 +87,10 @@ def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
     width = max(map(len, chunk))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk],
+                       device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                        device=model.device)
     kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=eos_ids,
                   pad_token_id=pad_id)
     if assistant is not None:
@@ -92,7 +98,8 @@ def hf_generate(model, prompts: list[list[int]], batch_size: int, max_new_tokens
     if prompt_lookup:
       kwargs['prompt_lookup_num_tokens'] = prompt_lookup
     with torch.no_grad():
-      run = lambda n: model.generate(ids, max_new_tokens=n, **kwargs)
+      # .cpu() waits for the device: the timers need the run finished when it returns.
+      run = lambda n: model.generate(ids, max_new_tokens=n, **kwargs).cpu()
       run(max_new_tokens)  # warm-up
       if time_prefill:   # each run paired with a prefill-only run, as ours
         seconds, first, rest, out = timing.paired_seconds(

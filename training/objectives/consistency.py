@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 
 from models import TransformerConfig, families, masks
-from training import data
 from training.objectives.ar_lm import LanguageModelObjective
 
 
@@ -101,6 +100,7 @@ class ConsistencyObjective(LanguageModelObjective):
     if not self.trajectories:
       raise ValueError('Consistency training needs config.cllm.trajectories (a dataset of '
                        'python -m launch.collect_jacobi).')
+    from training import data  # grain + TFDS: only where a model trains, not where it decodes
     return data.trajectory_dataset(self.trajectories, batch_size=batch_size, seed=seed,
                                    process_index=process_index, process_count=process_count)
 
