@@ -449,12 +449,27 @@ def _on_every_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+# Prompt arrays are padded to a multiple of this many tokens (or the longest prompt's
+# length): one compiled program per width.
+PROMPT_WIDTH_MULTIPLE = 256
+
+
+def prompt_width(longest_in_batch: int, longest: int) -> int:
+  """The padded width of a batch whose longest prompt has `longest_in_batch` tokens, when
+  the longest of all prompts has `longest`: rounded up to PROMPT_WIDTH_MULTIPLE, at most
+  `longest`. The prefill computes every padded position, so padding a 269-token prompt to
+  a 1209-token neighbour's width made its prefill (time to first token) cost the
+  neighbour's; the rounding bounds how many programs a run compiles."""
+  return min(-(-longest_in_batch // PROMPT_WIDTH_MULTIPLE) * PROMPT_WIDTH_MULTIPLE, longest)
+
+
 def decode_tokens(restored, prompts: list[list[int]], method: str, options: DecodeOptions,
                   draft=None, repeats: int = 1,
                   time_prefill: bool = False,
                   warmup: bool = False) -> tuple[list[list[int]], dict]:
-  """Decodes token prompts in batches of one shape (one compilation, excluded from
-  wall_s). With repeats > 1 each batch runs that many times and the median counts;
+  """Decodes token prompts in batches, each padded to its own width (prompt_width: one
+  compilation per width, excluded from wall_s; compile_s is the longest one, programs
+  their number). With repeats > 1 each batch runs that many times and the median counts;
   warmup: one more untimed run of each program first (benchmarks).
 
   restored / draft: checkpoints.RestoredModel of the target and of the method's second
@@ -535,27 +550,33 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     stats.update(prefill_s=0.0, prefill_compile_s=0.0, decode_s=0.0)
   if getattr(config, 'tree', None) is not None:
     stats['tree'] = str(config.tree)
-  histogram, draft_calls, compiled, finishes, ranks = None, 0, None, [], None
+  histogram, draft_calls, programs, finishes, ranks = None, 0, {}, [], None
   exits = exit_blocks = exit_steps = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     for start in range(0, len(prompts), batch):
       chunk = list(range(start, min(start + batch, len(prompts))))
       fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
-      dynamic = dict(params=params, prompts=jax.device_put(padded[fill], rows),
+      width = (padded.shape[1] if options.infill
+               else prompt_width(int(lengths[fill].max()), padded.shape[1]))
+      dynamic = dict(params=params, prompts=jax.device_put(padded[fill, :width], rows),
                      prompt_lengths=jax.device_put(lengths[fill], row_lengths),
                      rng=_place(jax.random.fold_in(jax.random.PRNGKey(options.seed), start),
                                 sharding.replicated(mesh)),
                      drafter_params=drafter_params)
-      if compiled is None:  # One compilation for every batch: they share one shape.
+      if width not in programs:  # One compilation per prompt width (prompt_width).
         t0 = time.perf_counter()
         compiled = driver.generate.lower(model=model, config=config, drafter=drafter.module,
                                          **dynamic).compile()
-        stats['compile_s'] = time.perf_counter() - t0
+        stats['compile_s'] = max(stats['compile_s'], time.perf_counter() - t0)
+        prefill_only = None
         if time_prefill:
           t0 = time.perf_counter()
           prefill_only = driver.generate.lower(model=model, config=first_token,
                                                drafter=drafter.module, **dynamic).compile()
-          stats['prefill_compile_s'] = time.perf_counter() - t0
+          stats['prefill_compile_s'] = max(stats['prefill_compile_s'],
+                                           time.perf_counter() - t0)
+        programs[width] = compiled, prefill_only
+      compiled, prefill_only = programs[width]
       if time_prefill:
         seconds, prefill, decode, out = timing.paired_seconds(
             lambda: jax.block_until_ready(compiled(**dynamic)),
@@ -586,6 +607,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       if 'accepted_rank_histogram' in out.stats:  # dynamic trees: accepted nodes by rank
         h = np.asarray(out.stats['accepted_rank_histogram'])
         ranks = h if ranks is None else ranks + h
+  stats['programs'] = len(programs)
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
   if time_prefill:
     calls = -(-len(prompts) // batch)

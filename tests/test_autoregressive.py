@@ -75,6 +75,29 @@ def test_greedy_equals_argmax_over_full_forward_passes(trained_tiny):
   assert len(set(map(tuple, out))) > 1
 
 
+def test_prompts_of_other_lengths_are_padded_apart_and_decode_as_alone(trained_tiny):
+  """Each batch is padded to its own width (launch.generation.prompt_width): a short
+  prompt beside a long one is not prefilled at the long one's width, and its tokens are
+  the ones it gets decoded alone."""
+  from launch import generation
+  assert generation.prompt_width(269, 1209) == 512
+  assert generation.prompt_width(1041, 1209) == 1209
+  assert generation.prompt_width(5, 3) == 3
+  tok = trained_tiny.tokenizer
+  long_text = 'import os\n' * 40    # > PROMPT_WIDTH_MULTIPLE byte tokens
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in ('def main(', long_text, '"""')]
+  assert len(prompts[1]) > generation.PROMPT_WIDTH_MULTIPLE
+  # One device (the suite simulates 8, whose data axis would put all rows in one batch).
+  options = generation.DecodeOptions(max_new_tokens=12, batch_size=1, max_context=512,
+                                     weight_layout='per_block')
+  together, stats = generation.decode_tokens(trained_tiny, prompts, 'autoregressive', options,
+                                             time_prefill=True)
+  assert stats['programs'] == 2     # widths 256 (both short prompts) and the long one's
+  for prompt, row in zip(prompts, together):
+    alone, _ = generation.decode_tokens(trained_tiny, [prompt], 'autoregressive', options)
+    assert alone[0] == row
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent():
   params = random_table(1, 12, 16)
   model = StubModel(StubConfig(vocab_size=12, padded_vocab_size=16))
