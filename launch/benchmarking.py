@@ -601,7 +601,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
   if 'nfe' in stats:   # model calls per generated token (block diffusion)
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
-              'prefill_compile_s', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights',
+              'prefill_compile_s', 'programs', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights',
               'weight_layout', 'weight_orientation'):
     if key in stats:
       record[key] = stats[key]
@@ -866,25 +866,35 @@ def plot(records: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import re
+  # One bar colour per method: an `auto` row's choice differs by group ('lookup
+  # auto(num_draft=8)' here, '(num_draft=0)' there) and is in the tables, not the legend.
+  label = lambda r: re.sub(r' auto\(\w+=\w+\)', ' auto', r['method'])
   groups = list(dict.fromkeys(_group(r) for r in records))
-  methods = list(dict.fromkeys(r['method'] for r in records))
-  by_key = {(r['method'], *_group(r)): r for r in records}
-  fig, axes = plt.subplots(1, 2, figsize=(max(12, 2.2 * len(groups)), 4.5))
+  methods = list(dict.fromkeys(label(r) for r in records))
+  by_key = {(label(r), *_group(r)): r for r in records}
+  fig, axes = plt.subplots(1, 2, figsize=(max(12, 2.2 * len(groups)), 5))
   width = 0.8 / len(methods)
-  for panel, (key, title) in zip(axes, (('speedup_vs_ar', 'wall-clock speedup vs AR'),
-                                         ('mean_accepted', 'tokens per target call (tau)'))):
+  # Decode speed where rows split the prefill off (real prompts: a long prompt's prefill is
+  # most of a run's wall time), else the whole run's.
+  speed = (('decode_speedup_vs_ar', 'decode speedup vs AR (prefill excluded)')
+           if any('decode_speedup_vs_ar' in r for r in records)
+           else ('speedup_vs_ar', 'wall-clock speedup vs AR'))
+  for panel, (key, title) in zip(axes, (speed, ('mean_accepted', 'tokens per target call (tau)'))):
     for i, method in enumerate(methods):
       values = [by_key.get((method, *g), {}).get(key, float('nan')) for g in groups]
       panel.bar([g + i * width for g in range(len(groups))], values, width, label=method)
     panel.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
     panel.set_xticklabels([_group_label(g) for g in groups], fontsize=8)
     panel.set_title(title)
-    if key == 'speedup_vs_ar':
+    if key == speed[0]:
       panel.axhline(1.0, color='black', linewidth=0.8)
-  axes[0].legend(fontsize=7)
+  handles, labels = axes[0].get_legend_handles_labels()
+  rows = -(-len(methods) // 5)
+  fig.legend(handles, labels, loc='lower center', ncol=min(len(methods), 5), fontsize=8)
   machine = records[0]
   fig.suptitle(f'{machine["backend"]} ({machine["device"]}), JAX {machine["jax"]}')
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
   fig.savefig(path, dpi=100)
   plt.close(fig)
 

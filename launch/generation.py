@@ -552,12 +552,19 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     stats['tree'] = str(config.tree)
   histogram, draft_calls, programs, finishes, ranks = None, 0, {}, [], None
   exits = exit_blocks = exit_steps = None
+  batches = []   # (rows, rows padded to the batch size with copies, prompt width)
+  for start in range(0, len(prompts), batch):
+    chunk = list(range(start, min(start + batch, len(prompts))))
+    fill = chunk + [chunk[0]] * (batch - len(chunk))
+    batches.append((chunk, fill, padded.shape[1] if options.infill
+                    else prompt_width(int(lengths[fill].max()), padded.shape[1])))
+  # A width's programs are dropped after its last batch: XLA:CPU keeps each compiled
+  # program's code mapped while it lives (see launch/benchmarking.py).
+  last_use = {width: i for i, (_, _, width) in enumerate(batches)}
+  compiled_widths = 0
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    for start in range(0, len(prompts), batch):
-      chunk = list(range(start, min(start + batch, len(prompts))))
-      fill = chunk + [chunk[0]] * (batch - len(chunk))  # Pad the last batch with copies.
-      width = (padded.shape[1] if options.infill
-               else prompt_width(int(lengths[fill].max()), padded.shape[1]))
+    for index, (chunk, fill, width) in enumerate(batches):
+      start = chunk[0]
       dynamic = dict(params=params, prompts=jax.device_put(padded[fill, :width], rows),
                      prompt_lengths=jax.device_put(lengths[fill], row_lengths),
                      rng=_place(jax.random.fold_in(jax.random.PRNGKey(options.seed), start),
@@ -576,7 +583,10 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
           stats['prefill_compile_s'] = max(stats['prefill_compile_s'],
                                            time.perf_counter() - t0)
         programs[width] = compiled, prefill_only
+        compiled_widths += 1
       compiled, prefill_only = programs[width]
+      if last_use[width] == index:
+        del programs[width]
       if time_prefill:
         seconds, prefill, decode, out = timing.paired_seconds(
             lambda: jax.block_until_ready(compiled(**dynamic)),
@@ -607,7 +617,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       if 'accepted_rank_histogram' in out.stats:  # dynamic trees: accepted nodes by rank
         h = np.asarray(out.stats['accepted_rank_histogram'])
         ranks = h if ranks is None else ranks + h
-  stats['programs'] = len(programs)
+  stats['programs'] = compiled_widths
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
   if time_prefill:
     calls = -(-len(prompts) // batch)

