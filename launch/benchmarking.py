@@ -710,7 +710,8 @@ def run(config, workdir: str) -> list[dict]:
   self-speculation; at temperature 0 the other engines of config.baselines on the target's
   weights; then (config.naive_reference) the naive Python loop.
 
-  Writes WORKDIR/bench.json ({'records', 'verify_cost', 'skipped'}), bench.md (the
+  Writes WORKDIR/bench.json ({'records', 'verify_cost', 'skipped'}; after each prompt
+  category, the records so far with 'partial': true), bench.md (the
   table, the per-category table, the verify-cost curve, what was skipped and why),
   bench.png and (config.verify_cost) verify_cost.png. Returns the records.
   """
@@ -818,6 +819,7 @@ def run(config, workdir: str) -> list[dict]:
         if temperature == 0:
           records += _baseline_rows(config, restored, engines, category, target_prompts,
                                     batch_size, target_ar, machine, skipped)
+        _write_partial(workdir, records, skipped)
         if config.naive_reference and temperature == 0 and not config.get('prompt_file'):
           naive = _naive_record(restored, target_prompts, config, batch_size, target_ar[0])
           naive['speedup_vs_ar'] = naive['tokens_per_s'] / target_ar[1]['tokens_per_s']
@@ -849,6 +851,20 @@ def run(config, workdir: str) -> list[dict]:
   if curves:
     plot_verify_cost(curves, os.path.join(workdir, 'verify_cost.png'))
   return records
+
+
+def _write_partial(workdir: str, records: list[dict], skipped: dict) -> None:
+  """bench.json with the records so far ('partial': true) after each prompt category: a
+  run stopped early (a time limit, a lent machine given back) keeps what it measured.
+  The finished run's bench.json replaces it."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'bench.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(dict(records=records, verify_cost=[], partial=True,
+                   skipped=[dict(what=k, reason=v) for k, v in skipped.items()]), f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 def _group(r: dict) -> tuple:

@@ -167,14 +167,26 @@ def _real_prompts_config(trained_tiny, tmp_path):
   return config
 
 
-def test_bench_real_prompts_per_category(trained_tiny, tmp_path):
+def test_bench_real_prompts_per_category(trained_tiny, tmp_path, monkeypatch):
   """Records per category, each category's AR first; transformers rows on the same weights
   where installed (greedy: the same tokens as ours), llama.cpp skipped with a reason where
-  llama-cpp-python is absent; the per-category table in bench.md."""
+  llama-cpp-python is absent; the per-category table in bench.md; bench.json written with
+  the records so far after each category (partial), replaced by the whole run's."""
   config = _real_prompts_config(trained_tiny, tmp_path)
+  snapshots, write_partial = [], benchmarking._write_partial
+
+  def spy(workdir, records, skipped):
+    write_partial(workdir, records, skipped)
+    with open(tmp_path / 'out' / 'bench.json') as f:
+      snapshots.append(json.load(f))
+  monkeypatch.setattr(benchmarking, '_write_partial', spy)
   records = benchmarking.run(config, str(tmp_path / 'out'))
   with open(tmp_path / 'out' / 'bench.json') as f:
     saved = json.load(f)
+  assert 'partial' not in saved and len(snapshots) == 4   # 2 categories x 2 batch sizes
+  assert all(s['partial'] for s in snapshots)
+  assert {r['category'] for r in snapshots[0]['records']} == {'code'}
+  assert [len(s['records']) for s in snapshots] == sorted(len(s['records']) for s in snapshots)
   ours = [(r['category'], r['batch_size'], r['method']) for r in records if r['engine'] == 'ours']
   assert ours == [('code', 1, 'autoregressive'), ('chat', 1, 'autoregressive'),
                   ('code', 2, 'autoregressive'), ('chat', 2, 'autoregressive')]
