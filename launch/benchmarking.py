@@ -601,8 +601,8 @@ def _record(name, stats, ar, machine, **fields) -> dict:
   if 'nfe' in stats:   # model calls per generated token (block diffusion)
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
-              'prefill_compile_s', 'programs', 'peak_rss_mb', 'device_peak_mb', 'auto', 'engine_weights',
-              'weight_layout', 'weight_orientation'):
+              'prefill_compile_s', 'programs', 'peak_rss_mb', 'device_peak_mb', 'auto',
+              'engine_weights', 'weight_layout', 'weight_orientation'):
     if key in stats:
       record[key] = stats[key]
   if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once
@@ -819,7 +819,7 @@ def run(config, workdir: str) -> list[dict]:
         if temperature == 0:
           records += _baseline_rows(config, restored, engines, category, target_prompts,
                                     batch_size, target_ar, machine, skipped)
-        _write_partial(workdir, records, skipped)
+        _write_json(workdir, records, [], skipped, partial=True)
         if config.naive_reference and temperature == 0 and not config.get('prompt_file'):
           naive = _naive_record(restored, target_prompts, config, batch_size, target_ar[0])
           naive['speedup_vs_ar'] = naive['tokens_per_s'] / target_ar[1]['tokens_per_s']
@@ -841,10 +841,7 @@ def run(config, workdir: str) -> list[dict]:
       curves.append(entry)
   if jax.process_index() != 0:  # A multi-process run: process 0 writes the results.
     return records
-  os.makedirs(workdir, exist_ok=True)
-  skipped_list = [dict(what=k, reason=v) for k, v in skipped.items()]
-  with open(os.path.join(workdir, 'bench.json'), 'w') as f:
-    json.dump(dict(records=records, verify_cost=curves, skipped=skipped_list), f, indent=1)
+  skipped_list = _write_json(workdir, records, curves, skipped)
   with open(os.path.join(workdir, 'bench.md'), 'w') as f:
     f.write(report(records, curves, skipped_list))
   plot(records, os.path.join(workdir, 'bench.png'))
@@ -853,18 +850,24 @@ def run(config, workdir: str) -> list[dict]:
   return records
 
 
-def _write_partial(workdir: str, records: list[dict], skipped: dict) -> None:
-  """bench.json with the records so far ('partial': true) after each prompt category: a
-  run stopped early (a time limit, a lent machine given back) keeps what it measured.
-  The finished run's bench.json replaces it."""
+def _write_json(workdir: str, records: list[dict], curves: list[dict], skipped: dict,
+                partial: bool = False) -> list[dict]:
+  """WORKDIR/bench.json (process 0 only), replaced whole (written beside, then renamed).
+  partial: the records so far, after each prompt category ('partial': true), so that a
+  run stopped early (a time limit, a lent machine given back) keeps what it measured; the
+  finished run's file replaces it. Returns the skipped list as written."""
+  skipped_list = [dict(what=k, reason=v) for k, v in skipped.items()]
   if jax.process_index() != 0:
-    return
+    return skipped_list
   os.makedirs(workdir, exist_ok=True)
+  content = dict(records=records, verify_cost=curves, skipped=skipped_list)
+  if partial:
+    content['partial'] = True
   path = os.path.join(workdir, 'bench.json')
   with open(path + '.tmp', 'w') as f:
-    json.dump(dict(records=records, verify_cost=[], partial=True,
-                   skipped=[dict(what=k, reason=v) for k, v in skipped.items()]), f, indent=1)
+    json.dump(content, f, indent=1)
   os.replace(path + '.tmp', path)
+  return skipped_list
 
 
 def _group(r: dict) -> tuple:

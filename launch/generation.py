@@ -561,7 +561,6 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   # A width's programs are dropped after its last batch: XLA:CPU keeps each compiled
   # program's code mapped while it lives (see launch/benchmarking.py).
   last_use = {width: i for i, (_, _, width) in enumerate(batches)}
-  compiled_widths = 0
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     for index, (chunk, fill, width) in enumerate(batches):
       start = chunk[0]
@@ -583,7 +582,6 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
           stats['prefill_compile_s'] = max(stats['prefill_compile_s'],
                                            time.perf_counter() - t0)
         programs[width] = compiled, prefill_only
-        compiled_widths += 1
       compiled, prefill_only = programs[width]
       if last_use[width] == index:
         del programs[width]
@@ -617,7 +615,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       if 'accepted_rank_histogram' in out.stats:  # dynamic trees: accepted nodes by rank
         h = np.asarray(out.stats['accepted_rank_histogram'])
         ranks = h if ranks is None else ranks + h
-  stats['programs'] = compiled_widths
+  stats['programs'] = len(last_use)   # one per distinct width
   stats['tokens_per_s'] = stats['new_tokens'] / max(stats['wall_s'], 1e-9)
   if time_prefill:
     calls = -(-len(prompts) // batch)

@@ -173,13 +173,15 @@ def test_bench_real_prompts_per_category(trained_tiny, tmp_path, monkeypatch):
   llama-cpp-python is absent; the per-category table in bench.md; bench.json written with
   the records so far after each category (partial), replaced by the whole run's."""
   config = _real_prompts_config(trained_tiny, tmp_path)
-  snapshots, write_partial = [], benchmarking._write_partial
+  snapshots, write_json = [], benchmarking._write_json
 
-  def spy(workdir, records, skipped):
-    write_partial(workdir, records, skipped)
-    with open(tmp_path / 'out' / 'bench.json') as f:
-      snapshots.append(json.load(f))
-  monkeypatch.setattr(benchmarking, '_write_partial', spy)
+  def spy(workdir, records, curves, skipped, partial=False):
+    out = write_json(workdir, records, curves, skipped, partial)
+    if partial:
+      with open(tmp_path / 'out' / 'bench.json') as f:
+        snapshots.append(json.load(f))
+    return out
+  monkeypatch.setattr(benchmarking, '_write_json', spy)
   records = benchmarking.run(config, str(tmp_path / 'out'))
   with open(tmp_path / 'out' / 'bench.json') as f:
     saved = json.load(f)
