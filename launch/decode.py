@@ -56,6 +56,7 @@ Multi-process (every process runs the same command; process 0 prints):
   on a cluster JAX detects (TPU pod slice, SLURM, Open MPI); locally:
   python -m launch.local_cluster --processes=2 --devices_per_process=4 -- launch.decode ...
 """
+import dataclasses
 import json
 import sys
 
@@ -79,7 +80,9 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus mass in (0, 1]; 1 = off.')
 _MIN_P = flags.DEFINE_float('min_p', 0.0, 'Keep p >= min_p * max p; 0 = off.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
-_MAX_CONTEXT = flags.DEFINE_integer('max_context', 1024, 'Prompt + new tokens, at most.')
+_MAX_CONTEXT = flags.DEFINE_integer(
+    'max_context', 0, "Prompt + new tokens, at most; 0 = the model's context length "
+    '(config.json context_length: 8192 for SmolLM2; 4096 for models trained here).')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
 _MESH_SHAPE = flags.DEFINE_string('mesh_shape', '', 'Mesh shape over all processes\' devices, '
                                   'e.g. fsdp=8 or data=2,fsdp=4 (models/sharding.py).')
@@ -202,8 +205,14 @@ def main(argv):
                        f'{"draft" if method.second == "draft_workdir" else "heads"}).')
     if _DTYPE.value and _DTYPE.value not in checkpoints.DTYPES:
       raise ValueError(f'--dtype={_DTYPE.value}; expected one of {", ".join(checkpoints.DTYPES)}.')
+    if _MAX_CONTEXT.value < 0:
+      raise ValueError(f'--max_context={_MAX_CONTEXT.value}; expected >= 1, or 0 for the '
+                       "model's context length.")
     restored = checkpoints.restore_model(_WORKDIR.value)
     draft = checkpoints.restore_model(second) if second else None
+    if not _MAX_CONTEXT.value:   # the cache is still sized to the longest prompt + new tokens
+      from training import hf
+      options = dataclasses.replace(options, max_context=hf.context_length(restored.config))
     if _DTYPE.value:
       restored = checkpoints.with_dtype(restored, _DTYPE.value)
       draft = draft and checkpoints.with_dtype(draft, _DTYPE.value)

@@ -48,10 +48,25 @@ def test_command_line_json(trained_tiny, tmp_path):
   assert all(0 < len(o['tokens']) <= 8 for o in result['outputs'])
 
 
+def test_the_default_context_is_the_models(trained_tiny):
+  """--max_context defaults to the model's context length (4096 for models trained here,
+  8192 for SmolLM2), not a fixed 1024: a prompt of over 1024 tokens gets all its new
+  tokens (the cache is still sized to prompt + new tokens)."""
+  prompt = 'x = 1\n' * 400
+  assert len(trained_tiny.tokenizer.encode(prompt)) > 1024
+  done = _run_decode(f'--workdir={trained_tiny.workdir}', f'--prompt={prompt}',
+                     '--max_new_tokens=6', '--json')
+  assert done.returncode == 0, done.stderr[-2000:]
+  (out,) = json.loads(done.stdout)['outputs']
+  assert out['finish_reason'] != 'context' and len(out['tokens']) >= 1
+  assert out['finish_reason'] == 'stop' or len(out['tokens']) == 6
+
+
 @pytest.mark.parametrize('args,message', [
     (['--method=telepathy'], "Unknown decoding method 'telepathy'"),
     (['--top_p=0'], r'top_p must be in (0, 1]'),
     (['--max_context=4'], 'longer than the context (4 tokens)'),
+    (['--max_context=-1'], '--max_context=-1; expected >= 1, or 0'),
     (['--dtype=float16'], "--dtype=float16; expected one of float32, bfloat16"),
 ])
 def test_command_line_errors_are_clear(trained_tiny, args, message):
