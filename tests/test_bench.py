@@ -160,7 +160,7 @@ def _real_prompts_config(trained_tiny, tmp_path):
   config.target_workdir = trained_tiny.workdir
   config.prompt_file = str(path)
   config.training_free = False
-  config.batch_sizes = (1, 2)
+  config.batch_sizes = (1, 3)
   config.max_new_tokens = 6
   config.prompt_lookup_tokens = 3
   config.verify_cost = False
@@ -191,18 +191,23 @@ def test_bench_real_prompts_per_category(trained_tiny, tmp_path, monkeypatch):
   assert [len(s['records']) for s in snapshots] == sorted(len(s['records']) for s in snapshots)
   ours = [(r['category'], r['batch_size'], r['method']) for r in records if r['engine'] == 'ours']
   assert ours == [('code', 1, 'autoregressive'), ('chat', 1, 'autoregressive'),
-                  ('code', 2, 'autoregressive'), ('chat', 2, 'autoregressive')]
-  assert all(r['new_tokens'] <= 2 * 6 and r['prefill_ms'] > 0 for r in records)
+                  ('code', 3, 'autoregressive'), ('chat', 3, 'autoregressive')]
+  assert all(r['new_tokens'] <= 3 * 6 and r['prefill_ms'] > 0 for r in records)
+  # At batch 3 each category's 2 prompts are cycled to 3 real rows (fill_batches), which
+  # every engine decodes and counts: the first token of each of the 3 is the prefill's.
+  for r in records:
+    if r['batch_size'] == 3:
+      assert r['decode_tokens'] == r['new_tokens'] - 3 and r['new_tokens'] > 6, r
   skipped = {s['what']: s['reason'] for s in saved['skipped']}
   hf = [r for r in records if r['engine'] == 'transformers']
   if baselines.unavailable('transformers') is None:
-    # batch 1: greedy and prompt lookup; batch 2: greedy only (its drafting is one row).
+    # batch 1: greedy and prompt lookup; batch 3: greedy only (its drafting is one row).
     assert [(r['category'], r['batch_size'], r['method']) for r in hf] == [
         ('code', 1, 'transformers_generate'), ('code', 1, 'transformers_prompt_lookup(3)'),
         ('chat', 1, 'transformers_generate'), ('chat', 1, 'transformers_prompt_lookup(3)'),
-        ('code', 2, 'transformers_generate'), ('chat', 2, 'transformers_generate')]
+        ('code', 3, 'transformers_generate'), ('chat', 3, 'transformers_generate')]
     assert all(r['matches_ar'] for r in hf if r['batch_size'] == 1)
-    assert 'transformers_prompt_lookup(3) batch 2' in skipped
+    assert 'transformers_prompt_lookup(3) batch 3' in skipped
   if baselines.unavailable('llama.cpp') is not None:
     assert 'not installed' in skipped['llama.cpp']
     assert not [r for r in records if r['engine'] == 'llama.cpp']
@@ -231,6 +236,13 @@ def test_bench_skips_an_absent_engine(trained_tiny, tmp_path, monkeypatch):
   with open(tmp_path / 'out' / 'bench.json') as f:
     skipped = {s['what']: s['reason'] for s in json.load(f)['skipped']}
   assert skipped['transformers'].startswith('transformers, torch not installed')
+
+
+def test_fill_batches_cycles_prompts_to_whole_batches():
+  assert benchmarking.fill_batches(['a', 'b'], 1) == ['a', 'b']
+  assert benchmarking.fill_batches(['a'], 8) == ['a'] * 8
+  assert benchmarking.fill_batches(['a', 'b', 'c'], 2) == ['a', 'b', 'c', 'a']
+  assert benchmarking.fill_batches(['a', 'b'], 2) == ['a', 'b']
 
 
 def test_auto_variants_of_the_bench():
