@@ -255,17 +255,16 @@ def prefill(model, params, prompts, prompt_lengths, config: DecodeConfig, cache_
   prompts: [B, P] int32 right-padded; prompt_lengths: [B]; cache_size: the target
   cache's slots (S plus a method's slack); layer_hidden: also return the per-block
   hidden states. Returns (the loop state with the first token committed, the
-  prefill's ForwardOutput).
+  prefill's ForwardOutput: hidden [B, P, D] at every position, logits [B, 1, V] at each
+  row's last prompt position only, the one the first token is drawn from).
   """
   batch, prompt_len = prompts.shape
-  rows = jnp.arange(batch)
   positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
   out = model.apply({'params': params}, prompts, positions,
                     cache=KVCache.empty(model.config, batch, cache_size),
-                    **_layer_hidden(layer_hidden))
+                    logits_at=(prompt_lengths - 1)[:, None], **_layer_hidden(layer_hidden))
   rng, key = jax.random.split(rng)
-  first = sample(key, out.logits[rows, prompt_lengths - 1], config.sampling,
-                 model.config.vocab_size)
+  first = sample(key, out.logits[:, 0], config.sampling, model.config.vocab_size)
   capacity = config.cache_capacity
   state = State(tokens=token_buffer(prompts, prompt_lengths, capacity), lengths=prompt_lengths,
                 limits=row_limits(prompt_lengths, config.max_new_tokens, capacity),

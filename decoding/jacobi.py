@@ -70,9 +70,8 @@ class JacobiProposer(Proposer):
     self.max_depth, self.vocab_size = window, vocab_size
 
   def start(self, params, prefill, prompts, prompt_lengths, cache_size):
-    del params, prompts, cache_size
-    rows = jnp.arange(prefill.logits.shape[0])
-    first = jacobi_update(prefill.logits[rows, prompt_lengths - 1], self.vocab_size)   # [B]
+    del params, prompts, prompt_lengths, cache_size
+    first = jacobi_update(prefill.logits[:, 0], self.vocab_size)   # [B]: the last position's
     return jnp.repeat(first[:, None], self.max_depth, axis=1), jnp.zeros((), jnp.int32)
 
   def propose(self, params, window, loop_state, key):

@@ -127,7 +127,8 @@ class Proposer:
 
   def start(self, params, prefill, prompts: jax.Array, prompt_lengths: jax.Array,
             cache_size: int) -> tuple[Any, jax.Array]:
-    """After the target's prefill (a ForwardOutput over the padded prompts [B, P]):
+    """After the target's prefill (a ForwardOutput over the padded prompts [B, P]: hidden
+    [B, P, D], logits [B, 1, V] at each row's last prompt position only):
     -> (the proposer's state, drafter calls made [] int32). params: driver.Params."""
     del params, prefill, prompts, prompt_lengths, cache_size
     return None, jnp.zeros((), jnp.int32)

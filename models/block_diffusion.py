@@ -161,9 +161,10 @@ class TidarLM(Transformer):
     return self.config.vocab_size - 1
 
   def __call__(self, tokens, positions, attention_mask=None, cache=None,
-               return_layer_hidden: bool = False, write_slots=None, layers=None):
+               return_layer_hidden: bool = False, write_slots=None, layers=None,
+               logits_at=None):
     """models.Transformer.__call__ with [MASK] and the padded ids at -inf in the logits."""
     out = super().__call__(tokens, positions, attention_mask, cache, return_layer_hidden,
-                           write_slots, layers)
+                           write_slots, layers, logits_at=logits_at)
     ids = jnp.arange(out.logits.shape[-1])
     return out.replace(logits=jnp.where(ids < self.mask_id, out.logits, NEG_INF))

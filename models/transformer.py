@@ -868,7 +868,8 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions, attention_mask=None, cache: Optional[KVCache] = None,
                return_layer_hidden: bool = False,
                write_slots: Optional[jax.Array] = None, layers=None, layer_keep=None,
-               exit_head: Optional[int] = None) -> ForwardOutput:
+               exit_head: Optional[int] = None,
+               logits_at: Optional[jax.Array] = None) -> ForwardOutput:
     """tokens, positions: [B, T] int32.
 
     attention_mask: [B, T, S] bool, or None for causal. Without a cache, S = T and
@@ -891,6 +892,12 @@ class Transformer(nn.Module):
     exit_head: None, or an exit layer E of config.exit_layers: the logits are exit E's
       head (its norm, the shared unembedding) on the last run block's output (the
       LayerSkip self-speculation draft of an early-exit model: layers = the first E).
+    logits_at: None (logits at every position: [B, T, V]), or [B, n] int32 indices into
+      this call's T positions: the logits there only ([B, n, V]; hidden stays
+      [B, T, D]). A prefill needs the next-token logits at each row's last prompt
+      position alone (decoding/driver.prefill); the LM head over every position was
+      about a sixth of the arithmetic of SmolLM2's 1200-token prefill, and wrote a
+      [T, 49152] float32 array.
     """
     c = self.config
     batch, length = tokens.shape
@@ -933,7 +940,9 @@ class Transformer(nn.Module):
     if cache is not None:
       new_cache = KVCache(k=kv[0], v=kv[1],
                           lengths=cache.lengths + length if append else cache.lengths)
-    return ForwardOutput(logits=self.logits(hidden), hidden=hidden, cache=new_cache,
+    head_in = (hidden if logits_at is None else
+               jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32), axis=1))
+    return ForwardOutput(logits=self.logits(head_in), hidden=hidden, cache=new_cache,
                          layer_hidden=tuple(layer_hidden) if return_layer_hidden else None,
                          future_logits=future_logits)
 

@@ -27,15 +27,25 @@ class StubConfig:
     return self.num_layers
 
 
+def at_positions(logits, logits_at):
+  """logits [B, T, V] as models.Transformer returns them: all, or [B, n, V] at the
+  positions logits_at [B, n] (the prefill's last prompt position)."""
+  if logits_at is None:
+    return logits
+  return jnp.take_along_axis(logits, logits_at[..., None], axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class StubModel:
   config: StubConfig
   traces = [0]  # apply() calls while tracing, across instances
 
-  def apply(self, variables, tokens, positions, attention_mask=None, cache=None, write_slots=None):
+  def apply(self, variables, tokens, positions, attention_mask=None, cache=None, write_slots=None,
+            logits_at=None):
+    """models.Transformer's call: logits [B, T, V], or [B, n, V] at logits_at [B, n]."""
     del positions, attention_mask
     StubModel.traces[0] += 1
-    logits = variables['params']['table'][tokens]                       # [B, T, V]
+    logits = at_positions(variables['params']['table'][tokens], logits_at)   # [B, T, V]
     appended = 0 if write_slots is not None else tokens.shape[1]  # explicit slots keep nothing
     new_cache = None if cache is None else cache.replace(lengths=cache.lengths + appended)
     return ForwardOutput(logits=logits, hidden=jnp.zeros(tokens.shape + (1,)), cache=new_cache)

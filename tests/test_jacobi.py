@@ -14,7 +14,7 @@ from decoding import autoregressive, driver, jacobi, registry
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import ForwardOutput
-from tests.stub_model import StubConfig, StubModel
+from tests.stub_model import StubConfig, StubModel, at_positions
 from tests.sharded import generate_on_mesh
 from tests.test_speculative import (EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
                                     _g_test, _sampled, _wrong_rule_fails)
@@ -35,9 +35,10 @@ class PositionStub(StubModel):
   step fixes the whole window."""
 
   def apply(self, variables, tokens, positions, attention_mask=None, cache=None,
-            write_slots=None):
+            write_slots=None, logits_at=None):
     del attention_mask
-    logits = variables['params']['table'][jnp.broadcast_to(positions, tokens.shape)]
+    logits = at_positions(
+        variables['params']['table'][jnp.broadcast_to(positions, tokens.shape)], logits_at)
     appended = 0 if write_slots is not None else tokens.shape[1]
     new_cache = None if cache is None else cache.replace(lengths=cache.lengths + appended)
     return ForwardOutput(logits=logits, hidden=jnp.zeros(tokens.shape + (1,)), cache=new_cache)

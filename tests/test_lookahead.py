@@ -18,7 +18,7 @@ from decoding.lookahead import LookaheadConfig, LookaheadProposer
 from decoding.sampling import SamplingConfig
 from launch import generation
 from models import ForwardOutput
-from tests.stub_model import StubConfig, StubModel, random_table
+from tests.stub_model import StubConfig, StubModel, at_positions, random_table
 from tests.sharded import generate_on_mesh
 from tests.test_speculative import (EOS, PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint,
                                     _g_test, _sampled, _wrong_rule_fails)
@@ -66,10 +66,10 @@ class PositionStub(StubModel):
   (rows are its prefixes) and the lookahead window learns the future exactly."""
 
   def apply(self, variables, tokens, positions, attention_mask=None, cache=None,
-            write_slots=None):
+            write_slots=None, logits_at=None):
     del attention_mask, write_slots
     table = variables['params']['table']
-    logits = table[jnp.clip(positions, 0, table.shape[0] - 1)]
+    logits = at_positions(table[jnp.clip(positions, 0, table.shape[0] - 1)], logits_at)
     new_cache = None if cache is None else cache.replace(lengths=cache.lengths + tokens.shape[1])
     return ForwardOutput(logits=logits, hidden=jnp.zeros(tokens.shape + (1,)), cache=new_cache)
 
