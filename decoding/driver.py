@@ -102,6 +102,7 @@ class DecodeConfig:
   cache_capacity: int                      # S: prompt + new tokens per row must fit
   sampling: SamplingConfig = SamplingConfig()
   eos_ids: tuple[int, ...] = (2,)
+  prefill_chunk: int = 256                 # prompt tokens per prefill call (chunked_prefill)
 
   def generate_own(self, model, params, prompts, prompt_lengths, rng) -> Optional['Output']:
     """A family that does not verify (block diffusion sampling) runs its own loop with
@@ -248,6 +249,63 @@ def _layer_hidden(wanted: bool) -> dict:
   return {'return_layer_hidden': True} if wanted else {}
 
 
+def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
+                    layer_hidden: bool = False):
+  """The target's forward over right-padded prompts [B, P] (lengths [B]) into an empty
+  cache, `chunk` tokens per call, as one call over all P would give it (float32 sums in
+  another order: logits agree to rounding). Returns a ForwardOutput: logits [B, 1, V] at
+  each row's last prompt position only, hidden [B, P, D] (and layer_hidden, future
+  logits) at every position, the cache with P slots written (its lengths P or more; the
+  caller keeps the prompts' lengths).
+
+  A prompt of P <= chunk tokens is one call; a longer one is a lax.scan over ceil(P /
+  chunk) calls (one trace of the trunk: the compile time does not grow with P), each
+  appending `chunk` tokens to the cache and attending over the smallest key window
+  covering the slots written so far (models.transformer._cached_attend). One call over
+  P tokens attends every query over the whole P-slot window, half of which its causal mask
+  throws away; in chunks the attention of early tokens reads short windows. It is what
+  llama.cpp does (512-token batches) and vLLM's chunked prefill. Measured on SmolLM2-135M
+  (2 CPU cores, a 1209-token prompt, batch 1): 2.93 -> 2.35 s with 256-token chunks
+  (2.37 s with 512, 2.57 with 128). chunk 0: one call.
+  """
+  batch, prompt_len = prompts.shape
+  last = (prompt_lengths - 1)[:, None]                                         # [B, 1]
+  extra = _layer_hidden(layer_hidden)
+  if not chunk or prompt_len <= chunk:
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+    return model.apply({'params': params}, prompts, positions, cache=cache, logits_at=last,
+                       **extra)
+  calls = -(-prompt_len // chunk)
+  pieces = jnp.pad(prompts, ((0, 0), (0, calls * chunk - prompt_len)))
+  pieces = jnp.swapaxes(pieces.reshape(batch, calls, chunk), 0, 1)             # [n, B, C]
+
+  def call(cache, start, piece):
+    positions = start + jnp.broadcast_to(jnp.arange(chunk), (batch, chunk))
+    # Slots past the capacity (the last chunk's padding) are dropped by the cache write.
+    return model.apply({'params': params}, piece, positions, cache=cache,
+                       logits_at=jnp.clip(last - start, 0, chunk - 1), **extra)
+
+  def step(carry, xs):
+    cache, logits = carry
+    start, piece = xs
+    out = call(cache, start, piece)
+    here = (last >= start) & (last < start + chunk)                             # [B, 1]
+    logits = jnp.where(here[..., None], out.logits, logits)
+    return (out.cache, logits), (out.hidden, out.layer_hidden, out.future_logits)
+
+  shapes = jax.eval_shape(call, cache, jnp.zeros((), jnp.int32), pieces[0])
+  logits = jnp.zeros(shapes.logits.shape, shapes.logits.dtype)
+  starts = jnp.arange(calls, dtype=jnp.int32) * chunk
+  (cache, logits), (hidden, layers, future) = jax.lax.scan(step, (cache, logits),
+                                                           (starts, pieces))
+  # [n, B, C, ...] -> [B, P, ...]
+  joined = lambda x: jnp.swapaxes(x, 0, 1).reshape((batch, calls * chunk) + x.shape[3:])[
+      :, :prompt_len]
+  return shapes.replace(logits=logits, hidden=joined(hidden), cache=cache,
+                        layer_hidden=None if layers is None else tuple(map(joined, layers)),
+                        future_logits=None if future is None else joined(future))
+
+
 def prefill(model, params, prompts, prompt_lengths, config: DecodeConfig, cache_size: int,
             rng, max_depth: int = 0, layer_hidden: bool = False):
   """The prefill call over the padded prompts and the first token.
@@ -256,13 +314,13 @@ def prefill(model, params, prompts, prompt_lengths, config: DecodeConfig, cache_
   cache's slots (S plus a method's slack); layer_hidden: also return the per-block
   hidden states. Returns (the loop state with the first token committed, the
   prefill's ForwardOutput: hidden [B, P, D] at every position, logits [B, 1, V] at each
-  row's last prompt position only, the one the first token is drawn from).
+  row's last prompt position only, the one the first token is drawn from). The prompts
+  go through the target config.prefill_chunk tokens per call (chunked_prefill).
   """
-  batch, prompt_len = prompts.shape
-  positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-  out = model.apply({'params': params}, prompts, positions,
-                    cache=KVCache.empty(model.config, batch, cache_size),
-                    logits_at=(prompt_lengths - 1)[:, None], **_layer_hidden(layer_hidden))
+  batch = prompts.shape[0]
+  out = chunked_prefill(model, params, prompts, prompt_lengths,
+                        KVCache.empty(model.config, batch, cache_size), config.prefill_chunk,
+                        layer_hidden)
   rng, key = jax.random.split(rng)
   first = sample(key, out.logits[:, 0], config.sampling, model.config.vocab_size)
   capacity = config.cache_capacity

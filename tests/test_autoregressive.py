@@ -199,6 +199,53 @@ def test_eight_devices_give_the_tokens_of_one(trained_tiny):
   np.testing.assert_array_equal(sharded.lengths, single.lengths)
 
 
+def test_chunked_prefill_equals_one_call(trained_tiny):
+  """driver.chunked_prefill (the prompt through the trunk `chunk` tokens per call, a
+  lax.scan) gives what one call gives: the last prompt position's logits, every
+  position's hidden and block outputs, the cache's written slots; ragged rows; decoding
+  from it gives the same tokens, on one device and on 8."""
+  from models import KVCache
+  model, params, tok = trained_tiny.model, trained_tiny.params, trained_tiny.tokenizer
+  texts = ('import os\nimport sys\n', 'def main(argv):\n  return 0\n', 'class A:', 'x')
+  prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
+  padded, lengths = driver.pad_prompts(prompts)
+  padded, lengths = jnp.asarray(padded), jnp.asarray(lengths)
+  assert padded.shape[1] > 3 * 5   # several chunks of 5, the last one partial
+  run = jax.jit(lambda p, chunk: driver.chunked_prefill(
+      model, p, padded, lengths, KVCache.empty(model.config, 4, 64), chunk, layer_hidden=True),
+                static_argnums=1)
+  whole, chunked = run(params, 0), run(params, 5)
+  assert whole.logits.shape == chunked.logits.shape == (4, 1, model.config.padded_vocab_size)
+  np.testing.assert_allclose(chunked.logits, whole.logits, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(chunked.hidden, whole.hidden, atol=2e-5, rtol=1e-5)
+  assert len(chunked.layer_hidden) == len(whole.layer_hidden) == model.config.num_layers
+  for a, b in zip(chunked.layer_hidden, whole.layer_hidden):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+  width = padded.shape[1]
+  for a, b in ((chunked.cache.k, whole.cache.k), (chunked.cache.v, whole.cache.v)):
+    np.testing.assert_allclose(a[..., :width, :], b[..., :width, :], atol=2e-5, rtol=1e-5)
+  # The last position's logits are the row's own (not another chunk's).
+  full = model.apply({'params': params}, padded, jnp.broadcast_to(jnp.arange(width), padded.shape))
+  np.testing.assert_allclose(chunked.logits[:, 0], full.logits[jnp.arange(4), lengths - 1],
+                             atol=2e-5, rtol=1e-5)
+
+  config = AutoregressiveConfig(max_new_tokens=12, cache_capacity=48, eos_ids=(tok.eos_id,),
+                                prefill_chunk=0)
+  one = driver.generate(model, params, padded, lengths, config, jax.random.PRNGKey(0))
+  config = AutoregressiveConfig(max_new_tokens=12, cache_capacity=48, eos_ids=(tok.eos_id,),
+                                prefill_chunk=5)
+  chunks = driver.generate(model, params, padded, lengths, config, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(chunks.tokens, one.tokens)
+  mesh = sharding.make_mesh(model_parallelism=2)
+  placed = jax.device_put(params, sharding.param_shardings(model, mesh))
+  with jax.set_mesh(mesh):
+    sharded = driver.generate(
+        model, placed, jax.device_put(padded, sharding.batch_sharding(mesh, 2)),
+        jax.device_put(lengths, sharding.batch_sharding(mesh, 1)), config,
+        jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(sharded.tokens, one.tokens)
+
+
 @pytest.mark.parametrize('prompts,capacity,max_new,message', [
     ([[3] * 10], 8, 4, 'longer than the context'),
     ([[3] * 8], 8, 4, 'leaves no room for new tokens'),
