@@ -102,7 +102,9 @@ class DecodeConfig:
   cache_capacity: int                      # S: prompt + new tokens per row must fit
   sampling: SamplingConfig = SamplingConfig()
   eos_ids: tuple[int, ...] = (2,)
-  prefill_chunk: int = 256                 # prompt tokens per prefill call (chunked_prefill)
+  # prompt tokens per prefill call (chunked_prefill; 0 = one call); keyword-only, so the
+  # methods' configs keep their positional fields
+  prefill_chunk: int = dataclasses.field(default=256, kw_only=True)
 
   def generate_own(self, model, params, prompts, prompt_lengths, rng) -> Optional['Output']:
     """A family that does not verify (block diffusion sampling) runs its own loop with
@@ -258,12 +260,12 @@ def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
   logits) at every position, the cache with P slots written (its lengths P or more; the
   caller keeps the prompts' lengths).
 
-  A prompt of P <= chunk tokens is one call; a longer one is a lax.scan over ceil(P /
-  chunk) calls (one trace of the trunk: the compile time does not grow with P), each
-  appending `chunk` tokens to the cache and attending over the smallest key window
-  covering the slots written so far (models.transformer._cached_attend). One call over
-  P tokens attends every query over the whole P-slot window, half of which its causal mask
-  throws away; in chunks the attention of early tokens reads short windows. It is what
+  A prompt of P <= chunk tokens is one call; a longer one is a lax.scan over n = ceil(P /
+  chunk) calls of ceil(P / n) tokens (one trace of the trunk: the compile time does not
+  grow with P), each appending its tokens to the cache and attending over the smallest
+  key window covering the slots written so far (models.transformer._cached_attend). One
+  call over P tokens attends every query over the whole P-slot window, half of which its
+  causal mask throws away; in chunks the attention of early tokens reads short windows. It is what
   llama.cpp does (512-token batches) and vLLM's chunked prefill. Measured on SmolLM2-135M
   (2 CPU cores, a 1209-token prompt, batch 1): 2.93 -> 2.35 s with 256-token chunks
   (2.37 s with 512, 2.57 with 128). chunk 0: one call.
@@ -276,6 +278,7 @@ def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
     return model.apply({'params': params}, prompts, positions, cache=cache, logits_at=last,
                        **extra)
   calls = -(-prompt_len // chunk)
+  chunk = -(-prompt_len // calls)   # calls of equal size: at most calls - 1 padded tokens
   pieces = jnp.pad(prompts, ((0, 0), (0, calls * chunk - prompt_len)))
   pieces = jnp.swapaxes(pieces.reshape(batch, calls, chunk), 0, 1)             # [n, B, C]
 

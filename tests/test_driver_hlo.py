@@ -32,11 +32,16 @@ def _loop_cache_copies(config, draft=(None, None)):
 
 # Jacobi rounds take lookup's path (a deterministic chain with num_drafted), lookahead the
 # tree-mask path, speculative the drafter's second cache.
-@pytest.mark.parametrize('method', ['autoregressive', 'lookup', 'lookahead', 'speculative'])
+# 'chunked prefill': the 7-token prompt through the trunk in 3 calls (a lax.scan whose carry
+# is the cache).
+@pytest.mark.parametrize('method', ['autoregressive', 'lookup', 'lookahead', 'speculative',
+                                    'chunked prefill'])
 def test_no_method_copies_the_cache_in_its_loop(method):
   settings = (16, CAPACITY, SamplingConfig(), (EOS,))
   config, draft = {
       'autoregressive': (autoregressive.AutoregressiveConfig(*settings), (None, None)),
+      'chunked prefill': (autoregressive.AutoregressiveConfig(*settings, prefill_chunk=3),
+                          (None, None)),
       'lookup': (lookup.LookupConfig(*settings, num_draft=4), (None, None)),
       'lookahead': (lookahead.LookaheadConfig(*settings), (None, None)),
       'speculative': (SpeculativeConfig(*settings, num_draft=3), DRAFT)}[method]
