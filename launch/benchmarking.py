@@ -955,19 +955,33 @@ def markdown_table(records: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _row_label(record: dict) -> tuple[str, str]:
+  """(the per-category table's row, the note its cell carries): a cost-model row
+  ('lookup auto(num_draft=8)') is the method's one `auto` row, its choice in the cell."""
+  method = record['method']
+  if ' auto(' in method and method.endswith(')'):
+    label, choice = method.split(' auto(', 1)
+    return f'{label} auto', f' ({choice[:-1]})'
+  return method, ''
+
+
 def category_table(records: list[dict], key: str = 'decode_speedup_vs_ar') -> str:
   """Methods x prompt categories of `key` (default: decode tokens/s over our AR's), one
-  table per (batch size, temperature)."""
+  table per (batch size, temperature); the cost model's rows of a method are one row,
+  each cell naming its choice (0.97 (num_draft=0))."""
   out = []
   for batch, temperature in dict.fromkeys((r['batch_size'], r['temperature']) for r in records):
     rows = [r for r in records if (r['batch_size'], r['temperature']) == (batch, temperature)]
     categories = list(dict.fromkeys(r.get('category', '') for r in rows))
     out += [f'{key}, batch {batch}, temperature {temperature:g}:', '',
             '| method | ' + ' | '.join(categories) + ' |', '|---|' + '---|' * len(categories)]
-    values = {(r['method'], r.get('category', '')): r.get(key) for r in rows}
-    for method in dict.fromkeys(r['method'] for r in rows):
-      out.append(f'| {method} | ' + ' | '.join(_cell(values.get((method, c)))
-                                               for c in categories) + ' |')
+    cells = {}
+    for r in rows:
+      label, note = _row_label(r)
+      cells[label, r.get('category', '')] = _cell(r.get(key)) + note
+    for label in dict.fromkeys(_row_label(r)[0] for r in rows):
+      out.append(f'| {label} | ' + ' | '.join(cells.get((label, c), 'None')
+                                              for c in categories) + ' |')
     out.append('')
   return '\n'.join(out)
 

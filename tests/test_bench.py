@@ -238,6 +238,16 @@ def test_bench_skips_an_absent_engine(trained_tiny, tmp_path, monkeypatch):
   assert skipped['transformers'].startswith('transformers, torch not installed')
 
 
+def test_category_table_puts_the_cost_models_choices_in_one_row():
+  rows = [dict(method=m, category=c, batch_size=1, temperature=0.0, decode_speedup_vs_ar=v)
+          for m, c, v in (('autoregressive', 'code', 1.0), ('autoregressive', 'text', 1.0),
+                          ('lookup auto(num_draft=0)', 'code', 0.97),
+                          ('lookup auto(num_draft=8)', 'text', 1.6))]
+  table = benchmarking.category_table(rows)
+  assert '| lookup auto | 0.97 (num_draft=0) | 1.60 (num_draft=8) |' in table
+  assert table.count('lookup auto') == 1
+
+
 def test_fill_batches_cycles_prompts_to_whole_batches():
   assert benchmarking.fill_batches(['a', 'b'], 1) == ['a', 'b']
   assert benchmarking.fill_batches(['a'], 8) == ['a'] * 8
