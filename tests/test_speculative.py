@@ -221,6 +221,45 @@ def test_speculative_sampling_is_lossless(sampling, kw, monkeypatch):
                       exact)
 
 
+class _PositionsRestartPerChunk:
+  """A deliberately wrong chunked prefill: the target's calls of `chunk` tokens see
+  positions counted from each chunk's start (a RoPE offset bug), every other call is
+  the model's own."""
+
+  def __init__(self, model, chunk):
+    self.model, self.config, self.chunk = model, model.config, chunk
+
+  def apply(self, variables, tokens, positions, *args, **kwargs):
+    if tokens.shape[1] == self.chunk:
+      positions = positions % self.chunk
+    return self.model.apply(variables, tokens, positions, *args, **kwargs)
+
+
+@pytest.mark.parametrize('method', ['autoregressive', 'speculative'])
+def test_sampling_after_a_chunked_prefill_is_lossless(method):
+  """A 7-token prompt through the trunk 3 tokens per call (driver.chunked_prefill: 3
+  calls, the last one padded), then 3 sampled tokens: their joint distribution is the
+  target's (G-test against enumeration over full forward passes), and a chunked
+  prefill with a position bug fails the same test."""
+  rows, steps, prompt = 20_000, 3, [1, 3, 4, 1, 3, 5, 2]
+  sampling = SamplingConfig(temperature=1.0)
+  exact = _exact_joint(*VOCAB6_TARGET, prompt, steps, sampling, 6)
+  common = dict(sampling=sampling, eos_ids=(), prefill_chunk=3)
+  if method == 'autoregressive':
+    config, draft = autoregressive.AutoregressiveConfig(steps, len(prompt) + steps, **common), ()
+  else:  # 4-token verify calls: only the prefill's calls have 3 tokens
+    config, draft = SpeculativeConfig(steps, len(prompt) + steps, num_draft=3, **common), VOCAB6_DRAFT
+
+  def sample(model):
+    out = driver.generate(model, VOCAB6_TARGET[1], jnp.asarray([prompt] * rows),
+                          jnp.full((rows,), len(prompt), jnp.int32), config,
+                          jax.random.PRNGKey(11), *draft)
+    return np.asarray(out.tokens[:, len(prompt):])
+
+  assert _g_test(sample(VOCAB6_TARGET[0]), exact) > 1e-3
+  assert _g_test(sample(_PositionsRestartPerChunk(VOCAB6_TARGET[0], 3)), exact) < 1e-3
+
+
 @pytest.mark.parametrize('kw', [dict(num_draft=3), dict(tree=TreeSpec((3, 2))),
                                 dict(tree=trees.DynamicTreeSpec(4, 3, 10))], ids=str)
 def test_sampled_tokens_stay_in_the_filtered_set_and_real_vocab(kw):
