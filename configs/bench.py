@@ -69,6 +69,8 @@ def get_config(arg: str | None = None):
   # smollm2-135m) that llama.cpp decodes as it is, e.g. the file a --keep_quantized target
   # was imported from (the same 4-bit blocks in both engines).
   config.llama_cpp_gguf = ''
+  # llama.cpp's KV cache: 'f16' (its default) or 'f32' (our float32 cache's numerics).
+  config.llama_cpp_kv_cache = 'f16'
   config.time_prefill = True                    # prefill ms and decode tok/s split
   config.verify_cost = True                     # the verify-cost curve per batch size
   config.cost_tokens = (1, 2, 4, 8, 16, 32, 64)

@@ -122,13 +122,23 @@ class LlamaCpp:
   one row): on an f32 GGUF export of a workdir (the same weights as ours), or, with
   `gguf`, on that GGUF file itself (a path or a named model such as smollm2-135m: the
   file a `--keep_quantized` import decodes, so both engines run the same 4-bit blocks).
-  `weights` names which ('f32 export' or the file's name)."""
+  `weights` names which ('f32 export' or the file's name).
+
+  kv_cache: the element type of llama.cpp's KV cache, 'f16' (llama.cpp's default: it
+  reads half the attention bytes of ours) or 'f32' (the numerics of our float32 cache).
+  Raises ValueError for another name."""
 
   # Context slots beyond prompt + new tokens: llama-cpp-python writes a round's drafted
   # tokens past the last committed one and fails when they do not fit.
   DRAFT_ROOM = 64
 
-  def __init__(self, restored, path: str, context: int, gguf: str = ''):
+  KV_CACHE_TYPES = ('f16', 'f32')
+
+  def __init__(self, restored, path: str, context: int, gguf: str = '', kv_cache: str = 'f16'):
+    if kv_cache not in self.KV_CACHE_TYPES:
+      raise ValueError(f'llama.cpp KV cache type {kv_cache!r} is not one of '
+                       f'{", ".join(self.KV_CACHE_TYPES)}.')
+    self.kv_cache = kv_cache
     if gguf:
       from training import gguf_io
       path = gguf_io.resolve(gguf)
@@ -142,9 +152,11 @@ class LlamaCpp:
     self.lookup_llm = None   # loaded on first use: prompt lookup needs every position's logits
 
   def _load(self, logits_all: bool):
-    from llama_cpp import Llama
-    return Llama(model_path=self.path, n_ctx=self.context, n_batch=min(self.context, 2048),
-                 n_threads=os.cpu_count(), logits_all=logits_all, verbose=False)
+    import llama_cpp
+    kv = {'f16': llama_cpp.GGML_TYPE_F16, 'f32': llama_cpp.GGML_TYPE_F32}[self.kv_cache]
+    return llama_cpp.Llama(model_path=self.path, n_ctx=self.context,
+                           n_batch=min(self.context, 2048), n_threads=os.cpu_count(),
+                           logits_all=logits_all, type_k=kv, type_v=kv, verbose=False)
 
   def close(self) -> None:
     """Frees the model now (llama-cpp-python's finalizer fails at interpreter exit)."""

@@ -612,7 +612,7 @@ def _record(name, stats, ar, machine, **fields) -> dict:
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
   for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
               'prefill_compile_s', 'programs', 'peak_rss_mb', 'device_peak_mb', 'auto',
-              'engine_weights', 'weight_layout', 'weight_orientation'):
+              'engine_weights', 'engine_kv_cache', 'weight_layout', 'weight_orientation'):
     if key in stats:
       record[key] = stats[key]
   if 'decode_tokens_per_s' in stats and ar.get('decode_tokens_per_s'):  # 0: EOS at once
@@ -654,8 +654,11 @@ def _baseline_rows(config, restored, engines, category, prompts, batch_size, ar,
     stats.update(peak_memory())
     if engine == 'llama.cpp':
       stats['engine_weights'] = engines[engine].weights
+      stats['engine_kv_cache'] = engines[engine].kv_cache
       if engines[engine].weights != 'f32 export':   # another file than the target's weights
         name += f'({engines[engine].weights})'
+      if engines[engine].kv_cache != 'f16':         # not llama.cpp's default cache
+        name += f'(kv {engines[engine].kv_cache})'
 
     rows.append(_record(name, stats, ar[1], machine, engine=engine, category=category,
                         lossless=True, batch_size=batch_size, temperature=0.0,
@@ -671,6 +674,10 @@ def _engines(config, restored, capacity: int, directory: str, skipped: dict) -> 
   for engine in config.get('baselines', ()):
     if engine not in baselines.ENGINES:
       raise ValueError(f'Unknown baseline {engine!r}; known: {", ".join(baselines.ENGINES)}.')
+    kv_cache = config.get('llama_cpp_kv_cache', 'f16')
+    if engine == 'llama.cpp' and kv_cache not in baselines.LlamaCpp.KV_CACHE_TYPES:
+      raise ValueError(f'--config.llama_cpp_kv_cache={kv_cache!r} is not one of '
+                       f'{", ".join(baselines.LlamaCpp.KV_CACHE_TYPES)}.')
     reason = baselines.unavailable(engine)
     if reason is not None:
       skipped[engine] = reason
@@ -682,7 +689,7 @@ def _engines(config, restored, capacity: int, directory: str, skipped: dict) -> 
     else:
       try:
         engines[engine] = baselines.LlamaCpp(restored, os.path.join(directory, 'model-f32.gguf'),
-                                             capacity, config.get('llama_cpp_gguf', ''))
+                                             capacity, config.get('llama_cpp_gguf', ''), kv_cache)
       except Exception as e:  # pylint: disable=broad-except
         # An optional engine built outside this project: its failure to load is reported
         # as a skip, not allowed to end the benchmark of our own methods.

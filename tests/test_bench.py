@@ -268,3 +268,10 @@ def test_auto_variants_of_the_bench():
   config.auto = ('lookahead',)
   with pytest.raises(ValueError, match='lookahead has no draft length or tree size'):
     benchmarking._method_variants(config, ['lookahead'])
+
+
+def test_a_bad_llama_cpp_kv_cache_type_is_an_error_not_a_skip(tmp_path):
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(baselines=('llama.cpp',), llama_cpp_kv_cache='q4'))
+  with pytest.raises(ValueError, match="llama_cpp_kv_cache='q4' is not one of f16, f32"):
+    benchmarking._engines(config, None, 64, str(tmp_path), {})

@@ -112,6 +112,27 @@ def test_smollm2_equals_transformers(smollm2, smollm2_reference):
   assert ours == _reference_greedy(model, prompts, 32, restored.tokenizer.eos_ids)
 
 
+def test_llama_cpp_decodes_the_f32_export_as_we_do(smollm2, tmp_path):
+  """The bench's llama.cpp baseline (launch/baselines.LlamaCpp) on an f32 GGUF export of
+  the imported SmolLM2 with a float32 KV cache, the numerics of ours: greedy, 4 prompts x
+  48 new tokens, the same tokens as our AR. A bad cache type is a one-line error."""
+  pytest.importorskip('llama_cpp', reason='the llama.cpp baseline needs llama-cpp-python')
+  from launch import baselines
+  _, restored = smollm2
+  prompts = [list(restored.tokenizer.encode_prompt(t)) for t in PROMPTS]
+  ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive', generation.DecodeOptions(
+      max_new_tokens=48, weight_layout='per_block'))
+  with pytest.raises(ValueError, match="KV cache type 'q8' is not one of f16, f32"):
+    baselines.LlamaCpp(restored, str(tmp_path / 'x.gguf'), 128, kv_cache='q8')
+  llm = baselines.LlamaCpp(restored, str(tmp_path / 'model-f32.gguf'), 128, kv_cache='f32')
+  try:
+    theirs, stats = llm.generate(prompts, 48, restored.tokenizer.eos_ids)
+  finally:
+    llm.close()
+  assert theirs == ours
+  assert stats['new_tokens'] == sum(map(len, ours)) and stats['prefill_s'] > 0
+
+
 def test_smollm2_stops_at_every_eos_id_the_checkpoint_declares(smollm2, tmp_path):
   """Issue 15, item 1: SmolLM2's HF directory with config.json eos 0 and
   generation_config.json [2, 0] (Llama-3-Instruct's layout: the end of turn only there).
