@@ -131,10 +131,11 @@ class DraftModelProposer(Proposer):
                                             self.vocab_size, self._width))
 
   def start(self, params, prefill, prompts, prompt_lengths, cache_size):
-    batch, prompt_len = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-    out = self._apply(params, prompts, positions,
-                      cache=KVCache.empty(self.draft.config, batch, cache_size))
+    # The draft's own prefill fills its cache only (its first proposal re-reads the last
+    # two tokens): chunked as the target's, logits at the last position only.
+    out = driver.chunked_prefill(self.draft, params.drafter, prompts, prompt_lengths,
+                                 KVCache.empty(self.draft.config, prompts.shape[0], cache_size),
+                                 self.config.prefill_chunk)
     return out.cache.keep(prompt_lengths), jnp.ones((), jnp.int32)
 
   def propose(self, params, cache, state, key):
