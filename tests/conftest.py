@@ -1,6 +1,5 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
 import os
-import tempfile
 
 # The 8 simulated devices are 8 threads of one process that meet at every collective (a
 # rendezvous). XLA:CPU aborts the whole process when one thread arrives more than ~40 s
@@ -17,18 +16,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
-# JAX's persistent compilation cache, shared by the run's workers: conftest clears the
-# in-memory jit caches after every file (memory, below), and many files compile the same
-# decoding programs on the same shared models; with the cache a later file reads them
-# back instead of compiling again. The key covers the program, the compile options and
-# the jax version, so a stale entry is never used. FASTDECODE_TEST_JAX_CACHE='' turns it
-# off.
-_CACHE = os.environ.get('FASTDECODE_TEST_JAX_CACHE',
-                        os.path.join(tempfile.gettempdir(), 'fastdecode-test-jax-cache'))
-if _CACHE:
-  jax.config.update('jax_compilation_cache_dir', _CACHE)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 from configs import ar_lm  # noqa: E402
 
