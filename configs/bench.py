@@ -72,6 +72,7 @@ def get_config(arg: str | None = None):
   # llama.cpp's KV cache: 'f16' (its default) or 'f32' (our float32 cache's numerics).
   config.llama_cpp_kv_cache = 'f16'
   config.time_prefill = True                    # prefill ms and decode tok/s split
+  config.prefill_chunk = 256                    # prompt tokens per prefill call; 0 = one call
   config.verify_cost = True                     # the verify-cost curve per batch size
   config.cost_tokens = (1, 2, 4, 8, 16, 32, 64)
   config.cost_context = 0                       # filled cache slots; 0 = half the capacity

@@ -185,14 +185,14 @@ def check_prompts(prompts, prompt_lengths, *, capacity: int, vocab_size: int,
     raise ValueError(f'prompts must be [B, P] with lengths [B]; got {prompts.shape} and '
                      f'{lengths.shape}.')
   if prompts.shape[1] > capacity:
-    raise ValueError(f'The padded prompt length {prompts.shape[1]} is longer than the '
-                     f'context ({capacity} tokens).')
+    raise ValueError(f'The prompt length {prompts.shape[1]} (the longest, padded) is longer '
+                     f'than the context ({capacity} tokens: --max_context).')
   for row, n in enumerate(lengths.tolist()):
     if n <= 0:
       raise ValueError(f'Prompt {row} is empty: give at least one token.')
     if n > capacity:
       raise ValueError(f'Prompt {row} has {n} tokens, longer than the context '
-                       f'({capacity} tokens).')
+                       f'({capacity} tokens: --max_context).')
     if n == capacity:
       raise ValueError(f'Prompt {row} has {n} tokens and fills the context ({capacity} '
                        'tokens): it leaves no room for new tokens.')
@@ -268,11 +268,18 @@ def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
   causal mask throws away; in chunks the attention of early tokens reads short windows.
   It is what llama.cpp does (512-token batches) and vLLM's chunked prefill. Measured on
   SmolLM2-135M (2 CPU cores, a 1209-token prompt, batch 1): 2.85 -> 2.21 s in 5 calls of
-  242 tokens (README, "Real speed"). chunk 0: one call.
+  242 tokens (README, "Real speed"). chunk 0: one call. A model with dynamic NTK rotary
+  scaling always takes one call: its frequencies follow a call's largest position
+  (models/rope.py), so chunks would rotate their keys otherwise than transformers' one
+  forward does. Raises ValueError for a negative chunk.
   """
+  if chunk < 0:
+    raise ValueError(f'prefill_chunk={chunk}; expected >= 1, or 0 for one call.')
   batch, prompt_len = prompts.shape
   last = (prompt_lengths - 1)[:, None]                                         # [B, 1]
   extra = _layer_hidden(layer_hidden)
+  if getattr(model.config, 'rope_type', 'default') == 'dynamic':
+    chunk = 0
   if not chunk or prompt_len <= chunk:
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
     return model.apply({'params': params}, prompts, positions, cache=cache, logits_at=last,

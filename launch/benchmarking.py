@@ -736,6 +736,10 @@ def run(config, workdir: str) -> list[dict]:
   from launch import generation
   from training import checkpoints
   registry.load_plugins(config.get('plugins', ()))
+  bad = [b for b in config.batch_sizes if not isinstance(b, int) or b < 1]
+  if bad or not config.batch_sizes:
+    raise ValueError(f'--config.batch_sizes={tuple(config.batch_sizes)}; expected one or more '
+                     'rows per call, each >= 1.')
   restored = checkpoints.restore_model(config.target_workdir)
   methods = _methods(config, restored.model)
   second = _second_models(config, methods)
@@ -776,6 +780,7 @@ def run(config, workdir: str) -> list[dict]:
           options = generation.DecodeOptions(
               max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
               batch_size=batch_size, max_context=_capacity(config, prompts),
+              prefill_chunk=config.get('prefill_chunk', 256),
               num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
               diffusion_steps=config.get('diffusion_steps', 0) or None,
               diffusion_sampler=config.get('diffusion_sampler', 'ancestral'),

@@ -82,7 +82,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Prompts per call; 0 = all (at most 8).')
 _MAX_CONTEXT = flags.DEFINE_integer(
     'max_context', 0, "Prompt + new tokens, at most; 0 = the model's context length "
-    '(config.json context_length: 8192 for SmolLM2; 4096 for models trained here).')
+    '(config.json context_length: 8192 for SmolLM2; 4096 for models trained here; times '
+    'the rope factor for dynamic NTK scaling).')
+_PREFILL_CHUNK = flags.DEFINE_integer(
+    'prefill_chunk', 256, 'Prompt tokens per prefill call (a long prompt goes through the '
+    'model in equal chunks, decoding.driver.chunked_prefill); 0 = one call.')
 _MODEL_PARALLEL = flags.DEFINE_integer('model_parallelism', 1, 'Mesh model axis size.')
 _MESH_SHAPE = flags.DEFINE_string('mesh_shape', '', 'Mesh shape over all processes\' devices, '
                                   'e.g. fsdp=8 or data=2,fsdp=4 (models/sharding.py).')
@@ -182,7 +186,8 @@ def main(argv):
     options = generation.DecodeOptions(
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value, batch_size=_BATCH.value,
-        max_context=_MAX_CONTEXT.value, model_parallelism=_MODEL_PARALLEL.value,
+        max_context=_MAX_CONTEXT.value, prefill_chunk=_PREFILL_CHUNK.value,
+        model_parallelism=_MODEL_PARALLEL.value,
         mesh_shape=_MESH_SHAPE.value,
         num_draft=generation.draft_length(_NUM_DRAFT.value, 'num_draft'),
         adaptive_threshold=_ADAPTIVE.value, chain_rule=_CHAIN_RULE.value, tree=_TREE.value,
@@ -212,7 +217,12 @@ def main(argv):
     draft = checkpoints.restore_model(second) if second else None
     if not _MAX_CONTEXT.value:   # the cache is still sized to the longest prompt + new tokens
       from training import hf
-      options = dataclasses.replace(options, max_context=hf.context_length(restored.config))
+      context, c = hf.context_length(restored.config), restored.model.config
+      if getattr(c, 'rope_type', 'default') == 'dynamic':
+        # Dynamic NTK declares its original context (max_position_embeddings) and
+        # stretches the rotation past it: the factor is the extension it is set up for.
+        context = int(context * c.rope_factor)
+      options = dataclasses.replace(options, max_context=context)
     if _DTYPE.value:
       restored = checkpoints.with_dtype(restored, _DTYPE.value)
       draft = draft and checkpoints.with_dtype(draft, _DTYPE.value)

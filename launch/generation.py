@@ -32,6 +32,8 @@ class DecodeOptions:
   seed: int = 0
   batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
   max_context: int = 1024       # cache capacity limit: prompt + new tokens
+  # prompt tokens per prefill call (decoding.driver.chunked_prefill); 0 = one call
+  prefill_chunk: int = 256
   model_parallelism: int = 1    # size of the mesh's model axis
   mesh_shape: str = ''          # e.g. 'fsdp=8' (models/sharding.py); '' = data x model
   # speculative chains, lookup: tokens drafted per round, at most; 'auto' = the cost
@@ -492,6 +494,12 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   registry.load_plugins(options.plugins)
   entry = registry.get(method)
   options.sampling()  # Validates the sampling settings before any work.
+  if options.batch_size < 0:
+    raise ValueError(f'--batch_size={options.batch_size}; expected >= 1, or 0 for all the '
+                     'prompts (at most 8) per call.')
+  if options.prefill_chunk < 0:
+    raise ValueError(f'--prefill_chunk={options.prefill_chunk}; expected >= 1 prompt tokens '
+                     'per prefill call, or 0 for one call.')
   from launch import autotune
   if autotune.wants_auto(entry, options):
     check_draft(restored, draft)

@@ -9,7 +9,7 @@ cost model's draft length, Jacobi, lookahead, self-speculation) on real prompts
 (data/prompts/specbench_mini.jsonl: code editing, summarization, retrieval QA, chat,
 rendered with the model's chat template), with transformers `generate` (greedy and
 prompt lookup) and llama.cpp (when llama-cpp-python is installed) on the same weights
-in the same run; one prompt per category unless --prompts_per_category says more (16
+in the same run; one prompt per category unless --prompts_per_category says more (13
 minutes on 2 CPU cores with both baselines installed, about 45 with all 16 prompts).
 Writes WORKDIR/bench/{bench.json, bench.md, bench.png, verify_cost.png} and prints the
 tables: decode speedup per category, prefill ms, decode tokens/s, tau, memory, the

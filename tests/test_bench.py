@@ -275,3 +275,12 @@ def test_a_bad_llama_cpp_kv_cache_type_is_an_error_not_a_skip(tmp_path):
   config = ml_collections.ConfigDict(dict(baselines=('llama.cpp',), llama_cpp_kv_cache='q4'))
   with pytest.raises(ValueError, match="llama_cpp_kv_cache='q4' is not one of f16, f32"):
     benchmarking._engines(config, None, 64, str(tmp_path), {})
+
+
+@pytest.mark.parametrize('batch_sizes', [(0,), (1, -1), ()])
+def test_batch_sizes_below_one_are_an_error(batch_sizes, tmp_path):
+  config = bench_real.get_config()
+  config.batch_sizes = batch_sizes
+  config.target_workdir = str(tmp_path / 'never read')
+  with pytest.raises(ValueError, match='expected one or more rows per call, each >= 1'):
+    benchmarking.run(config, str(tmp_path))

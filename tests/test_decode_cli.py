@@ -65,8 +65,10 @@ def test_the_default_context_is_the_models(trained_tiny):
 @pytest.mark.parametrize('args,message', [
     (['--method=telepathy'], "Unknown decoding method 'telepathy'"),
     (['--top_p=0'], r'top_p must be in (0, 1]'),
-    (['--max_context=4'], 'longer than the context (4 tokens)'),
+    (['--max_context=4'], 'longer than the context (4 tokens: --max_context)'),
     (['--max_context=-1'], '--max_context=-1; expected >= 1, or 0'),
+    (['--batch_size=-1'], '--batch_size=-1; expected >= 1, or 0 for all the prompts'),
+    (['--prefill_chunk=-1'], '--prefill_chunk=-1; expected >= 1 prompt tokens'),
     (['--dtype=float16'], "--dtype=float16; expected one of float32, bfloat16"),
 ])
 def test_command_line_errors_are_clear(trained_tiny, args, message):

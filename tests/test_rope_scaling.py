@@ -83,6 +83,13 @@ def test_scaled_rotary_equals_transformers(kind, tokenizer_json, tmp_path):
   ours, _ = generation.decode_tokens(restored, prompts, 'autoregressive',
                                      generation.DecodeOptions(max_new_tokens=24))
   assert ours == _reference_greedy(reference, prompts, 24)
+  # Prompts longer than the prefill chunk (driver.chunked_prefill): the same tokens. A
+  # dynamic-NTK model prefills in one call (chunks would rotate with other frequencies).
+  long = _prompts(2, 3 * ORIGINAL + 5, seed=2)
+  chunked, _ = generation.decode_tokens(restored, long, 'autoregressive',
+                                        generation.DecodeOptions(max_new_tokens=12,
+                                                                 prefill_chunk=16))
+  assert chunked == _reference_greedy(reference, long, 12)
   if kind == 'dynamic':  # Multi-token verification calls would not be lossless: refused.
     with pytest.raises(ValueError, match='dynamic NTK scaling'):
       generation.decode_tokens(restored, prompts, 'speculative',
