@@ -38,7 +38,7 @@ import numpy as np
 from decoding import trees, verify
 from decoding.proposal import Proposer
 from decoding.sampling import SamplingConfig, greedy_ids, log_probs, sample
-from models import AnySubsetLM, BlockDiffusionLM, KVCache, masks
+from models import AnySubsetLM, BlockDiffusionLM, KVCache, masks, rope
 
 
 @flax.struct.dataclass
@@ -94,6 +94,11 @@ def finish_reasons(tokens, lengths, prompt_lengths, max_new_tokens: int, eos_ids
   return reason, jnp.where(stopped, last, -1).astype(jnp.int32)
 
 
+# Prompt tokens per prefill call by default (chunked_prefill): measured best of 128 / 256 /
+# 512 on SmolLM2 (README, "Real speed").
+PREFILL_CHUNK = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """The settings every method has (hashable: a static argument of jit). A method's
@@ -104,7 +109,7 @@ class DecodeConfig:
   eos_ids: tuple[int, ...] = (2,)
   # prompt tokens per prefill call (chunked_prefill; 0 = one call); keyword-only, so the
   # methods' configs keep their positional fields
-  prefill_chunk: int = dataclasses.field(default=256, kw_only=True)
+  prefill_chunk: int = dataclasses.field(default=PREFILL_CHUNK, kw_only=True)
 
   def generate_own(self, model, params, prompts, prompt_lengths, rng) -> Optional['Output']:
     """A family that does not verify (block diffusion sampling) runs its own loop with
@@ -278,7 +283,7 @@ def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
   batch, prompt_len = prompts.shape
   last = (prompt_lengths - 1)[:, None]                                         # [B, 1]
   extra = _layer_hidden(layer_hidden)
-  if getattr(model.config, 'rope_type', 'default') == 'dynamic':
+  if rope.depends_on_call(model.config):
     chunk = 0
   if not chunk or prompt_len <= chunk:
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
@@ -478,7 +483,7 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
                      'come from query tokens, not the next-token head; decode it with '
                      '--method=any_order or --method=assd.')
   proposer = config.proposer(model, drafter)
-  if proposer is not None and getattr(model.config, 'rope_type', 'default') == 'dynamic':
+  if proposer is not None and rope.depends_on_call(model.config):
     # Dynamic NTK rotary frequencies follow a call's largest position (as transformers
     # computes them), so scoring several positions in one call differs from one-token
     # steps past the original context: verification would not be lossless.

@@ -133,7 +133,7 @@ def base_settings(options, capacity: int, eos_ids) -> dict:
   """The DecodeConfig fields every method shares, from `options`."""
   return dict(max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
               sampling=options.sampling(), eos_ids=tuple(eos_ids),
-              prefill_chunk=getattr(options, 'prefill_chunk', 256))
+              prefill_chunk=getattr(options, 'prefill_chunk', driver.PREFILL_CHUNK))
 
 
 def _autoregressive(options, capacity, eos_ids, model, drafter):

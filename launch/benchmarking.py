@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from decoding import registry, trees
+from decoding import driver, registry, trees
 from launch import generation
 from models import quant
 
@@ -780,7 +780,7 @@ def run(config, workdir: str) -> list[dict]:
           options = generation.DecodeOptions(
               max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
               batch_size=batch_size, max_context=_capacity(config, prompts),
-              prefill_chunk=config.get('prefill_chunk', 256),
+              prefill_chunk=config.get('prefill_chunk', driver.PREFILL_CHUNK),
               num_draft=config.num_draft, adaptive_threshold=config.adaptive_threshold,
               diffusion_steps=config.get('diffusion_steps', 0) or None,
               diffusion_sampler=config.get('diffusion_sampler', 'ancestral'),

@@ -216,9 +216,10 @@ def main(argv):
     restored = checkpoints.restore_model(_WORKDIR.value)
     draft = checkpoints.restore_model(second) if second else None
     if not _MAX_CONTEXT.value:   # the cache is still sized to the longest prompt + new tokens
+      from models import rope
       from training import hf
       context, c = hf.context_length(restored.config), restored.model.config
-      if getattr(c, 'rope_type', 'default') == 'dynamic':
+      if rope.depends_on_call(c):
         # Dynamic NTK declares its original context (max_position_embeddings) and
         # stretches the rotation past it: the factor is the extension it is set up for.
         context = int(context * c.rope_factor)

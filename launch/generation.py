@@ -33,7 +33,7 @@ class DecodeOptions:
   batch_size: int = 0           # prompts per call; 0 = all of them (at most 8)
   max_context: int = 1024       # cache capacity limit: prompt + new tokens
   # prompt tokens per prefill call (decoding.driver.chunked_prefill); 0 = one call
-  prefill_chunk: int = 256
+  prefill_chunk: int = driver.PREFILL_CHUNK
   model_parallelism: int = 1    # size of the mesh's model axis
   mesh_shape: str = ''          # e.g. 'fsdp=8' (models/sharding.py); '' = data x model
   # speculative chains, lookup: tokens drafted per round, at most; 'auto' = the cost

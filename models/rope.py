@@ -95,6 +95,12 @@ def static_frequencies(config) -> tuple[np.ndarray, float]:
   return inv_freq.astype(np.float32), float(attention_factor)
 
 
+def depends_on_call(config) -> bool:
+  """Whether a token's rotation depends on which positions share its call (dynamic NTK):
+  then one forward over several new positions differs from one position per call."""
+  return getattr(config, 'rope_type', 'default') == 'dynamic'
+
+
 def dynamic_frequencies(config, positions: jnp.ndarray) -> jnp.ndarray:
   """[H/2] float32 dynamic-NTK frequencies for a call at `positions` (any shape; the
   call's largest position decides), in transformers' float32 order of operations."""
