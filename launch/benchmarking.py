@@ -324,10 +324,11 @@ def _verify_program(model):
   """jit: `steps` cached forward calls of T tokens [B, T] written at slots `start` + t, in
   one lax.fori_loop (as decoding runs them: no host round trip, the cache carried). Each
   call's tokens are the previous call's greedy choices, so no call can be hoisted out of
-  the loop. The write slots are explicit, so the cache keeps its length (the context)."""
+  the loop. The write slots are explicit, so the cache keeps its length (the context).
+  The cache is donated: pass the returned one to the next call."""
   vocab = model.config.vocab_size
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=1)
   def run(params, cache, tokens, start, steps):
     positions = start[:, None] + jnp.arange(tokens.shape[1])[None]
 
@@ -358,7 +359,10 @@ def _fill_program(model, capacity: int):
 
 
 _KEY_FIELDS = ('model', 'model_config', 'trunk', 'backend', 'device', 'batch_size', 'dtype',
-               'capacity', 'context', 'weight_layout')
+               'capacity', 'context', 'weight_layout', 'timing')
+# How measure_verify_cost times a call (its cache donated to each run); curves timed
+# another way are measured again.
+_TIMING = 'donated cache'
 
 
 def _trunk_digest() -> str:
@@ -381,7 +385,8 @@ def verify_cost_key(restored, batch_size: int, context: int, capacity: int,
   architecture), the backend and device, the batch size, the activation dtype, the cache
   capacity, the context (filled slots) and the weights' layout (launch.generation.
   effective_layout: the curve is measured on the layout the decode reads); `trunk`, a
-  digest of the trunk's source, retires curves measured before the code changed."""
+  digest of the trunk's source, retires curves measured before the code changed, and
+  `timing` those timed before measure_verify_cost donated its cache."""
   import hashlib
   config = restored.model.config
   return dict(model=os.path.abspath(restored.workdir),
@@ -389,7 +394,8 @@ def verify_cost_key(restored, batch_size: int, context: int, capacity: int,
               trunk=_trunk_digest(), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               batch_size=batch_size, dtype=jnp.dtype(config.activation_dtype).name,
               capacity=capacity, context=context,
-              weight_layout=generation.effective_layout(weight_layout, jax.device_count()))
+              weight_layout=generation.effective_layout(weight_layout, jax.device_count()),
+              timing=_TIMING)
 
 
 def measure_verify_cost(restored, batch_size: int, context: int, capacity: int | None = None,
@@ -402,8 +408,15 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
 
   Each T is its own compiled program (`_verify_program`): after a compiling run, `steps`
   calls run in one loop, with steps chosen so a run lasts about `seconds`; the median of
-  `repeats` runs divided by steps is the call's time. Random prompt tokens fill the cache
-  (the cost does not depend on the values). capacity None: context + max(tokens).
+  `repeats` runs divided by steps is the call's time. The cache is donated to each run and
+  taken back, as the decoding loop updates it in place (launch.trunk_cost.forward_cost
+  does the same): a run that does not own its input cache copies all of it first, which
+  at batch 8 and a 1257-slot cache of SmolLM2 (460 MB) cost about twice a decoding step:
+  with steps = 1 at that size the one-token call read 300 ms (a decode step is 92 ms) and
+  an 8-token call 1.4x it; with the cache donated, 128 ms and 1.8x (differencing runs of
+  n and 2n calls instead, which cancels any per-run cost, gave 114 ms and 2.2x).
+  Random prompt tokens fill the cache (the cost does not depend on the values). capacity
+  None: context + max(tokens).
   Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
   'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
   weight_layout: the target weights' layout, as the decode reads them
@@ -430,18 +443,24 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
       params['rows'], jnp.asarray(rng.integers(0, vocab, (batch_size, context)), jnp.int32))
   run = _verify_program(model)
   start = jnp.full((batch_size,), context, jnp.int32)
+  state = {'cache': filled}
+
+  def call(call_params, ids, steps):
+    state['cache'], chosen = run(call_params, state['cache'], ids, start, steps)
+    return chosen
+
   ms = []
   for t in tokens:
     ids = jnp.asarray(rng.integers(0, vocab, (batch_size, t)), jnp.int32)
     call_params = params[generation.decode_orientation(restored.params, batch_size, t == 1)]
-    jax.block_until_ready(run(call_params, filled, ids, start, 1))  # compiles
+    jax.block_until_ready(call(call_params, ids, 1))  # compiles
     t0 = time.perf_counter()
-    jax.block_until_ready(run(call_params, filled, ids, start, 1))
+    jax.block_until_ready(call(call_params, ids, 1))
     steps = int(min(max(seconds / max(time.perf_counter() - t0, 1e-6), 1), 1000))
     times = []
     for _ in range(max(repeats, 1)):
       t0 = time.perf_counter()
-      jax.block_until_ready(run(call_params, filled, ids, start, steps))
+      jax.block_until_ready(call(call_params, ids, steps))
       times.append(time.perf_counter() - t0)
     ms.append(1e3 * statistics.median(times) / steps)
   return dict(verify_cost_key(restored, batch_size, context, capacity, weight_layout),
