@@ -319,45 +319,6 @@ VERIFY_COST_FILE = 'verify_cost.json'
 VERIFY_COST_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 
-@functools.lru_cache
-def _verify_program(model):
-  """jit: `steps` cached forward calls of T tokens [B, T] written at slots `start` + t, in
-  one lax.fori_loop (as decoding runs them: no host round trip, the cache carried). Each
-  call's tokens are the previous call's greedy choices, so no call can be hoisted out of
-  the loop. The write slots are explicit, so the cache keeps its length (the context).
-  The cache is donated: pass the returned one to the next call."""
-  vocab = model.config.vocab_size
-
-  @functools.partial(jax.jit, donate_argnums=1)
-  def run(params, cache, tokens, start, steps):
-    positions = start[:, None] + jnp.arange(tokens.shape[1])[None]
-
-    def body(_, carry):
-      cache, tokens = carry
-      out = model.apply({'params': params}, tokens, positions, cache=cache,
-                        write_slots=positions)
-      return out.cache, jnp.argmax(out.logits[..., :vocab], -1).astype(jnp.int32)
-
-    return jax.lax.fori_loop(0, steps, body, (cache, tokens))
-
-  return run
-
-
-@functools.lru_cache
-def _fill_program(model, capacity: int):
-  """jit: a cache of `capacity` slots filled by one prefill call over `tokens` [B, C]."""
-  from models import KVCache
-
-  @jax.jit
-  def fill(params, tokens):
-    batch, context = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(context), tokens.shape)
-    cache = KVCache.empty(model.config, batch, capacity)
-    return model.apply({'params': params}, tokens, positions, cache=cache).cache
-
-  return fill
-
-
 _KEY_FIELDS = ('model', 'model_config', 'trunk', 'backend', 'device', 'batch_size', 'dtype',
                'capacity', 'context', 'weight_layout', 'timing')
 # How measure_verify_cost times a call (its cache donated to each run); curves timed
@@ -404,68 +365,39 @@ def measure_verify_cost(restored, batch_size: int, context: int, capacity: int |
   """Measures the cost of ONE cached forward call of T tokens (a chain verify of T - 1
   drafted tokens: the target's call in a speculative round, SpecInfer / Leviathan et al.
   2023 Sec. 3.4's "cost coefficient" seen from the target's side) for each T in `tokens`,
-  on a cache of `capacity` slots holding `context` tokens, at `batch_size` rows.
+  on a cache of `capacity` slots holding `context` tokens, at `batch_size` rows: the
+  curve the cost model (`--num_draft=auto`) reads.
 
-  Each T is its own compiled program (`_verify_program`): after a compiling run, `steps`
-  calls run in one loop, with steps chosen so a run lasts about `seconds`; the median of
-  `repeats` runs divided by steps is the call's time. The cache is donated to each run and
-  taken back, as the decoding loop updates it in place (launch.trunk_cost.forward_cost
-  does the same): a run that does not own its input cache copies all of it first, which
-  at batch 8 and a 1257-slot cache of SmolLM2 (460 MB) cost about twice a decoding step:
-  with steps = 1 at that size the one-token call read 300 ms (a decode step is 92 ms) and
-  an 8-token call 1.4x it; with the cache donated, 128 ms and 1.8x (differencing runs of
-  n and 2n calls instead, which cancels any per-run cost, gave 114 ms and 2.2x).
-  Random prompt tokens fill the cache (the cost does not depend on the values). capacity
-  None: context + max(tokens).
-  Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
-  'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
+  The timing is launch.trunk_cost.forward_cost's (each T its own program; calls in one
+  loop lasting about `seconds`, the median of `repeats` runs; the cache donated to each
+  run, as the decoding loop updates it in place); `seed` draws the random tokens.
   weight_layout: the target weights' layout, as the decode reads them
   (launch.generation.decoding_params); in the decoding layout each T is timed in the
   orientation a decode reads it in (generation.decode_orientation: T = 1 at batch 1 in
   'rows', as plain decoding of one row; verify calls in 'columns', or in 'rows' at batch
   1 for a model the quantized CPU kernel reads), so the curve prices a round against a
-  plain step.
+  plain step. capacity None: context + max(tokens).
+  Returns verify_cost_key(...) plus {'tokens': [T...], 'ms': [ms per call...],
+  'relative': [ms / ms at T = 1...], 'measured_at': unix time}.
   Raises ValueError when context + max(tokens) does not fit the capacity or T = 1 is not
   measured (the curve is relative to it).
   """
+  from launch import trunk_cost
   tokens = sorted(set(int(t) for t in tokens))
   capacity = capacity or context + tokens[-1]
   if tokens[0] != 1 or context < 1 or context + tokens[-1] > capacity:
     raise ValueError(f'The verify-cost curve needs T = 1 among the token counts and context '
                      f'({context}) >= 1 with context + max T ({tokens[-1]}) <= capacity '
                      f'({capacity}).')
-  model = restored.model
   params = {orientation: generation.measured_params(restored.params, weight_layout, orientation)
             for orientation in ('rows', 'columns')}
-  rng = np.random.default_rng(seed)
-  vocab = model.config.vocab_size
-  filled = _fill_program(model, capacity)(
-      params['rows'], jnp.asarray(rng.integers(0, vocab, (batch_size, context)), jnp.int32))
-  run = _verify_program(model)
-  start = jnp.full((batch_size,), context, jnp.int32)
-  state = {'cache': filled}
-
-  def call(call_params, ids, steps):
-    state['cache'], chosen = run(call_params, state['cache'], ids, start, steps)
-    return chosen
-
-  ms = []
-  for t in tokens:
-    ids = jnp.asarray(rng.integers(0, vocab, (batch_size, t)), jnp.int32)
-    call_params = params[generation.decode_orientation(restored.params, batch_size, t == 1)]
-    jax.block_until_ready(call(call_params, ids, 1))  # compiles
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(call_params, ids, 1))
-    steps = int(min(max(seconds / max(time.perf_counter() - t0, 1e-6), 1), 1000))
-    times = []
-    for _ in range(max(repeats, 1)):
-      t0 = time.perf_counter()
-      jax.block_until_ready(call(call_params, ids, steps))
-      times.append(time.perf_counter() - t0)
-    ms.append(1e3 * statistics.median(times) / steps)
+  cost = trunk_cost.forward_cost(
+      restored.model,
+      lambda t: params[generation.decode_orientation(restored.params, batch_size, t == 1)],
+      batch_size, context, capacity, tokens, seconds=seconds, repeats=repeats, seed=seed)
   return dict(verify_cost_key(restored, batch_size, context, capacity, weight_layout),
-              tokens=tokens, ms=ms,
-              relative=[m / ms[0] for m in ms], measured_at=time.time())
+              tokens=cost['tokens'], ms=cost['ms'], relative=cost['relative'],
+              measured_at=time.time())
 
 
 def _read_verify_costs(workdir: str) -> list[dict]:

@@ -5,10 +5,12 @@ autoregressive step versus the cache capacity.
         [--context=256] [--capacity=512] [--max_T=64] [--ar_capacities=128,512,2048]
         [--json=out.json]
 
-`forward_cost` and `ar_step_cost` are the importable API (launch.bench may call them):
-they take a Flax model and its parameters and import nothing from the other launch
-modules but the standard-library timers (launch.timing). Wall-clock figures on a shared machine are noisy: read ratios measured in one
-run, each the median of several repeats.
+`forward_cost` and `ar_step_cost` are the importable API: they take a Flax model and its
+parameters and import nothing from the other launch modules but the standard-library
+timers (launch.timing). `forward_cost` is also the timing behind launch.bench's
+verify-cost curve (launch.benchmarking.measure_verify_cost), so this command and the bench
+measure one call the same way. Wall-clock figures on a shared machine are noisy: read
+ratios measured in one run, each the median of several repeats.
 """
 import functools
 import json
@@ -22,52 +24,99 @@ import numpy as np
 from launch import timing
 
 
-def _median_seconds(fn, repeats: int) -> float:
-  """Median seconds of `repeats` calls of a JAX fn, after one untimed call."""
-  return timing.median_seconds(lambda: jax.block_until_ready(fn()), repeats, warmup=True)[0]
+def _verify_program(model):
+  """jit: `steps` cached forward calls of T tokens [B, T] written at slots `start` + t, in
+  one lax.fori_loop (as decoding runs them: no host round trip, the cache carried). Each
+  call's tokens are the previous call's greedy choices, so no call can be hoisted out of
+  the loop. The write slots are explicit, so the cache keeps its length (the context).
+  The cache is donated: pass the returned one to the next call."""
+  vocab = model.config.vocab_size
 
-
-def forward_cost(model, params, batch: int, context: int, capacity: int,
-                 lengths_T: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-                 repeats: int = 5) -> dict:
-  """Wall time of one cached forward of T new tokens (a verify call of T tokens).
-
-  model: a models.Transformer (or a module called like it); params: its parameters.
-  batch: rows B; context: tokens already in every row's cache (its lengths); capacity:
-  the cache's slots S (>= context + max(lengths_T)); lengths_T: the T values.
-  The cache is donated to each call and taken back (as a decoding loop updates it in
-  place), so the figure is the forward alone.
-  Returns {'batch', 'context', 'capacity', 'seconds': {T: median seconds per call},
-  'relative': {T: seconds / seconds at the first T}}.
-  Raises ValueError when a call would not fit the capacity.
-  """
-  from models import KVCache
-  if context + max(lengths_T) > capacity:
-    raise ValueError(f'context {context} + T {max(lengths_T)} exceeds capacity {capacity}.')
-  config = model.config
-  state = {'cache': KVCache.empty(config, batch, capacity).keep(
-      jnp.full((batch,), context, jnp.int32))}
-
-  # The cache is donated and returned (its lengths kept at `context`), as inside a
-  # decoding loop, where it is updated in place: a non-donated cache would add a copy
-  # of the whole cache to every call.
   @functools.partial(jax.jit, donate_argnums=1)
-  def call(params, cache, tokens, positions):
-    out = model.apply({'params': params}, tokens, positions, cache=cache)
-    return out.logits, out.cache.keep(cache.lengths)
+  def run(params, cache, tokens, start, steps):
+    positions = start[:, None] + jnp.arange(tokens.shape[1])[None]
 
-  def step(tokens, positions):
-    logits, state['cache'] = call(params, state['cache'], tokens, positions)
-    return logits
+    def body(_, carry):
+      cache, tokens = carry
+      out = model.apply({'params': params}, tokens, positions, cache=cache,
+                        write_slots=positions)
+      return out.cache, jnp.argmax(out.logits[..., :vocab], -1).astype(jnp.int32)
 
-  seconds = {}
-  for length in lengths_T:
-    tokens = jnp.ones((batch, length), jnp.int32)
-    positions = jnp.broadcast_to(context + jnp.arange(length), (batch, length))
-    seconds[length] = _median_seconds(lambda: step(tokens, positions), repeats)
-  first = seconds[lengths_T[0]]
-  return dict(batch=batch, context=context, capacity=capacity, seconds=seconds,
-              relative={t: s / first for t, s in seconds.items()})
+    return jax.lax.fori_loop(0, steps, body, (cache, tokens))
+
+  return run
+
+
+@functools.lru_cache
+def _fill_program(model, capacity: int):
+  """jit: a cache of `capacity` slots filled by one prefill call over `tokens` [B, C]."""
+  from models import KVCache
+
+  @jax.jit
+  def fill(params, tokens):
+    batch, context = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(context), tokens.shape)
+    cache = KVCache.empty(model.config, batch, capacity)
+    return model.apply({'params': params}, tokens, positions, cache=cache).cache
+
+  return fill
+
+
+def forward_cost(model, params, batch: int, context: int, capacity: int | None = None,
+                 lengths_T: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), seconds: float = 0.3,
+                 repeats: int = 3, seed: int = 0) -> dict:
+  """Wall time of ONE cached forward call of T new tokens (a chain verify of T - 1 drafted
+  tokens: the target's call in a speculative round; the "cost coefficient" of Leviathan
+  et al. 2023, Sec. 3.4, seen from the target's side), for each T in `lengths_T`. The one
+  timing loop of the codebase: launch.benchmarking.measure_verify_cost (the curve
+  `--num_draft=auto` reads) calls it.
+
+  model: a models.Transformer (or a module called like it). params: its parameters, or a
+  function T -> the parameters a call of T tokens reads (the decoding layout keeps two
+  orientations, launch.generation.decode_orientation). batch: rows B; context: tokens
+  already in every row's cache (random tokens, filled by one prefill call; the cost does
+  not depend on their values); capacity: the cache's slots S (None: context + max T).
+
+  Each T is its own compiled program (`_verify_program`): after a compiling run, `steps`
+  calls run in one lax.fori_loop, with steps chosen so a run lasts about `seconds`; the
+  median of `repeats` runs divided by steps is the call's time. The cache is donated to
+  each run and taken back, as the decoding loop updates it in place: a run that does not
+  own its cache copies all of it first, which at batch 8 and a 1257-slot SmolLM2 cache
+  (460 MB) tripled the one-token call (300 ms against a 92 ms decode step) and flattened
+  the curve (T = 8 at 1.4x T = 1; with the cache donated, 1.8x).
+
+  Returns {'batch', 'context', 'capacity', 'tokens': [T ascending], 'ms': [ms per call],
+  'relative': [ms / ms at the smallest T]}.
+  Raises ValueError when context < 1 or context + max T exceeds the capacity.
+  """
+  tokens = sorted(set(int(t) for t in lengths_T))
+  capacity = capacity or context + tokens[-1]
+  if context < 1 or context + tokens[-1] > capacity:
+    raise ValueError(f'The forward-cost curve needs context ({context}) >= 1 with context + '
+                     f'max T ({tokens[-1]}) <= capacity ({capacity}).')
+  params_of = params if callable(params) else lambda t: params
+  rng = np.random.default_rng(seed)
+  vocab = model.config.vocab_size
+  state = {'cache': _fill_program(model, capacity)(
+      params_of(max(tokens)), jnp.asarray(rng.integers(0, vocab, (batch, context)), jnp.int32))}
+  run = _verify_program(model)
+  start = jnp.full((batch,), context, jnp.int32)
+
+  def call(call_params, ids, steps):
+    state['cache'], chosen = run(call_params, state['cache'], ids, start, steps)
+    return jax.block_until_ready(chosen)
+
+  ms = []
+  for t in tokens:
+    ids = jnp.asarray(rng.integers(0, vocab, (batch, t)), jnp.int32)
+    call_params = params_of(t)
+    call(call_params, ids, 1)  # compiles
+    one, _ = timing.median_seconds(lambda: call(call_params, ids, 1), 1)
+    steps = int(min(max(seconds / max(one, 1e-6), 1), 1000))
+    run_s, _ = timing.median_seconds(lambda: call(call_params, ids, steps), repeats)
+    ms.append(1e3 * run_s / steps)
+  return dict(batch=batch, context=context, capacity=capacity, tokens=tokens, ms=ms,
+              relative=[m / ms[0] for m in ms])
 
 
 def ar_step_cost(model, params, batch: int, capacities: Sequence[int], prompt_len: int = 22,
@@ -78,7 +127,11 @@ def ar_step_cost(model, params, batch: int, capacities: Sequence[int], prompt_le
 
   Returns {capacity: {'step_ms': (run - prefill-only run) / new_tokens in ms,
   'compile_s': first call minus a warm call}}.
+  Raises ValueError when a capacity is below prompt_len + new_tokens.
   """
+  if min(capacities) < prompt_len + new_tokens:
+    raise ValueError(f'The AR step curve needs capacities >= prompt_len + new_tokens '
+                     f'({prompt_len} + {new_tokens}); got {min(capacities)}.')
   from decoding import autoregressive, driver
   vocab = model.config.vocab_size
   prompts = jnp.asarray(np.random.RandomState(0).randint(3, vocab, (batch, prompt_len)),
@@ -129,8 +182,8 @@ def main(argv):
         report['forward'].append(dict(cost, orientation=orientation or None))
         print(f'forward B={batch} context={f.context} capacity={f.capacity}'
               + (f' ({orientation})' if orientation else '') + ': '
-              + ' '.join(f'T={t}:{1e3 * s:.1f}ms({cost["relative"][t]:.2f})'
-                         for t, s in cost['seconds'].items()), flush=True)
+              + ' '.join(f'T={t}:{ms:.1f}ms({rel:.2f})' for t, ms, rel
+                         in zip(cost['tokens'], cost['ms'], cost['relative'])), flush=True)
     if f.ar_capacities:
       for batch in map(int, f.batch_sizes.split(',')):
         steps = ar_step_cost(model, params[orientations[0]], batch,

@@ -2,7 +2,6 @@
 is the AR loss, ASSD is lossless (G-tests against exact enumeration, with power checks)
 for continuation and infilling, greedy ASSD is greedy sequential decoding, rows, 8
 devices (decoding and the train step), bad input."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ from tests.test_speculative import _g_test
 from training.objectives import any_subset as objective_lib
 from training.objectives.base import next_token_nll
 from tests.sharded import generate_on_mesh
+from tests.params import init as params_init
 
 EOS = 2
 
@@ -24,7 +24,7 @@ def _tiny(seed, vocab, scale=4.0):
   its distributions are far from uniform and its greedy choices vary."""
   model = AnySubsetLM(TransformerConfig(vocab_size=vocab, vocab_multiple=8))
   z = jnp.zeros((1, 1), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+  params = params_init(model, seed, z, z)['params']
   return model, jax.tree.map(lambda x: x * scale, params)
 
 
@@ -230,4 +230,4 @@ def _tiny_ar():
   from models import Transformer
   model = Transformer(TransformerConfig(vocab_size=12))
   z = jnp.zeros((1, 1), jnp.int32)
-  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(0), z, z))['params']
+  return model, params_init(model, 0, z, z)['params']

@@ -139,6 +139,35 @@ def test_verify_cost_api(trained_tiny, tmp_path, monkeypatch):
     benchmarking.measure_verify_cost(restored, 1, context=2, capacity=12, tokens=(2, 4))
 
 
+def test_trunk_cost_command_times_the_forward_and_the_ar_step(trained_tiny, tmp_path):
+  """launch.trunk_cost on the tiny model: the forward curve (timed by the function the
+  bench's verify-cost curve calls) in every orientation of the decoding layout, relative
+  to T = 1, and the AR step at each capacity; a context that leaves no room for T is a
+  one-line error."""
+  import subprocess
+  import sys
+  out = tmp_path / 'cost.json'
+  base = [sys.executable, '-m', 'launch.trunk_cost', f'--workdir={trained_tiny.workdir}',
+          '--batch_sizes=1', '--max_T=2']
+  done = subprocess.run(base + ['--context=4', '--capacity=8', '--ar_capacities=72,96',
+                                f'--json={out}'], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report['forward'] and all(
+      f['tokens'] == [1, 2] and f['relative'][0] == 1.0 and min(f['ms']) > 0
+      and (f['batch'], f['context'], f['capacity']) == (1, 4, 8) for f in report['forward'])
+  assert sorted(report['ar_step']['1'], key=int) == ['72', '96']
+  assert all(v['step_ms'] > 0 for v in report['ar_step']['1'].values())
+  bad = subprocess.run(base + ['--context=7', '--capacity=8', '--ar_capacities='], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and 'capacity (8)' in bad.stderr.strip().splitlines()[-1]
+  assert 'Traceback' not in bad.stderr
+  bad = subprocess.run(base + ['--context=4', '--capacity=8', '--ar_capacities=32'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and 'got 32' in bad.stderr.strip().splitlines()[-1]
+
+
 def test_specbench_mini_prompt_file():
   """The shipped prompt set parses as Spec-Bench question.jsonl with its four categories."""
   prompts = generation.read_prompt_file(os.path.join(REPO, bench_real.get_config().prompt_file))

@@ -9,6 +9,7 @@ from configs import ar_lm, cllm
 from launch import benchmarking, generation, trajectories
 from training import checkpoints, data, objectives, trainer
 from training.objectives import consistency
+from tests.params import init as params_init
 
 VOCAB = 259  # the byte tokenizer's
 
@@ -20,7 +21,7 @@ def _objective(**kwargs):
 
 def _params(objective, seed=0):
   import flax.linen as nn
-  return nn.meta.unbox(objective.init(jax.random.PRNGKey(seed), None))
+  return params_init(objective, seed, None)
 
 
 def _record_batch(rng, lengths, width, n, num_states):

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ from decoding.sampling import SamplingConfig
 from launch import generation
 from models import EagleDrafter
 from tests.test_speculative import PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint, _g_test
+from tests.params import init as params_init
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _drafter(model, seed):
   drafter = EagleDrafter(model.config)
   inputs = [jnp.zeros(s.shape, s.dtype) for s in drafter.example_inputs()]
-  return drafter, nn.meta.unbox(drafter.init(jax.random.PRNGKey(seed), *inputs))['params']
+  return drafter, params_init(drafter, seed, *inputs)['params']
 
 
 def _eagle(target, drafter, prompts, max_new, capacity, tree, seed=0, **kw):

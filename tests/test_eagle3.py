@@ -1,7 +1,6 @@
 """EAGLE-3: training-time test is the drafting it simulates, exact greedy equality (with
 EOS and the length cap inside accepted blocks), lossless sampling (G-test with power),
 8 devices, a drafter of another target refused, clear errors for bad options."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +16,13 @@ from tests.test_speculative import (DRAFT, PROMPTS, TARGET, VOCAB6_TARGET, _ar, 
 from training import checkpoints
 from training.objectives import eagle as eagle_objective
 from tests.sharded import generate_on_mesh
+from tests.params import init as params_init
 
 
 def _drafter(model, seed, layers=''):
   drafter = EagleDrafter(model.config, check_feature_layers(layers, model.config.num_layers))
   inputs = [jnp.zeros(s.shape, s.dtype) for s in drafter.example_inputs()]
-  return drafter, nn.meta.unbox(drafter.init(jax.random.PRNGKey(seed), *inputs))['params']
+  return drafter, params_init(drafter, seed, *inputs)['params']
 
 
 def _eagle3(target, drafter, prompts, max_new, capacity, tree, seed=0, **kw):

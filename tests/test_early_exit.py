@@ -2,7 +2,6 @@
 devices == 1), never-exit == plain greedy, state propagation, per-row exits, 8 devices,
 calibration,
 LayerSkip's trained self-speculation (greedy and sampling), the registry and clear errors."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from launch import calibrate_exit, generation
 from models import KVCache, Transformer, TransformerConfig
 from tests import test_speculative as ts
 from tests.sharded import generate_on_mesh
+from tests.params import init as params_init
 
 EOS = 2
 PROMPTS = ts.PROMPTS
@@ -26,7 +26,7 @@ def _model(seed=0, vocab=60, **kw):
                                                   'exit_norm': True, **kw})
   model = Transformer(config)
   z = jnp.zeros((1, 1), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+  params = params_init(model, seed, z, z)['params']
   # Exit norms and classifier away from their initial values, so each exit head differs.
   keys = jax.random.split(jax.random.PRNGKey(seed + 100), 2)
   if 'exit_norms' in params:

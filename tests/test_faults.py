@@ -5,7 +5,6 @@ SmolLM2 case of the stop ids lives in test_gguf.py."""
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ from decoding.speculative import SpeculativeConfig
 from models import Transformer, TransformerConfig
 from tests.test_medusa import _heads, _medusa
 from tests.test_speculative import DRAFT, PROMPTS, TARGET, _ar, _spec
+from tests.params import init as params_init
 
 # Every draft-model shape (chain, static tree, dynamic tree) and Medusa's tree.
 SPEC_SHAPES = {'chain': dict(num_draft=3), 'static-tree': dict(tree=trees.TreeSpec((2, 2))),
@@ -116,7 +116,7 @@ def test_every_method_stops_at_every_stop_id_with_finish_reasons():
 def _model(seed, vocab, multiple, **kw):
   model = Transformer(TransformerConfig(vocab_size=vocab, vocab_multiple=multiple, **kw))
   z = jnp.zeros((1, 1), jnp.int32)
-  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+  return model, params_init(model, seed, z, z)['params']
 
 
 SMALL = dict(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1)

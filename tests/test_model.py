@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from models import KVCache, Transformer, TransformerConfig, masks
+from tests.params import init as params_init
 
 
 def _model_and_params(seed=0, **overrides):
   config = TransformerConfig(vocab_size=300, **overrides)
   model = Transformer(config)
   tokens = jnp.zeros((1, 4), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens, tokens))
+  params = params_init(model, seed, tokens, tokens)
   return config, model, params
 
 

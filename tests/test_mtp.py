@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +17,7 @@ from launch import generation
 from models import KVCache, Transformer, TransformerConfig
 from training import objectives
 from tests.test_speculative import PROMPTS, _ar, _exact_joint, _g_test
+from tests.params import init as params_init
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _mtp_model(seed, heads=3, **kw):
   model = Transformer(TransformerConfig(**{'vocab_size': 60, 'mtp_heads': heads, **kw}))
   z = jnp.zeros((1, 1), jnp.int32)
-  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+  return model, params_init(model, seed, z, z)['params']
 
 
 MTP = _mtp_model(0)
@@ -63,7 +63,7 @@ def test_sequential_head_backward_is_the_plain_gradient_with_one_heads_memory():
     objective = objectives.MultiTokenObjective(
         TransformerConfig(vocab_size=2000, mtp_heads=heads))
     batch = _batch(2000, length=32)
-    params = nn.meta.unbox(objective.init(jax.random.PRNGKey(0), batch))
+    params = params_init(objective, 0, batch)
     key = jax.random.PRNGKey(0)
     # One compilation each: the compiled program is both run and measured.
     plain = jax.jit(
@@ -129,8 +129,8 @@ def test_trained_mtp_heads_beat_random_heads(trained_mtp):
   plain, _ = generation.decode_tokens(
       trained, prompts, 'autoregressive',
       registry.options_for(registry.get('autoregressive'), options))
-  fresh = nn.meta.unbox(trained.model.init(jax.random.PRNGKey(7), jnp.zeros((1, 1), jnp.int32),
-                                           jnp.zeros((1, 1), jnp.int32)))['params']
+  fresh = params_init(trained.model, 7, jnp.zeros((1, 1), jnp.int32),
+                                           jnp.zeros((1, 1), jnp.int32))['params']
   randomized = dict(trained.params, **{k: v for k, v in fresh.items() if k == 'future'})
   taus = {}
   for name, params in (('trained', trained.params), ('random', randomized)):

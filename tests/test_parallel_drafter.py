@@ -17,6 +17,7 @@ from launch import generation
 from models import ParallelDrafter
 from tests.test_speculative import PROMPTS, TARGET, VOCAB6_TARGET, _ar, _exact_joint, _g_test
 from tests.sharded import generate_on_mesh
+from tests.params import init as params_init
 
 
 def _drafter(model, seed, block_size=5, num_layers=1):
@@ -24,7 +25,7 @@ def _drafter(model, seed, block_size=5, num_layers=1):
   drafter = ParallelDrafter(model.config, num_layers=num_layers, block_size=block_size,
                             target_layers=layers)
   inputs = [jnp.zeros(s.shape, s.dtype) for s in drafter.example_inputs()]
-  return drafter, nn.meta.unbox(drafter.init(jax.random.PRNGKey(seed), *inputs))['params']
+  return drafter, params_init(drafter, seed, *inputs)['params']
 
 
 def _pd(target, drafter, prompts, max_new, capacity, seed=0, **kw):

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +17,7 @@ from launch import generation
 from models import KVCache, Transformer, TransformerConfig
 from tests import test_speculative as ts
 from tests.sharded import generate_on_mesh
+from tests.params import init as params_init
 
 EOS = 2
 PROMPTS = ts.PROMPTS
@@ -27,7 +27,7 @@ def _tiny(seed, vocab=60, **kw):
   config = TransformerConfig(vocab_size=vocab, **kw)
   model = Transformer(config)
   z = jnp.zeros((1, 1), jnp.int32)
-  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+  return model, params_init(model, seed, z, z)['params']
 
 
 def _identity_block(params, layer):

@@ -1,7 +1,6 @@
 """TiDAR: the decoding call's drafts are the training forward's, exact greedy equality with
 the model's own AR decoding (EOS and the length cap inside accepted blocks), lossless
 sampling (G-test with power), 8 devices, clear errors."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +15,13 @@ from tests.test_eagle3 import eos_some_rows_emit
 from tests.test_speculative import PROMPTS, TARGET, _exact_joint, _g_test
 from training.objectives.tidar import TidarObjective
 from tests.sharded import generate_on_mesh
+from tests.params import init as params_init
 
 
 def _tidar_model(seed, vocab=61, block=4, **kw):
   model = TidarLM(TransformerConfig(vocab_size=vocab, **kw), block_size=block)
   z = jnp.zeros((1, 1), jnp.int32)
-  return model, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), z, z))['params']
+  return model, params_init(model, seed, z, z)['params']
 
 
 MODEL = _tidar_model(0, num_layers=2)

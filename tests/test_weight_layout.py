@@ -1,7 +1,6 @@
 """The decoding layout of the block weights (models.transformer.decoding_layout, chosen by
 launch.generation.decoding_params): the same function as the stacked layout for every
 trunk option and weight format, and every method decodes the same tokens from it."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,13 +9,14 @@ import pytest
 from launch import generation
 from models import Transformer, TransformerConfig, quant, transformer
 from tests import test_model
+from tests.params import init as params_init
 
 
 def _model(**overrides):
   config = TransformerConfig(**{'vocab_size': 300, 'num_layers': 3, **overrides})
   model = Transformer(config)
   tokens = jnp.zeros((1, 4), jnp.int32)
-  return config, model, nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, tokens))
+  return config, model, params_init(model, 0, tokens, tokens)
 
 
 def _close(a, b):
