@@ -10,9 +10,11 @@ num_draft; jacobi: jacobi_window) may be given 'auto' there. Before the real dec
   2. the verify-cost curve of the model at this batch size and context
      (launch.benchmarking.verify_cost_curve, cached in the model's workdir);
   3. decoding/cost_model.choose_num_draft: the k in 1..K_max with the largest predicted
-     speedup, from the calibration's accepted histogram (the acceptance of k drafted
-     tokens is min(n, k)), the curve, and the round overhead the calibration measured
-     beyond its verify call; or plain decoding when no k is predicted to beat it by 5%.
+     speedup, from the calibration's accepted histogram (a K_max round that accepted n
+     covers its n + 1 tokens in ceil((n + 1) / (k + 1)) rounds of k:
+     cost_model.expected_tokens), the curve, and the round overhead the calibration
+     measured beyond its verify call; or plain decoding when no k is predicted to beat
+     it by 5%.
 
 `--tree=auto` (methods with a tuned static tree: medusa, mtp) is the same for the tree's
 size: the calibration measures the heads' path acceptance chances on the calibration
@@ -69,7 +71,7 @@ def wants_auto(method: registry.Method, options) -> bool:
     return True
   wanted = method.draft_length is not None and getattr(options, method.draft_length) == AUTO
   if wanted and (getattr(options, 'tree', '') or getattr(options, 'lookup_branches', 1) > 1):
-    # The cost model prices a chain: k drafted tokens, one k + 1 token call, min(n, k).
+    # The cost model prices a chain: k drafted tokens, one k + 1 token call per round.
     raise ValueError(f'--{method.draft_length}=auto chooses a chain length; it does not '
                      'apply with --tree or --lookup_branches > 1.')
   return wanted

@@ -4,16 +4,57 @@ import pytest
 from decoding import cost_model
 
 
-def test_expected_tokens_truncates_the_calibrated_acceptance():
-  # K_max = 3: half the rounds accept nothing, half accept all three.
+def test_expected_tokens_covers_each_calibrated_segment_in_shorter_rounds():
+  # K_max = 3: half the rounds accept nothing (1 token), half all three (4 tokens); k = 1
+  # covers a 4-token segment in 2 rounds, k = 2 in 2 as well: 25 tokens in 15 rounds.
   histogram = [5, 0, 0, 5]
   assert cost_model.expected_tokens(histogram, 0) == 1.0
-  assert cost_model.expected_tokens(histogram, 1) == 1.5
+  assert cost_model.expected_tokens(histogram, 1) == pytest.approx(25 / 15)
+  assert cost_model.expected_tokens(histogram, 2) == pytest.approx(25 / 15)
   assert cost_model.expected_tokens(histogram, 3) == 2.5
   with pytest.raises(ValueError, match='outside the calibrated'):
     cost_model.expected_tokens(histogram, 4)
   with pytest.raises(ValueError, match='empty'):
     cost_model.expected_tokens([0, 0], 1)
+
+
+def test_shorter_drafts_take_the_rounds_the_calibration_predicts():
+  """Under greedy a draft model's chain depends only on the context, so a K_max round
+  that accepted n drafted tokens is covered by ceil((n + 1) / (k + 1)) rounds of k
+  (cost_model.expected_tokens): per row, exactly, but for the last segment, which the
+  length cap may cut (at most ceil((K_max + 1) / (k + 1)) - 1 fewer rounds). Counting
+  one k-round per K_max round (the former E[min(n, k)] + 1) misses by far more."""
+  import math
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from decoding import driver
+  from decoding.speculative import SpeculativeConfig
+  from tests.test_speculative import PROMPTS, TARGET
+  model, params = TARGET
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  draft = treedef.unflatten([x + 0.15 * jnp.std(x) * jax.random.normal(key, x.shape)
+                             for x, key in zip(leaves, keys)])
+  padded, lengths = driver.pad_prompts(PROMPTS)
+  rows, k_max = len(PROMPTS), 8
+
+  def run(k):
+    config = SpeculativeConfig(40, 64, num_draft=k, eos_ids=())
+    out = driver.generate(model, params, jnp.asarray(padded), jnp.asarray(lengths), config,
+                          jax.random.PRNGKey(0), model, draft)
+    return np.asarray(out.tokens), np.asarray(out.stats['accepted_histogram'])
+
+  tokens, calibration = run(k_max)
+  n = np.arange(k_max + 1)
+  assert calibration[1:k_max].sum() > 0 and calibration[k_max] > 0, calibration
+  for k in (1, 2, 4):
+    k_tokens, histogram = run(k)
+    np.testing.assert_array_equal(k_tokens, tokens)
+    predicted = int((calibration * np.ceil((n + 1) / (k + 1))).sum())
+    slack = rows * (math.ceil((k_max + 1) / (k + 1)) - 1)
+    assert 0 <= predicted - histogram.sum() <= slack, (k, predicted, histogram.sum())
+    assert calibration.sum() < histogram.sum() - slack   # one k-round per K_max round
 
 
 def test_verify_cost_interpolates_and_extrapolates():
@@ -33,7 +74,8 @@ def test_a_flat_curve_picks_the_longest_draft_a_steep_one_falls_back_to_ar():
   steep = {1: 1.0, 2: 2.0, 8: 8.0}            # compute-bound: T tokens cost T steps
   choice = cost_model.choose_num_draft(histogram, steep)
   assert choice.num_draft == 0 and choice.predicted_speedup == 1.0
-  assert choice.predicted[1] == pytest.approx(1.8 / 2.0)
+  # k = 1: 30 tokens in 18 rounds (n + 1 = 1..5 in 1, 1, 2, 2, 3 rounds), cost 2.
+  assert choice.predicted[1] == pytest.approx(30 / 18 / 2.0)
 
 
 def test_overhead_per_round_and_per_drafted_token():
