@@ -516,6 +516,10 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
 
 
 def mean_accepted(histogram) -> float:
-  """tau: tokens committed per row per target call in the decoding rounds (n + 1)."""
+  """tau: tokens committed per row per target call in the decoding rounds (n + 1), from
+  the accepted histogram [D + 1]; 1.0 when no round ran (every row ended at the prefill's
+  token: one token for its one call), never the 0.0 an empty mean would give."""
   h = np.asarray(histogram, np.float64)
-  return float((h * (np.arange(len(h)) + 1)).sum() / max(h.sum(), 1))
+  if h.sum() <= 0:
+    return 1.0
+  return float((h * (np.arange(len(h)) + 1)).sum() / h.sum())

@@ -175,8 +175,9 @@ def _prompt_record(record, where: str, turn: int) -> Prompt:
   if (not isinstance(turns, list) or not turns or
       not all(isinstance(t, str) and t for t in turns)):
     raise ValueError(f'{where}: "turns" must be a non-empty list of non-empty strings.')
-  if turn >= len(turns):
-    raise ValueError(f'{where}: turn {turn} asked for, the question has {len(turns)}.')
+  if not 0 <= turn < len(turns):
+    raise ValueError(f'{where}: turn {turn} asked for, the question has {len(turns)} '
+                     f'(turns count from 0).')
   return Prompt(text=turns[turn], category=category, id=str(ident))
 
 
@@ -264,6 +265,14 @@ def completion_text(tokenizer, prompt_ids, new_ids) -> str:
   return full[common:]
 
 
+def _check_infill(restored, method: str) -> None:
+  """Raises ValueError unless `method` fills templates (any_order, assd) and the restored
+  model is one it decodes."""
+  if method not in ('any_order', 'assd'):
+    raise ValueError(f'--infill is an option of any_order, assd, not of --method={method}.')
+  registry.get(method).check_model(restored.model)
+
+
 def infilled_text(tokenizer, template: list[int], filled: list[int], mask_id: int) -> str:
   """The text of an infilling template with its [MASK] ids replaced, left to right, by
   the filled tokens."""
@@ -302,6 +311,7 @@ def decode_texts(restored, texts: list, method: str = 'autoregressive',
   if options.infill:
     if chat:
       raise ValueError('--infill fills a text template; it does not take --chat.')
+    _check_infill(restored, method)
     encoded = [infill_template(tokenizer, p.label, restored.model.mask_id,
                                options.max_new_tokens, options.max_context) for p in prompts]
   else:
@@ -514,9 +524,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   longest = max(len(p) for p in prompts)
   padded, lengths = driver.pad_prompts(prompts, tokenizer.pad_id)
   if options.infill:  # Templates: their spans are the new tokens.
-    if entry.name not in ('any_order', 'assd'):
-      raise ValueError(f'--infill is an option of any_order, assd, not of --method={method}.')
-    entry.check_model(model)
+    _check_infill(restored, method)
     from decoding import any_subset
     any_subset.check_templates(padded, lengths, model.mask_id, options.max_context)
     capacity = longest

@@ -14,6 +14,7 @@ ratios measured in one run, each the median of several repeats.
 """
 import functools
 import json
+import os
 import time
 from typing import Sequence
 
@@ -90,6 +91,9 @@ def forward_cost(model, params, batch: int, context: int, capacity: int | None =
   Raises ValueError when context < 1 or context + max T exceeds the capacity.
   """
   tokens = sorted(set(int(t) for t in lengths_T))
+  if batch < 1 or not tokens or tokens[0] < 1:
+    raise ValueError(f'The forward-cost curve needs batch >= 1 and token counts T >= 1; got '
+                     f'batch {batch}, T {tokens}.')
   capacity = capacity or context + tokens[-1]
   if context < 1 or context + tokens[-1] > capacity:
     raise ValueError(f'The forward-cost curve needs context ({context}) >= 1 with context + '
@@ -119,16 +123,22 @@ def forward_cost(model, params, batch: int, context: int, capacity: int | None =
               relative=[m / ms[0] for m in ms])
 
 
-def ar_step_cost(model, params, batch: int, capacities: Sequence[int], prompt_len: int = 22,
-                 new_tokens: int = 48, repeats: int = 3) -> dict:
+AR_PROMPT, AR_NEW_TOKENS = 22, 48   # ar_step_cost's default prompt and new tokens
+
+
+def ar_step_cost(model, params, batch: int, capacities: Sequence[int],
+                 prompt_len: int = AR_PROMPT, new_tokens: int = AR_NEW_TOKENS,
+                 repeats: int = 3) -> dict:
   """Per-step time of plain autoregressive decoding (decoding.driver.generate, greedy)
   at each cache capacity, the same prompt and new tokens: the step should follow the
   context, not the capacity.
 
   Returns {capacity: {'step_ms': (run - prefill-only run) / new_tokens in ms,
   'compile_s': first call minus a warm call}}.
-  Raises ValueError when a capacity is below prompt_len + new_tokens.
+  Raises ValueError when a capacity is below prompt_len + new_tokens or batch < 1.
   """
+  if batch < 1:
+    raise ValueError(f'The AR step curve needs batch >= 1; got {batch}.')
   if min(capacities) < prompt_len + new_tokens:
     raise ValueError(f'The AR step curve needs capacities >= prompt_len + new_tokens '
                      f'({prompt_len} + {new_tokens}); got {min(capacities)}.')
@@ -153,6 +163,17 @@ def ar_step_cost(model, params, batch: int, capacities: Sequence[int], prompt_le
   return out
 
 
+def _int_list(flag: str, text: str, minimum: int) -> list[int]:
+  """Comma-separated integers >= minimum ('' -> []). Raises ValueError naming the flag."""
+  try:
+    values = [int(v) for v in text.split(',')] if text.strip() else []
+  except ValueError:
+    raise ValueError(f'{flag} takes comma-separated integers; got {text!r}.') from None
+  if any(v < minimum for v in values):
+    raise ValueError(f'{flag} values must be >= {minimum}; got {text}.')
+  return values
+
+
 def main(argv):
   del argv
   from absl import flags
@@ -161,6 +182,18 @@ def main(argv):
   f = flags.FLAGS
   common.setup_logging()
   with common.user_errors_as_messages():
+    # Every flag is checked before anything is measured (a bad one would otherwise surface
+    # after minutes of timing, or lose the figures at the end).
+    batch_sizes = _int_list('--batch_sizes', f.batch_sizes, 1)
+    ar_capacities = _int_list('--ar_capacities', f.ar_capacities, AR_PROMPT + AR_NEW_TOKENS)
+    if f.max_T < 1:
+      raise ValueError(f'--max_T must be >= 1; got {f.max_T}.')
+    lengths_T = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= f.max_T]
+    if f.context < 1 or f.capacity < f.context + lengths_T[-1]:
+      raise ValueError(f'--capacity ({f.capacity}) must hold --context ({f.context} >= 1) plus '
+                       f'the largest T ({lengths_T[-1]}).')
+    if f.json and not os.path.isdir(os.path.dirname(os.path.abspath(f.json))):
+      raise ValueError(f'--json: no directory for {f.json}.')
     restored = checkpoints.restore_model(f.workdir)
     if f.dtype:
       restored = checkpoints.with_dtype(restored, f.dtype)
@@ -174,20 +207,18 @@ def main(argv):
               for o in orientations}
     report = {'dtype': model.config.dtype, 'forward': [], 'ar_step': {},
               'weight_layout': layout}
-    lengths_T = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= f.max_T]
-    for batch in map(int, f.batch_sizes.split(',')):
+    for batch in batch_sizes:
       for orientation in orientations:
         cost = forward_cost(model, params[orientation], batch, f.context, f.capacity,
                             lengths_T)
         report['forward'].append(dict(cost, orientation=orientation or None))
-        print(f'forward B={batch} context={f.context} capacity={f.capacity}'
+        print(f'forward B={batch} context={f.context} capacity={cost["capacity"]}'
               + (f' ({orientation})' if orientation else '') + ': '
               + ' '.join(f'T={t}:{ms:.1f}ms({rel:.2f})' for t, ms, rel
                          in zip(cost['tokens'], cost['ms'], cost['relative'])), flush=True)
-    if f.ar_capacities:
-      for batch in map(int, f.batch_sizes.split(',')):
-        steps = ar_step_cost(model, params[orientations[0]], batch,
-                             [int(c) for c in f.ar_capacities.split(',')])
+    if ar_capacities:
+      for batch in batch_sizes:
+        steps = ar_step_cost(model, params[orientations[0]], batch, ar_capacities)
         report['ar_step'][batch] = steps
         print(f'AR step B={batch}: ' + ' '.join(
             f'S={c}:{v["step_ms"]:.1f}ms(compile {v["compile_s"]:.1f}s)'

@@ -163,9 +163,14 @@ def test_trunk_cost_command_times_the_forward_and_the_ar_step(trained_tiny, tmp_
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and 'capacity (8)' in bad.stderr.strip().splitlines()[-1]
   assert 'Traceback' not in bad.stderr
-  bad = subprocess.run(base + ['--context=4', '--capacity=8', '--ar_capacities=32'], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and 'got 32' in bad.stderr.strip().splitlines()[-1]
+  # Flags are checked before anything is timed.
+  for flags, message in ((['--ar_capacities=32'], 'got 32'), (['--max_T=0'], '--max_T'),
+                         (['--batch_sizes=0'], '--batch_sizes'),
+                         ([f'--json={tmp_path}/no/such.json'], '--json')):
+    bad = subprocess.run(base + ['--context=4', '--capacity=8'] + flags, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and message in bad.stderr.strip().splitlines()[-1], flags
+    assert 'Traceback' not in bad.stderr and 'forward B=' not in bad.stdout
 
 
 def test_specbench_mini_prompt_file():
