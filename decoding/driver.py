@@ -46,7 +46,9 @@ class Output:
   tokens: jax.Array          # [B, S] int32: prompt, then new tokens, then pad (0)
   lengths: jax.Array         # [B] int32: prompt + new tokens per row
   prompt_lengths: jax.Array  # [B] int32
-  target_calls: jax.Array    # [] int32: forward calls of the target model, prefill included
+  # [] int32: calls of the target model, the prefill counted as one (its forward calls,
+  # one per chunk, are stats['prefill_calls'] where the method's prefill is chunked)
+  target_calls: jax.Array
   # Speculative methods: draft_calls [] and accepted_histogram [D + 1] (row-rounds by
   # number of accepted drafted tokens).
   stats: dict = flax.struct.field(default_factory=dict)
@@ -256,6 +258,17 @@ def _layer_hidden(wanted: bool) -> dict:
   return {'return_layer_hidden': True} if wanted else {}
 
 
+def prefill_calls(model_config, prompt_len: int, chunk: int) -> int:
+  """The forward calls chunked_prefill makes for prompts padded to `prompt_len` tokens
+  (static): ceil(prompt_len / chunk); 1 for chunk 0, for a prompt that fits in one chunk
+  and for a dynamic-NTK model (always one call). Raises ValueError for a negative chunk."""
+  if chunk < 0:
+    raise ValueError(f'prefill_chunk={chunk}; expected >= 1, or 0 for one call.')
+  if not chunk or prompt_len <= chunk or rope.depends_on_call(model_config):
+    return 1
+  return -(-prompt_len // chunk)
+
+
 def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
                     layer_hidden: bool = False):
   """The target's forward over right-padded prompts [B, P] (lengths [B]) into an empty
@@ -278,18 +291,14 @@ def chunked_prefill(model, params, prompts, prompt_lengths, cache, chunk: int,
   (models/rope.py), so chunks would rotate their keys otherwise than transformers' one
   forward does. Raises ValueError for a negative chunk.
   """
-  if chunk < 0:
-    raise ValueError(f'prefill_chunk={chunk}; expected >= 1, or 0 for one call.')
   batch, prompt_len = prompts.shape
+  calls = prefill_calls(model.config, prompt_len, chunk)
   last = (prompt_lengths - 1)[:, None]                                         # [B, 1]
   extra = _layer_hidden(layer_hidden)
-  if rope.depends_on_call(model.config):
-    chunk = 0
-  if not chunk or prompt_len <= chunk:
+  if calls == 1:
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
     return model.apply({'params': params}, prompts, positions, cache=cache, logits_at=last,
                        **extra)
-  calls = -(-prompt_len // chunk)
   chunk = -(-prompt_len // calls)   # calls of equal size: at most calls - 1 padded tokens
   pieces = jnp.pad(prompts, ((0, 0), (0, calls * chunk - prompt_len)))
   pieces = jnp.swapaxes(pieces.reshape(batch, calls, chunk), 0, 1)             # [n, B, C]
@@ -507,6 +516,8 @@ def generate(model, params, prompts: jax.Array, prompt_lengths: jax.Array,
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), round_, state)
   stats = {} if proposer is None else {'draft_calls': state.draft_calls,
                                        'accepted_histogram': state.histogram}
+  stats['prefill_calls'] = jnp.int32(prefill_calls(model.config, prompts.shape[1],
+                                                   config.prefill_chunk))
   if state.rank_histogram is not None:
     stats['accepted_rank_histogram'] = state.rank_histogram
   finish, stop_id = finish_reasons(state.tokens, state.lengths, prompt_lengths,

@@ -257,5 +257,7 @@ def generate(model, params, prompts, prompt_lengths, config: EarlyExitConfig,
   return driver.Output(tokens=state.tokens, lengths=state.lengths, prompt_lengths=prompt_lengths,
                        target_calls=state.target_calls,
                        stats={'exit_histogram': state.histogram, 'blocks_run': blocks,
-                              'steps': state.target_calls - 1},
+                              'steps': state.target_calls - 1,
+                              'prefill_calls': jnp.int32(driver.prefill_calls(
+                                  model.config, prompts.shape[1], config.prefill_chunk))},
                        finish=finish, stop_id=stop_id)

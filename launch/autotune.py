@@ -110,9 +110,12 @@ def _short(prompts, options):
 
 def _curve(restored, prompts, options, largest: int) -> dict:
   """The verify-cost curve at the run's batch size and mid-decode context, up to T =
-  `largest` (cached in the model's workdir)."""
+  `largest` (cached in the model's workdir). Mid-decode: halfway from the longest prompt
+  to the end of the decode, which --max_context may cut short."""
   from launch import benchmarking
-  context = max(len(p) for p in prompts) + options.max_new_tokens // 2
+  longest = max(len(p) for p in prompts)
+  end = min(options.max_context, longest + options.max_new_tokens)
+  context = longest + max(end - longest, 0) // 2
   batch = options.batch_size or min(len(prompts), 8)
   return benchmarking.verify_cost_curve(
       restored, batch, context,

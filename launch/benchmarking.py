@@ -561,7 +561,8 @@ def _record(name, stats, ar, machine, **fields) -> dict:
                 compile_s=stats.get('compile_s'))
   if 'nfe' in stats:   # model calls per generated token (block diffusion)
     record['nfe_per_token'] = stats['nfe'] / max(stats['new_tokens'], 1)
-  for key in ('prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens', 'decode_tokens_per_s',
+  for key in ('prefill_calls', 'prefill_s', 'prefill_ms', 'decode_s', 'decode_tokens',
+              'decode_tokens_per_s',
               'prefill_compile_s', 'programs', 'peak_rss_mb', 'device_peak_mb', 'auto',
               'engine_weights', 'engine_kv_cache', 'weight_layout', 'weight_orientation'):
     if key in stats:

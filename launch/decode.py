@@ -43,7 +43,12 @@ template), {"prompt": "..."} or Spec-Bench's {"question_id", "category", "turns"
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],
-   "stats": {"new_tokens", "target_calls", "wall_s", "tokens_per_s", "compile_s"}}
+   "stats": {"new_tokens", "target_calls", "prefill_calls", "wall_s", "tokens_per_s",
+             "compile_s"}}
+("target_calls" counts each batch's prefill as one call; "prefill_calls" is the forward
+calls the prefills took, one per chunk of --prefill_chunk tokens. With --num_draft=auto
+or --tree=auto, "method" is the method that ran, plain autoregressive decoding where the
+cost model chose it, and "requested_method" the one asked for.)
 speculative adds "mean_accepted", "draft_calls" and "accepted_histogram" to stats;
 block_diffusion, any_order and assd add "nfe" (model calls the rows needed, summed over
 rows); with --infill "completion" is the template with its spans filled; early_exit
@@ -215,14 +220,17 @@ def main(argv):
                        "model's context length.")
     restored = checkpoints.restore_model(_WORKDIR.value)
     draft = checkpoints.restore_model(second) if second else None
+    from models import rope
+    from training import hf
+    context, c = hf.context_length(restored.config), restored.model.config
+    if rope.depends_on_call(c):
+      # Dynamic NTK declares its original context (max_position_embeddings) and
+      # stretches the rotation past it: the factor is the extension it is set up for.
+      context = int(context * c.rope_factor)
+    if _MAX_CONTEXT.value > context:
+      raise ValueError(f'--max_context={_MAX_CONTEXT.value} is beyond the model\'s context '
+                       f'length ({context} tokens); expected at most {context}, or 0.')
     if not _MAX_CONTEXT.value:   # the cache is still sized to the longest prompt + new tokens
-      from models import rope
-      from training import hf
-      context, c = hf.context_length(restored.config), restored.model.config
-      if rope.depends_on_call(c):
-        # Dynamic NTK declares its original context (max_position_embeddings) and
-        # stretches the rotation past it: the factor is the extension it is set up for.
-        context = int(context * c.rope_factor)
       options = dataclasses.replace(options, max_context=context)
     if _DTYPE.value:
       restored = checkpoints.with_dtype(restored, _DTYPE.value)

@@ -188,8 +188,9 @@ def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
   "content"}, ...]} (multi-turn chat, rendered with the model's chat template),
   {"prompt": "..."}, or a Spec-Bench question.jsonl line {"question_id", "category",
   "turns": [...]} (turn `turn`, the first by default); "category" (and "id") are kept.
-  Anything else: one prompt per line; a line holding a JSON string is unescaped (for
-  newlines). A malformed line is a one-line ValueError naming the file and line number.
+  Anything else: one prompt per line (blank lines skipped); a line holding a JSON string
+  is unescaped (for newlines). A malformed line, an empty JSON string and a file with no
+  prompt are one-line ValueErrors naming the file (and line number).
   """
   prompts = []
   with open(path, encoding='utf-8') as f:
@@ -197,7 +198,7 @@ def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
   jsonl = path.endswith('.jsonl')
   for number, line in enumerate(lines, 1):
     where = f'{path}:{number}'
-    if jsonl and not line.strip():
+    if not line.strip():
       continue
     if jsonl or line.startswith('"'):
       try:
@@ -209,8 +210,12 @@ def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
         continue
       if not isinstance(record, str):
         raise ValueError(f'{where}: a line starting with \'"\' must be one JSON string.')
+      if not record:
+        raise ValueError(f'{where}: the prompt is empty ("").')
       line = record
     prompts.append(Prompt(text=line))
+  if not prompts:
+    raise ValueError(f'{path}: no prompt in the file (it is empty or blank).')
   return prompts
 
 
@@ -332,7 +337,11 @@ def decode_texts(restored, texts: list, method: str = 'autoregressive',
     if prompt.id:
       out['id'] = prompt.id
     outputs.append(out)
-  return {'method': method, 'outputs': outputs, 'stats': stats}
+  # With num_draft=auto (or tree=auto) the cost model may have run plain decoding instead:
+  # `method` is what ran, `requested_method` what was asked for.
+  ran = stats.get('auto', {}).get('method', method)
+  head = {'method': ran} if ran == method else {'method': ran, 'requested_method': method}
+  return {**head, 'outputs': outputs, 'stats': stats}
 
 
 def _build(restored, method: registry.Method, options: DecodeOptions, capacity: int, draft):
@@ -517,7 +526,7 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
     completions, stats = decode_tokens(restored, prompts, run, options,
                                        None if run == 'autoregressive' else draft, repeats,
                                        time_prefill, warmup)
-    stats['auto'] = auto
+    stats['auto'] = dict(auto, method=run)   # the method that ran: `method`, or AR
     return completions, stats
   check_draft(restored, draft)
   tokenizer, model = restored.tokenizer, restored.model
@@ -617,6 +626,9 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
       finishes += out.finish_reasons()[:len(chunk)]
       stats['new_tokens'] += sum(len(c) for c in new)
       stats['target_calls'] += int(out.target_calls)
+      # The prefill's forward calls (chunked: one per chunk; target_calls counts it once).
+      stats['prefill_calls'] = stats.get('prefill_calls', 0) + int(
+          out.stats.get('prefill_calls', 1))
       if 'nfe' in out.stats:  # block diffusion, any-subset: model calls per row
         stats['nfe'] = stats.get('nfe', 0) + int(np.asarray(out.stats['nfe'])[:len(chunk)].sum())
       if 'exit_histogram' in out.stats:  # early exit: row-tokens per exit, blocks run

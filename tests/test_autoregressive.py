@@ -236,6 +236,11 @@ def test_chunked_prefill_equals_one_call(trained_tiny):
                                 prefill_chunk=5)
   chunks = driver.generate(model, params, padded, lengths, config, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(chunks.tokens, one.tokens)
+  # The prefill is one of target_calls either way; its forward calls are prefill_calls.
+  assert int(chunks.target_calls) == int(one.target_calls)
+  assert int(one.stats['prefill_calls']) == 1
+  assert int(chunks.stats['prefill_calls']) == -(-width // 5) == driver.prefill_calls(
+      model.config, width, 5) > 3
   mesh = sharding.make_mesh(model_parallelism=2)
   placed = jax.device_put(params, sharding.param_shardings(model, mesh))
   with jax.set_mesh(mesh):

@@ -198,9 +198,15 @@ def test_own_tokenizers_keep_bos():
 
 def test_prompt_files(tmp_path):
   text = tmp_path / 'p.txt'
-  text.write_text('def main(\n"class A:\\n    def"\n')
+  text.write_text('def main(\n\n  \n"class A:\\n    def"\n\n')   # blank lines skipped
   assert [p.text for p in generation.read_prompt_file(str(text))] == [
       'def main(', 'class A:\n    def']
+  text.write_text('ok\n""\n')
+  with pytest.raises(ValueError, match=r'p.txt:2: the prompt is empty'):
+    generation.read_prompt_file(str(text))
+  text.write_text('\n \n')
+  with pytest.raises(ValueError, match=r'p.txt: no prompt in the file'):
+    generation.read_prompt_file(str(text))
   records = tmp_path / 'p.jsonl'
   records.write_text('\n'.join([
       json.dumps({'messages': [{'role': 'system', 'content': 's'},

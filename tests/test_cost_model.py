@@ -105,6 +105,7 @@ def test_auto_draft_length_decodes_like_ar_and_reports_its_choice(trained_tiny,
   assert out == ar
   auto = stats['auto']
   assert auto['option'] == 'num_draft' and 0 <= auto['chosen'] <= 8
+  assert auto['method'] == ('lookup' if auto['chosen'] else 'autoregressive')
   assert set(auto['predicted_speedup']) == {str(k) for k in range(9)}
   assert sum(auto['calibration_histogram']) > 0
 
@@ -128,6 +129,12 @@ def test_auto_with_nothing_to_calibrate_is_plain_decoding(trained_tiny, quick_ve
       trained_tiny, prompts, 'lookup', generation.DecodeOptions(max_new_tokens=1,
                                                                 num_draft='auto'))
   assert stats['auto']['chosen'] == 0 and len(out[0]) == 1
+  # The JSON of launch.decode names what ran, and what was asked for.
+  result = generation.decode_texts(trained_tiny, ['import os\n'], 'lookup',
+                                   generation.DecodeOptions(max_new_tokens=1, num_draft='auto'))
+  assert (result['method'], result['requested_method']) == ('autoregressive', 'lookup')
+  assert generation.decode_texts(trained_tiny, ['import os\n'], 'lookup',
+                                 generation.DecodeOptions(max_new_tokens=1))['method'] == 'lookup'
   from decoding import registry
   from launch import autotune
   with pytest.raises(ValueError, match='does not apply with --tree or --lookup_branches'):

@@ -67,6 +67,7 @@ def test_the_default_context_is_the_models(trained_tiny):
     (['--top_p=0'], r'top_p must be in (0, 1]'),
     (['--max_context=4'], 'longer than the context (4 tokens: --max_context)'),
     (['--max_context=-1'], '--max_context=-1; expected >= 1, or 0'),
+    (['--max_context=5000'], "--max_context=5000 is beyond the model's context length (4096"),
     (['--batch_size=-1'], '--batch_size=-1; expected >= 1, or 0 for all the prompts'),
     (['--prefill_chunk=-1'], '--prefill_chunk=-1; expected >= 1 prompt tokens'),
     (['--dtype=float16'], "--dtype=float16; expected one of float32, bfloat16"),
