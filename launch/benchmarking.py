@@ -355,7 +355,7 @@ def verify_cost_key(restored, batch_size: int, context: int, capacity: int,
               trunk=_trunk_digest(), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
               batch_size=batch_size, dtype=jnp.dtype(config.activation_dtype).name,
               capacity=capacity, context=context,
-              weight_layout=generation.effective_layout(weight_layout, jax.device_count()),
+              weight_layout=generation.default_mesh_layout(weight_layout),
               timing=_TIMING)
 
 

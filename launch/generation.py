@@ -442,11 +442,18 @@ def decoding_params(params, layout: str, mesh, orientation: str = 'rows'):
   return _LAYOUT_CACHE[orientation][2]
 
 
+def default_mesh_layout(layout: str) -> str:
+  """effective_layout for a decode on the mesh decode_tokens picks without mesh options:
+  every device, or one for per_block (which decodes on one device). Raises ValueError
+  for an unknown layout."""
+  return effective_layout(layout, 1 if layout == 'per_block' else jax.device_count())
+
+
 def measured_params(params, layout: str, orientation: str = 'rows'):
   """The parameters a measurement outside decode_tokens (the verify-cost curve,
   launch.trunk_cost) times: in the layout (and orientation, for per_block) a decode with
-  the default mesh would read (effective_layout over every device), on one device."""
-  if effective_layout(layout, jax.device_count()) == 'per_block':
+  the default mesh would read (default_mesh_layout), on one device."""
+  if default_mesh_layout(layout) == 'per_block':
     return decoding_params(params, 'per_block', one_device_mesh(), orientation)
   return jax.device_put(params)
 

@@ -199,7 +199,7 @@ def main(argv):
       restored = checkpoints.with_dtype(restored, f.dtype)
     from launch import generation
     model = restored.model
-    layout = generation.effective_layout(f.weight_layout, jax.device_count())
+    layout = generation.default_mesh_layout(f.weight_layout)
     # The decoding layout has two orientations (rows: one-token calls; columns: calls of
     # several tokens); both curves are measured, the AR step in rows.
     orientations = ('rows', 'columns') if layout == 'per_block' else ('',)

@@ -316,6 +316,7 @@ def test_bench_rows_of_models_of_other_families(trained_tiny, tfds_dir, tmp_path
   bench.batch_sizes, bench.temperatures = (2,), (1.0,)
   bench.num_prompts, bench.prompt_len, bench.max_new_tokens, bench.repeats = 2, 8, 8, 1
   bench.naive_reference = bench.verify_cost = False
+  bench.weight_layout = 'per_block'   # one device, as on a CPU: cached programs (conftest)
   records = benchmarking.run(bench, str(tmp_path / 'bench'))
   ar, bd3, any_order, assd = records
   assert [r['method'] for r in records] == ['autoregressive', 'block diffusion (BD3-LM)',

@@ -165,11 +165,13 @@ def _auto_tree_decode(trained_tiny, method, second):
   from launch import generation
   tok = trained_tiny.tokenizer
   prompts = [[tok.bos_id, *tok.encode(t)] for t in ('import os\nimport sys\n', 'def f(x):\n')]
+  # On one device, as on a CPU (weight_layout auto there): cached programs (conftest),
+  # and the curve of a per_block decode measured on a machine of several devices.
+  one = dict(max_new_tokens=16, weight_layout='per_block')
   ar, _ = generation.decode_tokens(trained_tiny, prompts, 'autoregressive',
-                                   generation.DecodeOptions(max_new_tokens=16))
+                                   generation.DecodeOptions(**one))
   out, stats = generation.decode_tokens(trained_tiny, prompts, method,
-                                        generation.DecodeOptions(max_new_tokens=16, tree='auto'),
-                                        second)
+                                        generation.DecodeOptions(**one, tree='auto'), second)
   return out, ar, stats
 
 
