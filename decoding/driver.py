@@ -91,7 +91,8 @@ def finish_reasons(tokens, lengths, prompt_lengths, max_new_tokens: int, eos_ids
   last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
   stopped = is_eos(last, eos_ids) & (lengths > prompt_lengths)
   reason = jnp.where(stopped, FINISH_STOP,
-                     jnp.where(lengths - prompt_lengths >= max_new_tokens, FINISH_LENGTH,
+                     jnp.where(lengths - prompt_lengths >= min(max_new_tokens, tokens.shape[1]),
+                               FINISH_LENGTH,
                                FINISH_CONTEXT)).astype(jnp.int32)
   return reason, jnp.where(stopped, last, -1).astype(jnp.int32)
 
@@ -222,8 +223,10 @@ def token_buffer(prompts: jax.Array, prompt_lengths: jax.Array, capacity: int) -
 
 
 def row_limits(prompt_lengths: jax.Array, max_new_tokens: int, capacity: int) -> jax.Array:
-  """[B] the buffer length at which each row stops: prompt + max_new_tokens, or full."""
-  return jnp.minimum(prompt_lengths + max_new_tokens, capacity)
+  """[B] the buffer length at which each row stops: prompt + max_new_tokens, or full.
+  (max_new_tokens is capped at the capacity first: a Python int past int32 would
+  overflow the sum.)"""
+  return jnp.minimum(prompt_lengths + min(max_new_tokens, capacity), capacity)
 
 
 def commit(tokens, lengths, limits, done, candidates, count, eos_ids):

@@ -130,8 +130,10 @@ def options_for(method: Method, options):
 
 
 def base_settings(options, capacity: int, eos_ids) -> dict:
-  """The DecodeConfig fields every method shares, from `options`."""
-  return dict(max_new_tokens=options.max_new_tokens, cache_capacity=capacity,
+  """The DecodeConfig fields every method shares, from `options`. max_new_tokens is
+  capped at the capacity, which no row can pass anyway (its prompt holds a token), so a
+  huge --max_new_tokens decodes to the context instead of overflowing int32 arithmetic."""
+  return dict(max_new_tokens=min(options.max_new_tokens, capacity), cache_capacity=capacity,
               sampling=options.sampling(), eos_ids=tuple(eos_ids),
               prefill_chunk=getattr(options, 'prefill_chunk', driver.PREFILL_CHUNK))
 

@@ -553,7 +553,9 @@ def _record(name, stats, ar, machine, **fields) -> dict:
   """A bench row: counts, speed, latency split and memory, with ratios to our AR (`ar`:
   AR's stats in the same group; None for AR itself)."""
   ar = ar or stats
-  record = dict(method=name, **fields, mean_accepted=stats.get('mean_accepted', 1.0),
+  # tau: 1 for plain decoding; not measured (None) for the baselines, which count no calls
+  tau = stats.get('mean_accepted', 1.0 if stats.get('target_calls') is not None else None)
+  record = dict(method=name, **fields, mean_accepted=tau,
                 target_calls=stats.get('target_calls'), draft_calls=stats.get('draft_calls', 0),
                 new_tokens=stats['new_tokens'], wall_s=stats['wall_s'],
                 tokens_per_s=stats['tokens_per_s'],
@@ -875,7 +877,8 @@ def plot(records: list[dict], path: str) -> None:
            else ('speedup_vs_ar', 'wall-clock speedup vs AR'))
   for panel, (key, title) in zip(axes, (speed, ('mean_accepted', 'tokens per target call (tau)'))):
     for i, method in enumerate(methods):
-      values = [by_key.get((method, *g), {}).get(key, float('nan')) for g in groups]
+      values = [by_key.get((method, *g), {}).get(key) for g in groups]
+      values = [float('nan') if v is None else v for v in values]
       panel.bar([g + i * width for g in range(len(groups))], values, width, label=method)
     panel.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
     panel.set_xticklabels([_group_label(g) for g in groups], fontsize=8)

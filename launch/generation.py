@@ -184,18 +184,26 @@ def _prompt_record(record, where: str, turn: int) -> Prompt:
 def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
   """Prompts from a file.
 
-  `.jsonl`: one JSON object per line (blank lines skipped): {"messages": [{"role",
+  `.jsonl` or `.json` (any case): one JSON object per line (blank lines skipped): {"messages": [{"role",
   "content"}, ...]} (multi-turn chat, rendered with the model's chat template),
   {"prompt": "..."}, or a Spec-Bench question.jsonl line {"question_id", "category",
   "turns": [...]} (turn `turn`, the first by default); "category" (and "id") are kept.
   Anything else: one prompt per line (blank lines skipped); a line holding a JSON string
   is unescaped (for newlines). A malformed line, an empty JSON string and a file with no
-  prompt are one-line ValueErrors naming the file (and line number).
+  prompt are one-line ValueErrors naming the file (and line number), as are a file that
+  cannot be read (a directory, no permission) and one that is not UTF-8 text.
   """
   prompts = []
-  with open(path, encoding='utf-8') as f:
-    lines = f.read().splitlines()
-  jsonl = path.endswith('.jsonl')
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    raise
+  except OSError as e:
+    raise ValueError(f'{path}: cannot read the prompt file ({e.strerror}).') from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text (byte {e.start}).') from None
+  jsonl = path.lower().endswith(('.jsonl', '.json'))
   for number, line in enumerate(lines, 1):
     where = f'{path}:{number}'
     if not line.strip():
@@ -526,6 +534,9 @@ def decode_tokens(restored, prompts: list[list[int]], method: str, options: Deco
   if options.prefill_chunk < 0:
     raise ValueError(f'--prefill_chunk={options.prefill_chunk}; expected >= 1 prompt tokens '
                      'per prefill call, or 0 for one call.')
+  if not -2**63 <= options.seed < 2**63:
+    raise ValueError(f'--seed={options.seed}; expected a 64-bit integer '
+                     '(-2**63 <= seed < 2**63).')
   from launch import autotune
   if autotune.wants_auto(entry, options):
     check_draft(restored, draft)

@@ -188,6 +188,19 @@ def test_template_features_and_errors(smol):
     generation.encode_prompts(tokenizers.ByteTokenizer(), ['hi'], chat=True)
   with pytest.raises(ValueError, match='has no "content"'):
     chat.render(tok, [{'role': 'user'}])
+  concatenates = tokenizers.HuggingFaceTokenizer(
+      ours._json, 49152, 1, [2], None,
+      chat_template="{% for m in messages %}{{ m.content + '!' }}{% endfor %}")
+  with pytest.raises(ValueError,
+                     match=r"cannot render the messages: unsupported operand .*'int'"):
+    chat.render(concatenates, [{'role': 'user', 'content': 5}])
+  # Text that is not valid Unicode (undecodable command-line bytes arrive as lone
+  # surrogates) is a one-line error from every tokenizer, plain or chat.
+  for bad in (tok, tokenizers.ByteTokenizer()):
+    with pytest.raises(ValueError, match=r"not valid Unicode: '\\ud800' at character 2"):
+      generation.encode_prompts(bad, ['ab\ud800'])
+  with pytest.raises(ValueError, match='not valid Unicode'):
+    generation.encode_prompts(tok, ['ab\udcff'], chat=True)
 
 
 def test_own_tokenizers_keep_bos():
@@ -220,6 +233,14 @@ def test_prompt_files(tmp_path):
       (None, 'chat', ''), ('plain', '', '7'), ('first', 'writing', '81')]
   assert prompts[0].messages[1] == {'role': 'user', 'content': 'u'}
   assert generation.read_prompt_file(str(records), turn=1)[2].text == 'second'
+  upper = tmp_path / 'P.JSONL'   # the suffix in any case, and .json, are JSON Lines
+  upper.write_text(records.read_text())
+  assert generation.read_prompt_file(str(upper)) == prompts
+  with pytest.raises(ValueError, match=r'cannot read the prompt file \(Is a directory\)'):
+    generation.read_prompt_file(str(tmp_path))
+  text.write_bytes(b'ok\n\xff\xfe\n')
+  with pytest.raises(ValueError, match=r'p.txt: not UTF-8 text \(byte 3\)'):
+    generation.read_prompt_file(str(text))
 
 
 @pytest.mark.parametrize('line,message', [

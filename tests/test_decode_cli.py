@@ -1,6 +1,7 @@
 """Checkpoint-and-decode: the library call, the command line and its JSON, clear errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,7 @@ def test_command_line_errors_are_clear(trained_tiny, args, message):
     (dict(top_k=-2), 'top_k must be an integer >= 0'),
     (dict(min_p=2), 'min_p must be in [0, 1]'),
     (dict(max_context=10), 'fills the context (10 tokens): it leaves no room'),
+    (dict(seed=2**64), '--seed=18446744073709551616; expected a 64-bit integer'),
 ])
 def test_option_errors_are_clear(trained_tiny, options, message):
   with pytest.raises(ValueError) as error:
@@ -103,6 +105,26 @@ def test_library_errors_are_clear(trained_tiny, tmp_path):
   done = _run_decode(f'--workdir={tmp_path}', '--prompt=x')
   assert done.returncode != 0 and 'has no checkpoint' in done.stderr
   assert 'Traceback' not in done.stderr
+  # A step directory orbax cannot read (here: empty, as a copy cut short leaves it).
+  broken = tmp_path / 'broken'
+  shutil.copytree(trained_tiny.workdir, broken, ignore=shutil.ignore_patterns('checkpoints'))
+  os.makedirs(broken / 'checkpoints' / '3')
+  with pytest.raises(ValueError, match=r'checkpoints/3 cannot be read \(incomplete or corrupt'):
+    checkpoints.restore_model(str(broken))
+
+
+def test_max_new_tokens_past_the_context_decodes_to_the_context(trained_tiny):
+  """--max_new_tokens far past the cache (even past int32) decodes what the context
+  holds, as max_new_tokens = the context does: no overflow into a 1-token answer."""
+  prompts = [[1, 100, 101, 102], [1, 40]]
+  want, _ = generation.decode_tokens(trained_tiny, prompts, 'lookup', generation.DecodeOptions(
+      max_new_tokens=24, max_context=24, weight_layout='per_block'))
+  assert max(map(len, want)) > 1
+  for huge in (2**31 - 1, 10**11):
+    got, stats = generation.decode_tokens(
+        trained_tiny, prompts, 'lookup', generation.DecodeOptions(
+            max_new_tokens=huge, max_context=24, weight_layout='per_block'))
+    assert got == want and stats['finish_reasons'][0]['reason'] in ('context', 'stop')
 
 
 def test_heads_methods_name_what_is_missing(trained_tiny):

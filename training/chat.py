@@ -88,7 +88,9 @@ def template_variables(tokenizer) -> dict:
 
 
 def render(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-  """The chat text of `messages` under the tokenizer's chat template."""
+  """The chat text of `messages` under the tokenizer's chat template. Raises a one-line
+  ValueError when the model has no template or the template refuses or cannot render
+  the messages (a TypeError inside it, e.g. a non-string "content" it concatenates)."""
   import jinja2
   template = getattr(tokenizer, 'chat_template', None)
   if not template:
@@ -102,6 +104,8 @@ def render(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) ->
                                              **variables)
   except jinja2.exceptions.TemplateError as e:
     raise ValueError(f'The chat template refused the messages: {e}') from None
+  except TypeError as e:   # e.g. a "content" that is not a string, where it wants one
+    raise ValueError(f'The chat template cannot render the messages: {e}.') from None
 
 
 def encode(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) -> np.ndarray:

@@ -168,12 +168,15 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
 
   The module comes from the family map (models/families.py), not from the objective:
   a Medusa or EAGLE workdir restores its heads alone, never its target. The checkpoint's
-  parameter shapes are checked against those its config.json describes.
+  parameter shapes are checked against those its config.json describes. Raises
+  FileNotFoundError without a checkpoint (or the step), ValueError naming the step's
+  directory when orbax cannot read it (incomplete or corrupt), ConfigMismatchError when
+  its shapes are not the config's.
   """
   if not has_checkpoint(workdir):
     raise FileNotFoundError(f'Workdir {workdir} has no checkpoint (expected '
-                            f'{checkpoint_dir(workdir)}/<step>/). Train first with '
-                            'python -m launch.train.')
+                            f'{checkpoint_dir(workdir)}/<step>/). Train one with '
+                            'python -m launch.train or import one with python -m launch.convert.')
   config = load_config(workdir)
   tokenizer = tokenizers.load(workdir)
   model = families.build_module(config, tokenizer.vocab_size)
@@ -184,14 +187,19 @@ def restore_model(workdir: str, step: int | None = None) -> RestoredModel:
       raise FileNotFoundError(f'Workdir {workdir} has no checkpoint at step {step}; it has '
                               f'{manager.all_steps()}.')
     try:
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    except ValueError as e:
-      if 'Topology mismatch' not in str(e):
-        raise
-      # Written by a run over other devices (a multi-process run, a pod): read every array
-      # whole onto this process's first device.
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-          _local_target(manager.item_metadata(step)['state']))))
+      try:
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      except ValueError as e:
+        if 'Topology mismatch' not in str(e):
+          raise
+        # Written by a run over other devices (a multi-process run, a pod): read every
+        # array whole onto this process's first device.
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+            _local_target(manager.item_metadata(step)['state']))))
+    except (KeyError, ValueError, OSError, RuntimeError) as e:   # orbax's, on bad files
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f'The checkpoint {checkpoint_dir(workdir)}/{step} cannot be read '
+                       f'(incomplete or corrupt?): {detail[:200]}') from None
   finally:
     manager.close()
   # Checkpoints written before the layer scan name each block; today's trunk stacks them.

@@ -25,6 +25,18 @@ TOKENIZER_FILE = 'tokenizer.json'
 SENTENCEPIECE_FILE = 'tokenizer.model'
 
 
+
+def check_text(text: str) -> str:
+  """`text`, or a one-line ValueError when it is not valid Unicode: a lone surrogate,
+  which is how undecodable bytes of a command line (or a JSON "\\ud800") reach Python,
+  and which no tokenizer can encode."""
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise ValueError(f'The text is not valid Unicode: {e.object[e.start:e.end]!r} at '
+                     f'character {e.start} (undecodable bytes?).') from None
+  return text
+
 class Tokenizer(abc.ABC):
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
   eos_ids: tuple[int, ...] = (EOS_ID,)   # every id that ends a generation (EOS, end of turn)
@@ -78,7 +90,7 @@ class ByteTokenizer(Tokenizer):
     return 256 + self.OFFSET
 
   def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32) + self.OFFSET
+    return np.frombuffer(check_text(text).encode('utf-8'), np.uint8).astype(np.int32) + self.OFFSET
 
   def decode(self, ids: Iterable[int]) -> str:
     data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.vocab_size)
@@ -109,7 +121,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.get_piece_size()
 
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._sp.encode(text), np.int32)
+    return np.asarray(self._sp.encode(check_text(text)), np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids if int(i) > EOS_ID and int(i) < self.vocab_size])
@@ -203,7 +215,8 @@ class HuggingFaceTokenizer(Tokenizer):
     return self._vocab_size
 
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+    return np.asarray(self._tok.encode(check_text(text), add_special_tokens=False).ids,
+                      np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._tok.get_vocab_size()],
