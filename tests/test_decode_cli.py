@@ -111,6 +111,9 @@ def test_library_errors_are_clear(trained_tiny, tmp_path):
   os.makedirs(broken / 'checkpoints' / '3')
   with pytest.raises(ValueError, match=r'checkpoints/3 cannot be read \(incomplete or corrupt'):
     checkpoints.restore_model(str(broken))
+  (broken / 'config.json').write_text('{"model": ')
+  with pytest.raises(ValueError, match=r'config.json: not valid JSON \(Expecting value'):
+    checkpoints.restore_model(str(broken))
 
 
 def test_max_new_tokens_past_the_context_decodes_to_the_context(trained_tiny):

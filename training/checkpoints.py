@@ -63,13 +63,18 @@ def check_and_save_config(workdir: str, config, write: bool = True) -> None:
 
 
 def load_config(workdir: str):
-  """The config a workdir was trained with (for decoding and benchmarks)."""
+  """The config a workdir was trained with (for decoding and benchmarks). Raises
+  FileNotFoundError without one, ValueError naming the file when it is not JSON."""
   import ml_collections
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir.')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    try:
+      return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e.msg}, line {e.lineno} column '
+                       f'{e.colno}).') from None
 
 
 def checkpoint_dir(workdir: str) -> str:
