@@ -159,7 +159,8 @@ def _task(model, prompts, prompt_lengths, config: AnyOrderConfig, size: int):
     known = inside & ~target
   else:
     known = inside
-    target = ~inside & (pos < jnp.minimum(prompt_lengths + min(config.max_new_tokens, size), size)[:, None])
+    limit = jnp.minimum(prompt_lengths + min(config.max_new_tokens, size), size)
+    target = ~inside & (pos < limit[:, None])
   key = jnp.where(known, pos, jnp.where(target, size + pos, 2 * size + pos))
   order = jnp.argsort(key, axis=1).astype(jnp.int32)
   num_known = jnp.sum(known, axis=1).astype(jnp.int32)

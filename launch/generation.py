@@ -184,8 +184,9 @@ def _prompt_record(record, where: str, turn: int) -> Prompt:
 def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
   """Prompts from a file.
 
-  `.jsonl` or `.json` (any case): one JSON object per line (blank lines skipped): {"messages": [{"role",
-  "content"}, ...]} (multi-turn chat, rendered with the model's chat template),
+  `.jsonl` or `.json` (any case): one JSON object per line (blank lines skipped):
+  {"messages": [{"role", "content"}, ...]} (multi-turn chat, rendered with the model's chat
+  template),
   {"prompt": "..."}, or a Spec-Bench question.jsonl line {"question_id", "category",
   "turns": [...]} (turn `turn`, the first by default); "category" (and "id") are kept.
   Anything else: one prompt per line (blank lines skipped); a line holding a JSON string

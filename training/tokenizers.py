@@ -25,7 +25,6 @@ TOKENIZER_FILE = 'tokenizer.json'
 SENTENCEPIECE_FILE = 'tokenizer.model'
 
 
-
 def check_text(text: str) -> str:
   """`text`, or a one-line ValueError when it is not valid Unicode: a lone surrogate,
   which is how undecodable bytes of a command line (or a JSON "\\ud800") reach Python,
@@ -36,6 +35,7 @@ def check_text(text: str) -> str:
     raise ValueError(f'The text is not valid Unicode: {e.object[e.start:e.end]!r} at '
                      f'character {e.start} (undecodable bytes?).') from None
   return text
+
 
 class Tokenizer(abc.ABC):
   pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
