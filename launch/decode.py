@@ -38,8 +38,10 @@ node paths ("paths:0;1;0.0", e.g. from launch.tune_tree), or an EAGLE-2 dynamic 
 transformers' apply_chat_template(..., add_generation_prompt=True) does) and decoding
 stops at every end-of-sequence and end-of-turn id. Prompt files: one prompt per line,
 or .jsonl lines {"messages": [...]} (multi-turn chat, always rendered with the
-template), {"prompt": "..."} or Spec-Bench's {"question_id", "category", "turns"}
-(--turn, the first by default); outputs keep "category" and "id".
+template; a final assistant message is a reply prefix the model continues, as with
+transformers' continue_final_message), {"prompt": "..."} or Spec-Bench's
+{"question_id", "category", "turns"} (--turn, the first by default); outputs keep
+"category" and "id".
 
 With --json, stdout holds exactly one JSON object (logs go to stderr):
   {"method", "outputs": [{"prompt", "completion", "tokens"}],

@@ -186,7 +186,7 @@ def read_prompt_file(path: str, turn: int = 0) -> list[Prompt]:
 
   `.jsonl` or `.json` (any case): one JSON object per line (blank lines skipped):
   {"messages": [{"role", "content"}, ...]} (multi-turn chat, rendered with the model's chat
-  template),
+  template; a final assistant message is continued: chat.encode),
   {"prompt": "..."}, or a Spec-Bench question.jsonl line {"question_id", "category",
   "turns": [...]} (turn `turn`, the first by default); "category" (and "id") are kept.
   Anything else: one prompt per line (blank lines skipped); a line holding a JSON string

@@ -179,13 +179,18 @@ def test_trunk_cost_command_times_the_forward_and_the_ar_step(trained_tiny, tmp_
 
 
 def test_specbench_mini_prompt_file():
-  """The shipped prompt set parses as Spec-Bench question.jsonl with its four categories."""
+  """The shipped prompt set parses as Spec-Bench question.jsonl with its four categories;
+  the code-editing requests start the reply with a code fence (a final assistant message,
+  continued), which is what makes SmolLM2-135M answer them in code, not in prose."""
   prompts = generation.read_prompt_file(os.path.join(REPO, bench_real.get_config().prompt_file))
   categories = [p.category for p in prompts]
   assert sorted(set(categories)) == ['code_editing', 'qa', 'rag', 'summarization']
   assert all(categories.count(c) == 4 for c in set(categories))
-  assert all(p.text and p.id for p in prompts)
-  assert max(len(p.text) for p in prompts) > 3000  # some prompts of about 1000 tokens
+  assert all(p.id and (p.text or p.messages) for p in prompts)
+  code = [p for p in prompts if p.category == 'code_editing']
+  assert all(p.messages[-1] == {'role': 'assistant', 'content': '```python\n'} for p in code)
+  texts = [p.text or p.messages[0]['content'] for p in prompts]
+  assert max(len(t) for t in texts) > 3000  # some prompts of about 1000 tokens
 
 
 def _real_prompts_config(trained_tiny, tmp_path):

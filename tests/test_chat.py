@@ -119,6 +119,32 @@ def test_chat_ids_equal_apply_chat_template(smol, messages):
     assert generation.encode_prompts(ours, [messages[0]['content']], chat=True) == [expected]
 
 
+@pytest.mark.parametrize('reply', ['```python\n', '  The answer is', 'Yes.  \n\n'])
+def test_a_final_assistant_message_is_continued_as_transformers_does(smol, reply):
+  # A reply prefix (e.g. the code fence that makes SmolLM2 answer in code): the text ends
+  # where transformers' continue_final_message ends it, trailing whitespace as kept there.
+  reference, _, ours = smol
+  messages = [{'role': 'system', 'content': 'Be brief.'},
+              {'role': 'user', 'content': 'Rename f to g.\n```python\ndef f(): pass\n```'},
+              {'role': 'assistant', 'content': reply}]
+  expected = reference.apply_chat_template(messages, continue_final_message=True,
+                                           tokenize=False)
+  assert chat.render(ours, messages, add_generation_prompt=False,
+                     continue_final_message=True) == expected
+  assert expected.endswith('<|im_start|>assistant\n' + reply)
+  ids = list(reference.apply_chat_template(messages, continue_final_message=True,
+                                           tokenize=True, return_dict=False))
+  assert chat.encode(ours, messages).tolist() == ids      # continued by default
+  assert generation.encode_prompts(ours, [messages]) == [ids]
+  # Asked for explicitly, the generation prompt still starts a new turn after it.
+  assert chat.render(ours, messages) == reference.apply_chat_template(
+      messages, add_generation_prompt=True, tokenize=False)
+  with pytest.raises(ValueError, match='cannot be combined with add_generation_prompt'):
+    chat.render(ours, messages, continue_final_message=True)
+  with pytest.raises(ValueError, match='cannot be continued'):
+    chat.encode(ours, [*messages[:2], {'role': 'assistant', 'content': ' '}])
+
+
 def test_workdir_keeps_template_bos_and_stop_ids(smol, tmp_path):
   _, _, ours = smol
   ours.save(str(tmp_path))

@@ -4,6 +4,11 @@ encodes them.
 
     ids = chat.encode(tokenizer, [{'role': 'user', 'content': 'Hi'}])
 
+Messages that end with an assistant message are continued, as transformers' text-generation
+pipeline does by default (`continue_final_message=True`): the reply is started for the
+model (a "reply prefix", e.g. a code fence that makes a small chat model answer in code)
+and generation goes on from its last character.
+
 The template is Jinja run in an immutable sandbox with transformers' settings
 (trim_blocks, lstrip_blocks, loop controls) and globals (`raise_exception`,
 `strftime_now`, a `tojson` that keeps non-ASCII text), with the tokenizer's special
@@ -87,28 +92,64 @@ def template_variables(tokenizer) -> dict:
   return out
 
 
-def render(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+def continues_reply(messages) -> bool:
+  """Whether `messages` end with an assistant message, which is then continued (the
+  default of transformers' text-generation pipeline)."""
+  return bool(messages) and isinstance(messages[-1], dict) and \
+      messages[-1].get('role') == 'assistant'
+
+
+def render(tokenizer, messages, add_generation_prompt: bool = True,
+           continue_final_message: bool = False, **kwargs) -> str:
   """The chat text of `messages` under the tokenizer's chat template. Raises a one-line
   ValueError when the model has no template or the template refuses or cannot render
-  the messages (a TypeError inside it, e.g. a non-string "content" it concatenates)."""
+  the messages (a TypeError inside it, e.g. a non-string "content" it concatenates).
+
+  continue_final_message: the text ends with the last message's content, without the
+  end-of-turn the template writes after it, so that the model continues that message
+  (transformers' apply_chat_template(continue_final_message=True): the template renders
+  without a generation prompt and the text is cut after the last occurrence of the
+  content, its trailing whitespace kept only where the template kept it). Raises
+  ValueError together with add_generation_prompt, or when the content is not a non-empty
+  string the rendered text holds."""
   import jinja2
   template = getattr(tokenizer, 'chat_template', None)
   if not template:
     raise ValueError('This model\'s tokenizer has no chat template, so chat prompts cannot '
                      'be rendered; give plain prompts (without --chat).')
   messages = check_messages(messages)
+  if continue_final_message and add_generation_prompt:
+    raise ValueError('continue_final_message continues the last message; it cannot be '
+                     'combined with add_generation_prompt, which starts a new one.')
   variables = {**template_variables(tokenizer), **kwargs}
   try:
-    return compile_template(template).render(messages=messages, tools=None, documents=None,
+    text = compile_template(template).render(messages=messages, tools=None, documents=None,
                                              add_generation_prompt=add_generation_prompt,
                                              **variables)
   except jinja2.exceptions.TemplateError as e:
     raise ValueError(f'The chat template refused the messages: {e}') from None
   except TypeError as e:   # e.g. a "content" that is not a string, where it wants one
     raise ValueError(f'The chat template cannot render the messages: {e}.') from None
+  if not continue_final_message:
+    return text
+  final = messages[-1]['content']
+  if not isinstance(final, str) or not final.strip() or final.strip() not in text:
+    raise ValueError(f'The last message ({final!r:.60}) cannot be continued: it is not '
+                     f'non-empty text that the chat template writes out.')
+  start = text.rindex(final.strip())
+  kept = final.lstrip()
+  if text[start:start + len(kept)] == kept:      # the template kept its trailing spaces
+    return text[:start + len(kept)]
+  return text[:start + len(final.strip())]
 
 
-def encode(tokenizer, messages, add_generation_prompt: bool = True, **kwargs) -> np.ndarray:
-  """int32 ids of the rendered chat, encoded without adding special tokens (the
-  template writes them), as transformers' apply_chat_template(tokenize=True) does."""
-  return tokenizer.encode(render(tokenizer, messages, add_generation_prompt, **kwargs))
+def encode(tokenizer, messages, **kwargs) -> np.ndarray:
+  """int32 ids of the rendered chat (`render`'s keywords), encoded without adding special
+  tokens (the template writes them), as transformers' apply_chat_template(tokenize=True)
+  does. By default a final assistant message is continued (continue_final_message, as
+  transformers' text-generation pipeline does) and any other chat gets the generation
+  prompt."""
+  continue_final = kwargs.pop('continue_final_message', continues_reply(messages))
+  add_generation_prompt = kwargs.pop('add_generation_prompt', not continue_final)
+  return tokenizer.encode(render(tokenizer, messages, add_generation_prompt,
+                                 continue_final_message=continue_final, **kwargs))
