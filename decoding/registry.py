@@ -62,6 +62,13 @@ class Method:
   # The option holding the method's chain draft length (num_draft, jacobi_window), which
   # may be 'auto' (launch/autotune.py: the cost model's choice); None = no such option.
   draft_length: Optional[str] = None
+  # The longest draft length `auto` weighs (its calibration decodes at this length). A
+  # drafter that costs calls per drafted token rarely has 8 accepted in a row; prompt
+  # lookup drafts for free, and where the model copies (code editing) its runs of
+  # accepted tokens outlast 8 (half the calibration rounds of SmolLM2's code edits
+  # accepted all 8), so it weighs up to 16 (transformers' and llama.cpp's prompt lookup
+  # draft 10).
+  auto_max_draft: int = 8
   # The method samples a model family of its own (block diffusion): it reproduces no
   # autoregressive decoding, so it is never called lossless.
   own_family: bool = False
@@ -339,7 +346,7 @@ register(Method('mtp', 'mtp', _heads, check_model=_has_mtp_heads, own_model=True
                 tuned_tree=True, options=('tree', 'typical', 'tree_rule')))
 register(Method('lookup', 'lookup', _lookup,
                 options=('num_draft', 'lookup_max_ngram', 'lookup_min_ngram', 'lookup_branches'),
-                draft_length='num_draft'))
+                draft_length='num_draft', auto_max_draft=16))
 register(Method('jacobi', 'jacobi', _jacobi, options=('jacobi_window',),
                 draft_length='jacobi_window'))
 register(Method('lookahead', 'lookahead', _lookahead,

