@@ -39,9 +39,12 @@ def _single_device_programs_only():
   deadlock at its first collective: with JAX 0.10.2 on CPU the Medusa (2,2) decoder of
   test_bench.py, compiled and run once, then loaded from the cache and run, left 4 of
   the 8 device threads waiting at one all-gather and 4 at another until XLA aborted the
-  process (reproduced in and across processes; a small sharded while_loop reloads fine,
-  cause not found). Such programs are not written, so they always compile. Without the
-  private hook this relies on, the cache stays off.
+  process (reproduced in and across processes). Probable cause (XLA's
+  thunk_proto_serdes.cc): a reloaded program's loop body gets a collective resource of its
+  own, so its collectives are no longer ordered against those outside the loop and the
+  devices may take them in different orders (README, "Run the tests"). Such programs are
+  not written, so they always compile. Without the private hook this relies on, the cache
+  stays off.
   """
   try:
     from jax._src import compiler
