@@ -165,6 +165,8 @@ def _prompt_record(record, where: str, turn: int) -> Prompt:
                      f'(Spec-Bench), got keys {sorted(record)}.')
   if keys[0] == 'messages':
     messages = chat.check_messages(record['messages'], f'{where}: "messages"')
+    if chat.continues_reply(messages):
+      chat.check_reply_prefix(messages, f'{where}: "messages"')
     return Prompt(messages=tuple(messages), category=category, id=str(ident))
   if keys[0] == 'prompt':
     text = record['prompt']

@@ -277,6 +277,8 @@ def test_prompt_files(tmp_path):
     ('{"messages": [{"content": "x"}]}', r'p.jsonl:2: "messages"\[0\]: a message is an object'),
     ('{"question_id": 1, "category": "x", "turns": []}', r'p.jsonl:2: "turns" must be'),
     ('{"prompt": ""}', r'p.jsonl:2: "prompt" must be a non-empty string'),
+    ('{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": " "}]}',
+     r'p.jsonl:2: "messages": the last message .* cannot be continued: a reply prefix'),
 ])
 def test_prompt_file_errors_name_the_line(tmp_path, line, message):
   path = tmp_path / 'p.jsonl'

@@ -99,6 +99,15 @@ def continues_reply(messages) -> bool:
       messages[-1].get('role') == 'assistant'
 
 
+def check_reply_prefix(messages, where: str = 'messages') -> None:
+  """A final assistant message is continued (a reply prefix), so its content must be
+  non-empty text; else a one-line ValueError naming `where`."""
+  final = messages[-1].get('content')
+  if not isinstance(final, str) or not final.strip():
+    raise ValueError(f'{where}: the last message ({final!r:.60}) cannot be continued: a '
+                     f'reply prefix must be non-empty text.')
+
+
 def render(tokenizer, messages, add_generation_prompt: bool = True,
            continue_final_message: bool = False, **kwargs) -> str:
   """The chat text of `messages` under the tokenizer's chat template. Raises a one-line
@@ -132,10 +141,11 @@ def render(tokenizer, messages, add_generation_prompt: bool = True,
     raise ValueError(f'The chat template cannot render the messages: {e}.') from None
   if not continue_final_message:
     return text
+  check_reply_prefix(messages)
   final = messages[-1]['content']
-  if not isinstance(final, str) or not final.strip() or final.strip() not in text:
-    raise ValueError(f'The last message ({final!r:.60}) cannot be continued: it is not '
-                     f'non-empty text that the chat template writes out.')
+  if final.strip() not in text:
+    raise ValueError(f'The last message ({final!r:.60}) cannot be continued: the chat '
+                     f'template does not write it out.')
   start = text.rindex(final.strip())
   kept = final.lstrip()
   if text[start:start + len(kept)] == kept:      # the template kept its trailing spaces
